@@ -1,0 +1,815 @@
+//! A loopback stand-in for WhatsApp's multi-device server, plus a scripted
+//! phone, so the real `whatsapp-rust` link client can be exercised with no
+//! internet and no handset.
+//!
+//! - [`wire`]: WebSocket + Noise XX responder + sealed binary nodes.
+//! - [`primary`]: the phone's cryptography for "Link with phone number".
+//! - [`FakeWhatsApp`]: the server itself and the control surface tests (and
+//!   the sandbox HTTP routes) use: see what a client asked for, type a code on
+//!   the fake phone, inject faults.
+//!
+//! What the server scripts, in protocol order:
+//! 1. A registering client gets `<pair-device>` with six QR refs.
+//! 2. `link_code_companion_reg` stage `companion_hello` is recorded (jid, push
+//!    flag, platform id and display) and answered with a pairing ref, unless
+//!    a queued [`Fault`] says otherwise.
+//! 3. [`FakeWhatsApp::enter_code`] plays the person typing the code: a
+//!    `primary_hello` notification goes out, the `companion_finish` bundle is
+//!    opened (only the right code opens it), a `pair-success` whose ADV HMAC
+//!    and account signature verify is sent, the companion's device signature
+//!    is checked, then stream error 515 asks the client to log in again.
+//! 4. The login reconnect gets `<success>`; any other IQ gets an empty result.
+//!
+//! Only a client built with `danger-skip-cert-chain-verify` accepts this
+//! server's certificate chain: it can never stand in for WhatsApp to a
+//! release build.
+
+pub mod primary;
+pub mod wire;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::RngExt as _;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use wacore::libsignal::protocol::KeyPair;
+use wacore_binary::builder::NodeBuilder;
+use wacore_binary::{Jid, Node, NodeContent};
+
+use primary::{PrimaryHello, StageTwoError};
+use wire::{ClientHello, SecureConn, ServerIdentity};
+
+/// The server's JID, as the real one sends it.
+const SERVER_JID: &str = "s.whatsapp.net";
+/// QR refs per `<pair-device>`: WhatsApp hands out six.
+const QR_REFS: usize = 6;
+/// How long the fake phone waits for the companion's `companion_finish`, and
+/// for its `pair-device-sign`. Stage two does one PBKDF2 on the companion,
+/// so this is generous for a debug build on a loaded machine.
+pub const STAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A scripted misbehaviour, consumed by the next matching `companion_hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Fault {
+    /// Answer `429 rate-overlimit` with a `backoff` of this many seconds.
+    RateOverlimit {
+        /// The `backoff` attribute, in seconds.
+        backoff_secs: u32,
+    },
+    /// Answer `400 bad-request` (which WhatsApp also uses for throttling).
+    BadRequest,
+    /// Close the connection instead of answering.
+    DropConnection,
+    /// Never answer (the client's IQ times out).
+    NeverAnswer,
+}
+
+/// What the fake recorded about one phone number.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PhoneRecord {
+    /// The `jid` attribute of the last `companion_hello`.
+    pub jid: String,
+    /// `should_show_push_notification` of the last `companion_hello`.
+    pub show_push_notification: bool,
+    /// `companion_platform_id` of the last `companion_hello`.
+    pub platform_id: String,
+    /// `companion_platform_display`, e.g. "Chrome (Linux)".
+    pub platform_display: String,
+    /// How many `companion_hello` requests arrived (answered or not).
+    pub code_requests: u32,
+    /// How many of those were refused or dropped by a [`Fault`].
+    pub faults_applied: u32,
+    /// Codes typed on the phone that did not open the companion's bundle.
+    pub wrong_codes: u32,
+    /// Set once `pair-success` was acknowledged by the companion.
+    pub linked: Option<LinkedDevice>,
+    /// The linked device came back and logged in after stream error 515.
+    pub logged_in: bool,
+}
+
+/// The companion device the fake phone linked.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LinkedDevice {
+    /// Device JID, `<phone>:<device>@s.whatsapp.net`.
+    pub jid: String,
+    /// The account's LID, `<lid>:<device>@lid`.
+    pub lid: String,
+    /// The code that was typed to link it.
+    pub code: String,
+}
+
+/// Why typing a code on the fake phone did not link anything.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EnterCodeError {
+    /// No companion has asked for a code for this number yet.
+    #[error("no pairing code was requested for this phone")]
+    NoCodeRequested,
+    /// The companion that asked is no longer connected.
+    #[error("the companion that asked for the code is not connected")]
+    CompanionGone,
+    /// Not 8 characters of the Crockford alphabet WhatsApp uses.
+    #[error("a pairing code is 8 characters from 123456789ABCDEFGHJKLMNPQRSTVWXYZ")]
+    MalformedCode,
+    /// The code does not match the one the companion displays.
+    #[error("wrong code: it does not match the code the companion displays")]
+    WrongCode,
+    /// The companion never answered (code expired or superseded).
+    #[error("the companion did not answer within {0:?}")]
+    CompanionSilent(Duration),
+    /// The companion refused `pair-success`.
+    #[error("the companion refused the link: {0}")]
+    Refused(String),
+    /// Anything else that went wrong in the protocol.
+    #[error("protocol failure: {0}")]
+    Protocol(String),
+}
+
+/// A running fake server on a loopback port.
+pub struct FakeWhatsApp {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept_task: JoinHandle<()>,
+}
+
+struct Shared {
+    identity: ServerIdentity,
+    state: Mutex<State>,
+    changed: Notify,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    phones: HashMap<String, Phone>,
+    faults: VecDeque<(Option<String>, Fault)>,
+    connections: HashMap<u64, Connection>,
+    /// IQs the fake sent and awaits an answer for, by id.
+    pending_iqs: HashMap<String, oneshot::Sender<Node>>,
+}
+
+struct Connection {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+enum Command {
+    Send(Node),
+    Close,
+}
+
+struct Phone {
+    record: PhoneRecord,
+    /// The connection whose `companion_hello` is outstanding.
+    connection: Option<u64>,
+    pairing: Option<Pairing>,
+    /// The account's identity key (the phone's "primary identity").
+    identity: KeyPair,
+    /// The account's LID user part, stable per phone.
+    lid_user: String,
+    devices_linked: u32,
+    finish_waiter: Option<oneshot::Sender<Finish>>,
+}
+
+#[derive(Clone)]
+struct Pairing {
+    pairing_ref: Vec<u8>,
+    wrapped_companion_ephemeral: Vec<u8>,
+}
+
+struct Finish {
+    wrapped_bundle: Vec<u8>,
+    companion_identity: [u8; 32],
+}
+
+impl Phone {
+    fn new() -> Self {
+        let mut rng = rand::rng();
+        Self {
+            record: PhoneRecord::default(),
+            connection: None,
+            pairing: None,
+            identity: KeyPair::generate(&mut rng),
+            lid_user: format!(
+                "{}",
+                rng.random_range(100_000_000_000_000u64..999_999_999_999_999)
+            ),
+            devices_linked: 0,
+            finish_waiter: None,
+        }
+    }
+}
+
+impl FakeWhatsApp {
+    /// Binds a random port on 127.0.0.1 and starts serving.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            identity: ServerIdentity::generate(),
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let accept_task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = Arc::clone(&accept_shared);
+                tokio::spawn(async move {
+                    if let Err(e) = serve(shared, stream).await {
+                        tracing::debug!(error = %e, "fake whatsapp connection ended");
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            shared,
+            accept_task,
+        })
+    }
+
+    /// The WebSocket URL to point a client at (`WA_WS_URL`).
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws/chat", self.addr)
+    }
+
+    /// The socket address the fake listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Queues a fault for the next `companion_hello` from `phone` (or from
+    /// anyone, with `None`).
+    pub fn push_fault(&self, phone: Option<&str>, fault: Fault) {
+        self.shared
+            .lock()
+            .faults
+            .push_back((phone.map(str::to_owned), fault));
+    }
+
+    /// What the fake knows about `phone` (digits only).
+    pub fn record(&self, phone: &str) -> Option<PhoneRecord> {
+        self.shared
+            .lock()
+            .phones
+            .get(phone)
+            .map(|p| p.record.clone())
+    }
+
+    /// Number of client connections currently open.
+    pub fn open_connections(&self) -> usize {
+        self.shared.lock().connections.len()
+    }
+
+    /// Waits until `phone`'s record satisfies `check`, or `timeout` passes.
+    pub async fn wait_for(
+        &self,
+        phone: &str,
+        timeout: Duration,
+        check: impl Fn(&PhoneRecord) -> bool,
+    ) -> Option<PhoneRecord> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            if let Some(record) = self.record(phone).filter(|r| check(r)) {
+                return Some(record);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.record(phone).filter(|r| check(r));
+            }
+        }
+    }
+
+    /// Waits until no client connection is open, or `timeout` passes.
+    pub async fn wait_for_no_connections(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            if self.open_connections() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.open_connections() == 0;
+            }
+        }
+    }
+
+    /// Plays the person typing `code` into WhatsApp on the phone `phone`.
+    /// Returns the linked device once the companion signed it.
+    pub async fn enter_code(
+        &self,
+        phone: &str,
+        code: &str,
+    ) -> Result<LinkedDevice, EnterCodeError> {
+        let code = code.trim().to_ascii_uppercase();
+        if !wacore::pair_code::PairCodeUtils::validate_code(&code) {
+            return Err(EnterCodeError::MalformedCode);
+        }
+        let (pairing, connection, identity) = {
+            let state = self.shared.lock();
+            let entry = state
+                .phones
+                .get(phone)
+                .ok_or(EnterCodeError::NoCodeRequested)?;
+            let pairing = entry
+                .pairing
+                .clone()
+                .ok_or(EnterCodeError::NoCodeRequested)?;
+            let connection = entry
+                .connection
+                .and_then(|id| state.connections.get(&id).map(|c| c.commands.clone()))
+                .ok_or(EnterCodeError::CompanionGone)?;
+            (pairing, connection, entry.identity.clone())
+        };
+
+        // Two PBKDF2 derivations: keep them off the async workers.
+        let wrapped = pairing.wrapped_companion_ephemeral.clone();
+        let typed = code.clone();
+        let hello = tokio::task::spawn_blocking(move || PrimaryHello::new(&typed, &wrapped))
+            .await
+            .map_err(|e| EnterCodeError::Protocol(e.to_string()))?
+            .map_err(|e| EnterCodeError::Protocol(e.to_string()))?;
+
+        let (finish_tx, finish_rx) = oneshot::channel();
+        if let Some(entry) = self.shared.lock().phones.get_mut(phone) {
+            entry.finish_waiter = Some(finish_tx);
+        }
+        let notification = NodeBuilder::new("notification")
+            .attrs([
+                ("from", SERVER_JID.to_string()),
+                ("type", "link_code_companion_reg".to_string()),
+                ("id", self.shared.next_stanza_id()),
+                ("t", primary::now_secs().to_string()),
+            ])
+            .children([NodeBuilder::new("link_code_companion_reg")
+                .attr("stage", "primary_hello")
+                .children([
+                    NodeBuilder::new("link_code_pairing_wrapped_primary_ephemeral_pub")
+                        .bytes(hello.wrapped_primary_ephemeral.to_vec())
+                        .build(),
+                    NodeBuilder::new("primary_identity_pub")
+                        .bytes(wire::public_bytes(&identity).to_vec())
+                        .build(),
+                    NodeBuilder::new("link_code_pairing_ref")
+                        .bytes(pairing.pairing_ref.clone())
+                        .build(),
+                ])
+                .build()])
+            .build();
+        connection
+            .send(Command::Send(notification))
+            .map_err(|_| EnterCodeError::CompanionGone)?;
+
+        let finish = match tokio::time::timeout(STAGE_TIMEOUT, finish_rx).await {
+            Ok(Ok(finish)) => finish,
+            Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
+            Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+        };
+
+        let adv_secret = match hello.open_bundle(
+            &identity,
+            &finish.wrapped_bundle,
+            &finish.companion_identity,
+        ) {
+            Ok(secret) => secret,
+            Err(StageTwoError::WrongCode) => {
+                self.shared.update(phone, |p| p.record.wrong_codes += 1);
+                return Err(EnterCodeError::WrongCode);
+            }
+            Err(e) => return Err(EnterCodeError::Protocol(e.to_string())),
+        };
+
+        let (device_jid, lid) = {
+            let mut state = self.shared.lock();
+            let entry = state
+                .phones
+                .get_mut(phone)
+                .ok_or(EnterCodeError::NoCodeRequested)?;
+            entry.devices_linked += 1;
+            (
+                format!("{phone}:{}@s.whatsapp.net", entry.devices_linked),
+                format!("{}:{}@lid", entry.lid_user, entry.devices_linked),
+            )
+        };
+        let device_identity =
+            primary::signed_device_identity(&identity, &finish.companion_identity, &adv_secret, 1);
+        let iq_id = self.shared.next_stanza_id();
+        let (answer_tx, answer_rx) = oneshot::channel();
+        self.shared
+            .lock()
+            .pending_iqs
+            .insert(iq_id.clone(), answer_tx);
+        let mut device = NodeBuilder::new("device");
+        if let (Ok(jid), Ok(lid)) = (device_jid.parse::<Jid>(), lid.parse::<Jid>()) {
+            device = device.attr("jid", jid).attr("lid", lid);
+        }
+        let pair_success = NodeBuilder::new("iq")
+            .attrs([
+                ("from", SERVER_JID.to_string()),
+                ("type", "set".to_string()),
+                ("id", iq_id),
+                ("xmlns", "md".to_string()),
+            ])
+            .children([NodeBuilder::new("pair-success")
+                .children([
+                    NodeBuilder::new("device-identity")
+                        .bytes(device_identity)
+                        .build(),
+                    device.build(),
+                    NodeBuilder::new("platform").attr("name", "android").build(),
+                ])
+                .build()])
+            .build();
+        connection
+            .send(Command::Send(pair_success))
+            .map_err(|_| EnterCodeError::CompanionGone)?;
+
+        let answer = match tokio::time::timeout(STAGE_TIMEOUT, answer_rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
+            Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+        };
+        if attr(&answer, "type").as_deref() == Some("error") {
+            let detail = answer
+                .get_optional_child_by_tag(&["error"])
+                .map(|e| {
+                    format!(
+                        "{} {}",
+                        attr(e, "code").unwrap_or_default(),
+                        attr(e, "text").unwrap_or_default()
+                    )
+                })
+                .unwrap_or_else(|| "error".into());
+            return Err(EnterCodeError::Refused(detail));
+        }
+        let signed = answer
+            .get_optional_child_by_tag(&["pair-device-sign", "device-identity"])
+            .and_then(content_bytes)
+            .ok_or_else(|| EnterCodeError::Protocol("pair-device-sign without identity".into()))?;
+        primary::verify_device_signature(&signed, &finish.companion_identity)
+            .map_err(EnterCodeError::Protocol)?;
+
+        let linked = LinkedDevice {
+            jid: device_jid,
+            lid,
+            code,
+        };
+        self.shared.update(phone, |p| {
+            p.record.linked = Some(linked.clone());
+            p.pairing = None;
+        });
+        // WhatsApp closes the stream after pairing so the new device logs in.
+        let _ = connection.send(Command::Send(
+            NodeBuilder::new("stream:error").attr("code", "515").build(),
+        ));
+        let _ = connection.send(Command::Close);
+        Ok(linked)
+    }
+
+    /// Closes the connection of the companion that asked for `phone`'s code.
+    /// Returns whether there was one.
+    pub fn drop_connection(&self, phone: &str) -> bool {
+        let state = self.shared.lock();
+        let Some(id) = state.phones.get(phone).and_then(|p| p.connection) else {
+            return false;
+        };
+        state
+            .connections
+            .get(&id)
+            .is_some_and(|c| c.commands.send(Command::Close).is_ok())
+    }
+
+    /// Sends `refresh_code` for `phone`'s outstanding code, as WhatsApp does
+    /// when it wants the companion to show a new one. Returns whether a code
+    /// was outstanding on a live connection.
+    pub fn request_code_refresh(&self, phone: &str) -> bool {
+        let state = self.shared.lock();
+        let Some(entry) = state.phones.get(phone) else {
+            return false;
+        };
+        let (Some(pairing), Some(id)) = (&entry.pairing, entry.connection) else {
+            return false;
+        };
+        let Some(connection) = state.connections.get(&id) else {
+            return false;
+        };
+        let node = NodeBuilder::new("notification")
+            .attrs([
+                ("from", SERVER_JID.to_string()),
+                ("type", "link_code_companion_reg".to_string()),
+                ("id", self.shared.next_stanza_id()),
+                ("t", primary::now_secs().to_string()),
+            ])
+            .children([NodeBuilder::new("link_code_companion_reg")
+                .attr("stage", "refresh_code")
+                .children([NodeBuilder::new("link_code_pairing_ref")
+                    .bytes(pairing.pairing_ref.clone())
+                    .build()])
+                .build()])
+            .build();
+        connection.commands.send(Command::Send(node)).is_ok()
+    }
+
+    /// Stops accepting and closes every open connection.
+    pub fn shutdown(&self) {
+        self.accept_task.abort();
+        for connection in self.shared.lock().connections.values() {
+            let _ = connection.commands.send(Command::Close);
+        }
+    }
+}
+
+impl Drop for FakeWhatsApp {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-written
+        // in a way that matters to a test double; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_stanza_id(&self) -> String {
+        format!("fake.{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn update(&self, phone: &str, change: impl FnOnce(&mut Phone)) {
+        {
+            let mut state = self.lock();
+            let entry = state
+                .phones
+                .entry(phone.to_owned())
+                .or_insert_with(Phone::new);
+            change(entry);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// Serves one client connection from upgrade to close.
+async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireError> {
+    let (_request, ws) = tokio_websockets::ServerBuilder::new()
+        .accept(stream)
+        .await
+        .map_err(|e| wire::WireError::Closed(e.to_string()))?;
+    let (mut conn, hello) = SecureConn::handshake(ws, &shared.identity).await?;
+
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    shared.lock().connections.insert(
+        id,
+        Connection {
+            commands: tx.clone(),
+        },
+    );
+    shared.changed.notify_waiters();
+
+    let result = async {
+        match hello {
+            ClientHello::Registration => {
+                let refs = (0..QR_REFS).map(|_| {
+                    NodeBuilder::new("ref")
+                        .bytes(random_ref().into_bytes())
+                        .build()
+                });
+                let pair_device = NodeBuilder::new("iq")
+                    .attrs([
+                        ("from", SERVER_JID.to_string()),
+                        ("type", "set".to_string()),
+                        ("id", shared.next_stanza_id()),
+                        ("xmlns", "md".to_string()),
+                    ])
+                    .children([NodeBuilder::new("pair-device").children(refs).build()])
+                    .build();
+                conn.send(&pair_device).await?;
+            }
+            ClientHello::Login { user, .. } => {
+                let phone = user.to_string();
+                let mut success = NodeBuilder::new("success")
+                    .attr("t", primary::now_secs().to_string())
+                    .attr("props", "1");
+                let lid = shared
+                    .lock()
+                    .phones
+                    .get(&phone)
+                    .map(|p| format!("{}@lid", p.lid_user));
+                if let Some(lid) = lid.and_then(|l| l.parse::<Jid>().ok()) {
+                    success = success.attr("lid", lid);
+                }
+                conn.send(&success.build()).await?;
+                shared.update(&phone, |p| p.record.logged_in = true);
+            }
+        }
+        loop {
+            tokio::select! {
+                command = rx.recv() => match command {
+                    Some(Command::Send(node)) => conn.send(&node).await?,
+                    Some(Command::Close) | None => break,
+                },
+                node = conn.recv() => {
+                    let node = node?;
+                    for reply in handle(&shared, id, &node) {
+                        match reply {
+                            Command::Send(reply) => conn.send(&reply).await?,
+                            Command::Close => return Ok(()),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+
+    shared.lock().connections.remove(&id);
+    shared.changed.notify_waiters();
+    conn.close().await;
+    result
+}
+
+/// Reacts to one node from a client; returns what to send back.
+fn handle(shared: &Shared, connection: u64, node: &Node) -> Vec<Command> {
+    if node.tag != "iq" {
+        return Vec::new();
+    }
+    let id = attr(node, "id").unwrap_or_default();
+    match attr(node, "type").as_deref() {
+        Some("result") | Some("error") => {
+            if let Some(waiter) = shared.lock().pending_iqs.remove(&id) {
+                let _ = waiter.send(node.clone());
+            }
+            Vec::new()
+        }
+        _ => {
+            let Some(reg) = node.get_optional_child_by_tag(&["link_code_companion_reg"]) else {
+                return vec![Command::Send(iq_result(&id, None))];
+            };
+            match attr(reg, "stage").as_deref() {
+                Some("companion_hello") => companion_hello(shared, connection, &id, reg),
+                Some("companion_finish") => {
+                    companion_finish(shared, reg);
+                    vec![Command::Send(iq_result(&id, None))]
+                }
+                _ => vec![Command::Send(iq_error(&id, 400, "bad-request", None))],
+            }
+        }
+    }
+}
+
+fn companion_hello(shared: &Shared, connection: u64, id: &str, reg: &Node) -> Vec<Command> {
+    let jid = attr(reg, "jid").unwrap_or_default();
+    let phone = jid.split('@').next().unwrap_or_default().to_owned();
+    let wrapped = reg
+        .get_optional_child_by_tag(&["link_code_pairing_wrapped_companion_ephemeral_pub"])
+        .and_then(content_bytes);
+    let Some(wrapped) = wrapped.filter(|w| w.len() == 80) else {
+        return vec![Command::Send(iq_error(id, 400, "bad-request", None))];
+    };
+    let text_child = |tag: &str| {
+        reg.get_optional_child_by_tag(&[tag])
+            .and_then(content_bytes)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let platform_id = text_child("companion_platform_id");
+    let platform_display = text_child("companion_platform_display");
+    let push = attr(reg, "should_show_push_notification").as_deref() == Some("true");
+
+    let fault = {
+        let mut state = shared.lock();
+        let position = state
+            .faults
+            .iter()
+            .position(|(only, _)| only.as_deref().is_none_or(|p| p == phone));
+        position
+            .and_then(|i| state.faults.remove(i))
+            .map(|(_, f)| f)
+    };
+    let pairing_ref = random_ref().into_bytes();
+    shared.update(&phone, |p| {
+        p.record.jid = jid.clone();
+        p.record.show_push_notification = push;
+        p.record.platform_id = platform_id;
+        p.record.platform_display = platform_display;
+        p.record.code_requests += 1;
+        if fault.is_some() {
+            p.record.faults_applied += 1;
+        } else {
+            p.connection = Some(connection);
+            p.pairing = Some(Pairing {
+                pairing_ref: pairing_ref.clone(),
+                wrapped_companion_ephemeral: wrapped,
+            });
+        }
+    });
+    match fault {
+        None => vec![Command::Send(iq_result(
+            id,
+            Some(
+                NodeBuilder::new("link_code_companion_reg")
+                    .children([NodeBuilder::new("link_code_pairing_ref")
+                        .bytes(pairing_ref)
+                        .build()])
+                    .build(),
+            ),
+        ))],
+        Some(Fault::RateOverlimit { backoff_secs }) => vec![Command::Send(iq_error(
+            id,
+            429,
+            "rate-overlimit",
+            Some(backoff_secs),
+        ))],
+        Some(Fault::BadRequest) => vec![Command::Send(iq_error(id, 400, "bad-request", None))],
+        Some(Fault::DropConnection) => vec![Command::Close],
+        Some(Fault::NeverAnswer) => Vec::new(),
+    }
+}
+
+fn companion_finish(shared: &Shared, reg: &Node) {
+    let phone = attr(reg, "jid")
+        .and_then(|j| j.split('@').next().map(str::to_owned))
+        .unwrap_or_default();
+    let bundle = reg
+        .get_optional_child_by_tag(&["link_code_pairing_wrapped_key_bundle"])
+        .and_then(content_bytes);
+    let identity = reg
+        .get_optional_child_by_tag(&["companion_identity_public"])
+        .and_then(content_bytes)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok());
+    let (Some(wrapped_bundle), Some(companion_identity)) = (bundle, identity) else {
+        return;
+    };
+    let waiter = shared
+        .lock()
+        .phones
+        .get_mut(&phone)
+        .and_then(|p| p.finish_waiter.take());
+    if let Some(waiter) = waiter {
+        let _ = waiter.send(Finish {
+            wrapped_bundle,
+            companion_identity,
+        });
+    }
+}
+
+fn iq_result(id: &str, child: Option<Node>) -> Node {
+    let builder = NodeBuilder::new("iq").attrs([
+        ("from", SERVER_JID.to_string()),
+        ("type", "result".to_string()),
+        ("id", id.to_string()),
+    ]);
+    match child {
+        Some(child) => builder.children([child]).build(),
+        None => builder.build(),
+    }
+}
+
+fn iq_error(id: &str, code: u16, text: &str, backoff_secs: Option<u32>) -> Node {
+    let mut error = NodeBuilder::new("error")
+        .attr("code", code.to_string())
+        .attr("text", text.to_string());
+    if let Some(backoff) = backoff_secs {
+        error = error.attr("backoff", backoff.to_string());
+    }
+    NodeBuilder::new("iq")
+        .attrs([
+            ("from", SERVER_JID.to_string()),
+            ("type", "error".to_string()),
+            ("id", id.to_string()),
+        ])
+        .children([error.build()])
+        .build()
+}
+
+fn attr(node: &Node, key: &str) -> Option<String> {
+    node.attrs.get(key).map(|v| v.as_str().into_owned())
+}
+
+fn content_bytes(node: &Node) -> Option<Vec<u8>> {
+    match &node.content {
+        Some(NodeContent::Bytes(b)) => Some(b.clone()),
+        Some(NodeContent::String(s)) => Some(s.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+fn random_ref() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let body: String = (0..24)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("2@{body}")
+}

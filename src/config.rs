@@ -1,0 +1,1078 @@
+//! Typed settings read from environment variables.
+//!
+//! [`Config::from_env`] reads the process environment (after loading a
+//! `.env` file if there is one); [`Config::from_vars`] does the same work on
+//! any list of name/value pairs, so tests never touch the process
+//! environment. Every [`ConfigError`] names the variable and the expected
+//! format. A variable set to the empty string counts as unset, so
+//! `PORT=` in a compose file means "use the default".
+
+use std::collections::HashMap;
+use std::env::VarError;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default [`Config::host`]: loopback, so a developer's `cargo run` is not
+/// reachable from the network; the Dockerfile sets `HOST=0.0.0.0`.
+pub const DEFAULT_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Default [`Config::port`]: the conventional unprivileged HTTP port that
+/// container platforms expect.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// Default [`Config::log_format`]: JSON, because production log collectors
+/// parse it; developers opt into `pretty`.
+pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Json;
+
+/// Default [`Config::rust_log`]: `info` shows lifecycle events without the
+/// per-frame noise of the WhatsApp protocol at `debug`.
+pub const DEFAULT_RUST_LOG: &str = "info";
+
+/// Default [`Config::data_dir`]: relative to the working directory, so local
+/// runs keep their state next to the checkout.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
+/// Default [`Config::wa_sandbox`]: off, so nothing talks to a sandbox by accident.
+pub const DEFAULT_WA_SANDBOX: bool = false;
+
+/// Default [`Config::key_prefix`]: namespaces this service's keys in a Redis
+/// shared with other services.
+pub const DEFAULT_KEY_PREFIX: &str = "wa:pair:";
+
+/// Default [`Config::code_ttl`]: 10 minutes, a little longer than a user
+/// needs to open WhatsApp and type the code.
+pub const DEFAULT_CODE_TTL: Duration = Duration::from_secs(600);
+
+/// Default [`Config::refresh_every`]: 8 minutes, leaving 2 minutes of the
+/// 10-minute code TTL to fetch a replacement before the stored code expires.
+pub const DEFAULT_REFRESH_EVERY: Duration = Duration::from_secs(480);
+
+/// Default [`Config::code_wait`]: 20 seconds, long enough for WhatsApp to
+/// hand out a code on a slow connection, short enough for an HTTP client.
+pub const DEFAULT_CODE_WAIT: Duration = Duration::from_secs(20);
+
+/// Default [`Config::session_max`]: 30 minutes, after which an unlinked
+/// pairing session is abandoned rather than holding a socket forever.
+pub const DEFAULT_SESSION_MAX: Duration = Duration::from_secs(1800);
+
+/// Default [`Config::outcome_ttl`]: one day, so a client polling late still
+/// learns whether pairing was linked, failed or expired.
+pub const DEFAULT_OUTCOME_TTL: Duration = Duration::from_secs(86_400);
+
+/// Default [`Config::backoff_base`]: 1 second before the first retry, so a
+/// transient failure is retried quickly.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(1000);
+
+/// Default [`Config::backoff_cap`]: 1 minute, so repeated failures never
+/// leave a session idle for longer than that between attempts.
+pub const DEFAULT_BACKOFF_CAP: Duration = Duration::from_millis(60_000);
+
+/// Default [`Config::max_attempts`]: 10 consecutive failures, which with the
+/// default backoff spans several minutes, enough to ride out an outage blip.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+
+/// Default [`Config::shutdown_grace`]: 10 seconds, inside the usual 30-second
+/// container stop timeout, so in-flight requests finish before a kill.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Longest duration any setting accepts: 365 days.
+///
+/// Far beyond any sensible TTL, yet small enough that `Instant + duration`
+/// and Redis expiry arithmetic can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+const HOST: &str = "HOST";
+const PORT: &str = "PORT";
+const LOG_FORMAT: &str = "LOG_FORMAT";
+const RUST_LOG: &str = "RUST_LOG";
+const DATA_DIR: &str = "DATA_DIR";
+const WA_WS_URL: &str = "WA_WS_URL";
+const WA_VERSION: &str = "WA_VERSION";
+const WA_SANDBOX: &str = "WA_SANDBOX";
+const UPSTASH_URL: &str = "UPSTASH_REDIS_REST_URL";
+const UPSTASH_TOKEN: &str = "UPSTASH_REDIS_REST_TOKEN";
+const KEY_PREFIX: &str = "PAIR_KEY_PREFIX";
+const CODE_TTL: &str = "PAIR_CODE_TTL_SECS";
+const REFRESH: &str = "PAIR_REFRESH_SECS";
+const CODE_WAIT: &str = "PAIR_CODE_WAIT_SECS";
+const SESSION_MAX: &str = "PAIR_SESSION_MAX_SECS";
+const OUTCOME_TTL: &str = "PAIR_OUTCOME_TTL_SECS";
+const BACKOFF_BASE: &str = "PAIR_BACKOFF_BASE_MS";
+const BACKOFF_CAP: &str = "PAIR_BACKOFF_CAP_MS";
+const MAX_ATTEMPTS: &str = "PAIR_MAX_ATTEMPTS";
+const SHUTDOWN_GRACE: &str = "SHUTDOWN_GRACE_SECS";
+const SUPABASE_URL: &str = "SUPABASE_URL";
+const SUPABASE_KEY: &str = "SUPABASE_SERVICE_ROLE_KEY";
+
+/// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
+pub const VARIABLES: &[&str] = &[
+    HOST,
+    PORT,
+    LOG_FORMAT,
+    RUST_LOG,
+    DATA_DIR,
+    WA_WS_URL,
+    WA_VERSION,
+    WA_SANDBOX,
+    UPSTASH_URL,
+    UPSTASH_TOKEN,
+    KEY_PREFIX,
+    CODE_TTL,
+    REFRESH,
+    CODE_WAIT,
+    SESSION_MAX,
+    OUTCOME_TTL,
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    MAX_ATTEMPTS,
+    SHUTDOWN_GRACE,
+    SUPABASE_URL,
+    SUPABASE_KEY,
+];
+
+const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
+const MILLISECONDS: &str = "a whole number of milliseconds from 1 to 31536000000";
+
+/// Service settings. Build with [`Config::from_env`] or [`Config::from_vars`];
+/// [`Config::default`] gives the values used when nothing is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to listen on, from `HOST` (default `127.0.0.1`).
+    pub host: IpAddr,
+    /// Port to listen on, from `PORT` (default `8080`); 1 to 65535.
+    pub port: u16,
+    /// Log output format, from `LOG_FORMAT`, `json` or `pretty` (default `json`).
+    pub log_format: LogFormat,
+    /// Tracing filter directives, from `RUST_LOG` (default `info`); validated as an
+    /// `EnvFilter` so a typo fails at startup instead of silencing logs.
+    pub rust_log: String,
+    /// Directory for local state, from `DATA_DIR` (default `./data`).
+    pub data_dir: PathBuf,
+    /// WhatsApp WebSocket endpoint override, from `WA_WS_URL`; a `ws://` or
+    /// `wss://` URL. Unset means the library's default endpoint.
+    pub wa_ws_url: Option<String>,
+    /// WhatsApp Web client version override, from `WA_VERSION`; three
+    /// dot-separated numbers such as `2.3000.1023456789`.
+    pub wa_version: Option<String>,
+    /// Whether to run against a sandbox, from `WA_SANDBOX` (default `false`); accepts
+    /// `1/0/true/false/yes/no` in any case.
+    pub wa_sandbox: bool,
+    /// Where pairing state is kept, from `UPSTASH_REDIS_REST_URL` and
+    /// `UPSTASH_REDIS_REST_TOKEN` (default: in memory).
+    pub store: StoreConfig,
+    /// Prefix for every store key, from `PAIR_KEY_PREFIX` (default `wa:pair:`).
+    pub key_prefix: String,
+    /// How long a stored pairing code lives, from `PAIR_CODE_TTL_SECS` (default `600`).
+    pub code_ttl: Duration,
+    /// How often a fresh code is requested, from `PAIR_REFRESH_SECS` (default `480`);
+    /// always less than [`code_ttl`](Self::code_ttl).
+    pub refresh_every: Duration,
+    /// How long a request waits for the first code, from `PAIR_CODE_WAIT_SECS` (default `20`).
+    pub code_wait: Duration,
+    /// Longest life of a pairing session, from `PAIR_SESSION_MAX_SECS` (default `1800`).
+    pub session_max: Duration,
+    /// How long linked, failed and expired outcomes are kept, from
+    /// `PAIR_OUTCOME_TTL_SECS` (default `86400`).
+    pub outcome_ttl: Duration,
+    /// First retry delay, from `PAIR_BACKOFF_BASE_MS` (default `1000`); at most
+    /// [`backoff_cap`](Self::backoff_cap).
+    pub backoff_base: Duration,
+    /// Longest retry delay, from `PAIR_BACKOFF_CAP_MS` (default `60000`).
+    pub backoff_cap: Duration,
+    /// Consecutive failures before a session is marked failed, from
+    /// `PAIR_MAX_ATTEMPTS` (default `10`); at least 1.
+    pub max_attempts: u32,
+    /// How long shutdown waits for in-flight work, from `SHUTDOWN_GRACE_SECS` (default `10`).
+    pub shutdown_grace: Duration,
+    /// Supabase project URL, from `SUPABASE_URL`; an `http(s)://` URL.
+    /// Accepted now for a later integration; nothing uses it yet.
+    pub supabase_url: Option<String>,
+    /// Supabase service-role key, from `SUPABASE_SERVICE_ROLE_KEY`.
+    /// Accepted now for a later integration; nothing uses it yet.
+    pub supabase_service_role_key: Option<Secret>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: DEFAULT_HOST,
+            port: DEFAULT_PORT,
+            log_format: DEFAULT_LOG_FORMAT,
+            rust_log: DEFAULT_RUST_LOG.to_owned(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            wa_ws_url: None,
+            wa_version: None,
+            wa_sandbox: DEFAULT_WA_SANDBOX,
+            store: StoreConfig::Memory,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            code_ttl: DEFAULT_CODE_TTL,
+            refresh_every: DEFAULT_REFRESH_EVERY,
+            code_wait: DEFAULT_CODE_WAIT,
+            session_max: DEFAULT_SESSION_MAX,
+            outcome_ttl: DEFAULT_OUTCOME_TTL,
+            backoff_base: DEFAULT_BACKOFF_BASE,
+            backoff_cap: DEFAULT_BACKOFF_CAP,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            supabase_url: None,
+            supabase_service_role_key: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the settings from the process environment, after loading a
+    /// `.env` file from the working directory or a parent if one exists
+    /// (variables already set in the environment win over the file).
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the offending variable, including when a
+    /// value is not valid UTF-8 or the `.env` file exists but is malformed.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        load_dotenv()?;
+        let mut vars = Vec::with_capacity(VARIABLES.len());
+        for &name in VARIABLES {
+            // `std::env::var` rather than `vars()`: the latter panics on a
+            // non-UTF-8 value anywhere in the environment.
+            match std::env::var(name) {
+                Ok(value) => vars.push((name, value)),
+                Err(VarError::NotPresent) => {}
+                Err(VarError::NotUnicode(_)) => return Err(ConfigError::NotUnicode { var: name }),
+            }
+        }
+        Self::from_vars(vars)
+    }
+
+    /// Builds the settings from name/value pairs instead of the process
+    /// environment; unknown names are ignored and a later pair overrides an
+    /// earlier one with the same name.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first offending variable.
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars = Vars(
+            vars.into_iter()
+                .map(|(name, value)| (name.into(), value.into()))
+                .collect(),
+        );
+
+        let config = Self {
+            host: vars.parse(
+                HOST,
+                DEFAULT_HOST,
+                "an IP address such as 127.0.0.1 or 0.0.0.0",
+                |v| v.parse().ok(),
+            )?,
+            port: vars.parse(PORT, DEFAULT_PORT, "a port number (1-65535)", |v| {
+                parse_unsigned::<u16>(v).filter(|&port| port != 0)
+            })?,
+            log_format: vars.parse(
+                LOG_FORMAT,
+                DEFAULT_LOG_FORMAT,
+                "json or pretty",
+                LogFormat::parse,
+            )?,
+            rust_log: vars.parse(
+                RUST_LOG,
+                DEFAULT_RUST_LOG.to_owned(),
+                "a tracing filter such as info or wa_pair=debug,info",
+                |v| {
+                    tracing_subscriber::EnvFilter::builder()
+                        .parse(v)
+                        .ok()
+                        .map(|_| v.to_owned())
+                },
+            )?,
+            data_dir: vars
+                .get(DATA_DIR)
+                .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
+            wa_ws_url: vars.parse_optional(
+                WA_WS_URL,
+                "a ws:// or wss:// URL, e.g. wss://web.whatsapp.com/ws/chat",
+                |v| url_with_scheme(v, &["ws", "wss"]),
+            )?,
+            wa_version: vars.parse_optional(
+                WA_VERSION,
+                "three dot-separated numbers, e.g. 2.3000.1023456789",
+                parse_wa_version,
+            )?,
+            wa_sandbox: vars.parse(
+                WA_SANDBOX,
+                DEFAULT_WA_SANDBOX,
+                "one of 1, 0, true, false, yes, no",
+                parse_bool,
+            )?,
+            store: store_config(&vars)?,
+            key_prefix: vars
+                .get(KEY_PREFIX)
+                .map_or_else(|| DEFAULT_KEY_PREFIX.to_owned(), str::to_owned),
+            code_ttl: vars.parse(CODE_TTL, DEFAULT_CODE_TTL, SECONDS, parse_secs)?,
+            refresh_every: vars.parse(REFRESH, DEFAULT_REFRESH_EVERY, SECONDS, parse_secs)?,
+            code_wait: vars.parse(CODE_WAIT, DEFAULT_CODE_WAIT, SECONDS, parse_secs)?,
+            session_max: vars.parse(SESSION_MAX, DEFAULT_SESSION_MAX, SECONDS, parse_secs)?,
+            outcome_ttl: vars.parse(OUTCOME_TTL, DEFAULT_OUTCOME_TTL, SECONDS, parse_secs)?,
+            backoff_base: vars.parse(
+                BACKOFF_BASE,
+                DEFAULT_BACKOFF_BASE,
+                MILLISECONDS,
+                parse_millis,
+            )?,
+            backoff_cap: vars.parse(
+                BACKOFF_CAP,
+                DEFAULT_BACKOFF_CAP,
+                MILLISECONDS,
+                parse_millis,
+            )?,
+            max_attempts: vars.parse(
+                MAX_ATTEMPTS,
+                DEFAULT_MAX_ATTEMPTS,
+                "a whole number from 1 to 4294967295",
+                |v| parse_unsigned::<u32>(v).filter(|&n| n > 0),
+            )?,
+            shutdown_grace: vars.parse(
+                SHUTDOWN_GRACE,
+                DEFAULT_SHUTDOWN_GRACE,
+                SECONDS,
+                parse_secs,
+            )?,
+            supabase_url: vars.parse_optional(
+                SUPABASE_URL,
+                "an http:// or https:// URL, e.g. https://project.supabase.co",
+                |v| url_with_scheme(v, &["http", "https"]),
+            )?,
+            supabase_service_role_key: vars.get(SUPABASE_KEY).map(Secret::new),
+        };
+        config.check_consistency()?;
+        Ok(config)
+    }
+
+    /// The socket address to bind: [`host`](Self::host) and [`port`](Self::port).
+    #[must_use]
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+
+    fn check_consistency(&self) -> Result<(), ConfigError> {
+        if self.refresh_every >= self.code_ttl {
+            return Err(ConfigError::Conflict {
+                var: REFRESH,
+                message: format!(
+                    "{REFRESH} ({}) must be less than {CODE_TTL} ({}), otherwise the stored code \
+                     could expire before its replacement is fetched",
+                    self.refresh_every.as_secs(),
+                    self.code_ttl.as_secs()
+                ),
+            });
+        }
+        if self.backoff_base > self.backoff_cap {
+            return Err(ConfigError::Conflict {
+                var: BACKOFF_BASE,
+                message: format!(
+                    "{BACKOFF_BASE} ({}) must be at most {BACKOFF_CAP} ({}), since the cap bounds every retry delay",
+                    self.backoff_base.as_millis(),
+                    self.backoff_cap.as_millis()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    /// One JSON object per line, for log collectors.
+    Json,
+    /// Human-readable multi-line output, for local development.
+    Pretty,
+}
+
+impl LogFormat {
+    /// Parses `json` or `pretty`, ignoring case.
+    #[must_use]
+    pub fn parse(value: &str) -> Option<Self> {
+        if value.eq_ignore_ascii_case("json") {
+            Some(Self::Json)
+        } else if value.eq_ignore_ascii_case("pretty") {
+            Some(Self::Pretty)
+        } else {
+            None
+        }
+    }
+}
+
+/// Where pairing state is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In-process memory: state is lost on restart. Used when neither
+    /// Upstash variable is set.
+    Memory,
+    /// Upstash Redis over its REST API.
+    Upstash {
+        /// REST endpoint, an `http(s)://` URL, from `UPSTASH_REDIS_REST_URL`.
+        url: String,
+        /// REST token, from `UPSTASH_REDIS_REST_TOKEN`.
+        token: Secret,
+    },
+}
+
+/// A credential: `Debug` and `Display` print `[redacted]`, so it cannot leak
+/// through a derived `Debug` or a log line. Read it with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    #[must_use]
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The credential itself, for the one place that must send it.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A setting that could not be read. The message always names the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A value does not have the expected format.
+    #[error("{var} must be {expected}, got {got:?}")]
+    Invalid {
+        /// The variable's name.
+        var: &'static str,
+        /// The expected format, in words.
+        expected: &'static str,
+        /// The rejected value.
+        got: String,
+    },
+    /// One of a pair of variables that only work together is missing.
+    #[error(
+        "{var} must be set when {companion} is set: set both to use the Upstash store, or neither to keep state in memory"
+    )]
+    Missing {
+        /// The missing variable.
+        var: &'static str,
+        /// The variable that was set and needs it.
+        companion: &'static str,
+    },
+    /// Two values are individually valid but contradict each other.
+    #[error("{message}")]
+    Conflict {
+        /// The variable to change.
+        var: &'static str,
+        /// What is wrong and why, naming both variables.
+        message: String,
+    },
+    /// A value is not valid UTF-8.
+    #[error("{var} must be valid UTF-8 text")]
+    NotUnicode {
+        /// The variable's name.
+        var: &'static str,
+    },
+    /// A `.env` file exists but could not be read or parsed.
+    #[error(".env file could not be loaded: {reason}")]
+    DotEnv {
+        /// What went wrong, without the file's contents.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The variable the error is about, if it is about one.
+    #[must_use]
+    pub fn var(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid { var, .. }
+            | Self::Missing { var, .. }
+            | Self::Conflict { var, .. }
+            | Self::NotUnicode { var } => Some(var),
+            Self::DotEnv { .. } => None,
+        }
+    }
+}
+
+struct Vars(HashMap<String, String>);
+
+impl Vars {
+    /// The value of `name`, treating an empty value as unset.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn parse<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        expected: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        Ok(self
+            .parse_optional(name, expected, parse)?
+            .unwrap_or(default))
+    }
+
+    fn parse_optional<T>(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(value) = self.get(name) else {
+            return Ok(None);
+        };
+        parse(value).map(Some).ok_or_else(|| ConfigError::Invalid {
+            var: name,
+            expected,
+            got: value.to_owned(),
+        })
+    }
+}
+
+fn store_config(vars: &Vars) -> Result<StoreConfig, ConfigError> {
+    let url = vars.parse_optional(
+        UPSTASH_URL,
+        "an http:// or https:// URL, e.g. https://example.upstash.io",
+        |v| url_with_scheme(v, &["http", "https"]),
+    )?;
+    match (url, vars.get(UPSTASH_TOKEN)) {
+        (Some(url), Some(token)) => Ok(StoreConfig::Upstash {
+            url,
+            token: Secret::new(token),
+        }),
+        (None, None) => Ok(StoreConfig::Memory),
+        (Some(_), None) => Err(ConfigError::Missing {
+            var: UPSTASH_TOKEN,
+            companion: UPSTASH_URL,
+        }),
+        (None, Some(_)) => Err(ConfigError::Missing {
+            var: UPSTASH_URL,
+            companion: UPSTASH_TOKEN,
+        }),
+    }
+}
+
+/// Parses ASCII digits only; `str::parse` alone would also accept a leading `+`.
+fn parse_unsigned<T: std::str::FromStr>(value: &str) -> Option<T> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+fn parse_secs(value: &str) -> Option<Duration> {
+    parse_unsigned::<u64>(value)
+        .filter(|&secs| secs > 0)
+        .map(Duration::from_secs)
+        .filter(|d| *d <= MAX_DURATION)
+}
+
+fn parse_millis(value: &str) -> Option<Duration> {
+    parse_unsigned::<u64>(value)
+        .filter(|&millis| millis > 0)
+        .map(Duration::from_millis)
+        .filter(|d| *d <= MAX_DURATION)
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    const TRUE: [&str; 3] = ["1", "true", "yes"];
+    const FALSE: [&str; 3] = ["0", "false", "no"];
+    if TRUE.iter().any(|t| value.eq_ignore_ascii_case(t)) {
+        Some(true)
+    } else if FALSE.iter().any(|f| value.eq_ignore_ascii_case(f)) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Checks `major.minor.patch` with each part fitting a `u32`, which is how
+/// WhatsApp clients carry the version.
+fn parse_wa_version(value: &str) -> Option<String> {
+    let parts: Vec<&str> = value.split('.').collect();
+    let well_formed = parts.len() == 3 && parts.iter().all(|p| parse_unsigned::<u32>(p).is_some());
+    well_formed.then(|| value.to_owned())
+}
+
+/// Returns the value unchanged if it is an absolute URL with a host and one
+/// of `schemes`; the original text is kept because `url` would normalise it
+/// (for example by adding a trailing `/`).
+fn url_with_scheme(value: &str, schemes: &[&str]) -> Option<String> {
+    let parsed = url::Url::parse(value).ok()?;
+    let acceptable =
+        schemes.contains(&parsed.scheme()) && parsed.host_str().is_some_and(|h| !h.is_empty());
+    acceptable.then(|| value.to_owned())
+}
+
+fn load_dotenv() -> Result<(), ConfigError> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(error) if error.not_found() => Ok(()),
+        // dotenvy's own message quotes the whole offending line, which may
+        // hold a secret, so only the variable name and position are kept.
+        Err(dotenvy::Error::LineParse(line, index)) => Err(ConfigError::DotEnv {
+            reason: format!(
+                "a line could not be parsed (variable {:?}, at character {index})",
+                line.split('=').next().unwrap_or_default().trim()
+            ),
+        }),
+        Err(error) => Err(ConfigError::DotEnv {
+            reason: error.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().copied())
+    }
+
+    fn error(vars: &[(&str, &str)]) -> ConfigError {
+        match config(vars) {
+            Ok(config) => panic!("expected {vars:?} to be rejected, got {config:?}"),
+            Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn empty_environment_gives_the_documented_defaults() {
+        // Arrange
+        let vars: [(&str, &str); 0] = [];
+
+        // Act
+        let config = Config::from_vars(vars).expect("defaults are valid");
+
+        // Assert
+        assert_eq!(config, Config::default());
+        assert_eq!(
+            config.listen_addr(),
+            "127.0.0.1:8080".parse().expect("addr")
+        );
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.rust_log, "info");
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.store, StoreConfig::Memory);
+        assert_eq!(config.key_prefix, "wa:pair:");
+        assert_eq!(config.code_ttl, Duration::from_secs(600));
+        assert_eq!(config.refresh_every, Duration::from_secs(480));
+        assert_eq!(config.code_wait, Duration::from_secs(20));
+        assert_eq!(config.session_max, Duration::from_secs(1800));
+        assert_eq!(config.outcome_ttl, Duration::from_secs(86_400));
+        assert_eq!(config.backoff_base, Duration::from_millis(1000));
+        assert_eq!(config.backoff_cap, Duration::from_millis(60_000));
+        assert_eq!(config.max_attempts, 10);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+        assert!(!config.wa_sandbox);
+        assert_eq!(config.wa_ws_url, None);
+        assert_eq!(config.wa_version, None);
+        assert_eq!(config.supabase_url, None);
+        assert_eq!(config.supabase_service_role_key, None);
+    }
+
+    #[test]
+    fn every_variable_is_read_and_parsed() {
+        // Arrange
+        let vars = [
+            (HOST, "0.0.0.0"),
+            (PORT, "3000"),
+            (LOG_FORMAT, "Pretty"),
+            (RUST_LOG, "wa_pair=debug,info"),
+            (DATA_DIR, "/var/lib/wa-pair"),
+            (WA_WS_URL, "wss://example.test/ws/chat"),
+            (WA_VERSION, "2.3000.1023456789"),
+            (WA_SANDBOX, "YES"),
+            (UPSTASH_URL, "https://eu1-example.upstash.io"),
+            (UPSTASH_TOKEN, "upstash-token"),
+            (KEY_PREFIX, "test:pair:"),
+            (CODE_TTL, "300"),
+            (REFRESH, "240"),
+            (CODE_WAIT, "5"),
+            (SESSION_MAX, "900"),
+            (OUTCOME_TTL, "3600"),
+            (BACKOFF_BASE, "250"),
+            (BACKOFF_CAP, "5000"),
+            (MAX_ATTEMPTS, "3"),
+            (SHUTDOWN_GRACE, "2"),
+            (SUPABASE_URL, "https://project.supabase.co"),
+            (SUPABASE_KEY, "service-role-key"),
+        ];
+
+        // Act
+        let config = config(&vars).expect("valid");
+
+        // Assert
+        assert_eq!(vars.len(), VARIABLES.len());
+        let expected = Config {
+            host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: 3000,
+            log_format: LogFormat::Pretty,
+            rust_log: "wa_pair=debug,info".to_owned(),
+            data_dir: PathBuf::from("/var/lib/wa-pair"),
+            wa_ws_url: Some("wss://example.test/ws/chat".to_owned()),
+            wa_version: Some("2.3000.1023456789".to_owned()),
+            wa_sandbox: true,
+            store: StoreConfig::Upstash {
+                url: "https://eu1-example.upstash.io".to_owned(),
+                token: Secret::new("upstash-token"),
+            },
+            key_prefix: "test:pair:".to_owned(),
+            code_ttl: Duration::from_secs(300),
+            refresh_every: Duration::from_secs(240),
+            code_wait: Duration::from_secs(5),
+            session_max: Duration::from_secs(900),
+            outcome_ttl: Duration::from_secs(3600),
+            backoff_base: Duration::from_millis(250),
+            backoff_cap: Duration::from_millis(5000),
+            max_attempts: 3,
+            shutdown_grace: Duration::from_secs(2),
+            supabase_url: Some("https://project.supabase.co".to_owned()),
+            supabase_service_role_key: Some(Secret::new("service-role-key")),
+        };
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        // Arrange
+        let vars = [
+            (PORT, ""),
+            (LOG_FORMAT, ""),
+            (UPSTASH_URL, ""),
+            (UPSTASH_TOKEN, ""),
+        ];
+
+        // Act
+        let config = config(&vars).expect("valid");
+
+        // Assert
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn from_vars_accepts_a_map_of_owned_strings() {
+        // Arrange
+        let vars: HashMap<String, String> = [(PORT.to_owned(), "9090".to_owned())].into();
+
+        // Act
+        let config = Config::from_vars(vars).expect("valid");
+
+        // Assert
+        assert_eq!(config.port, 9090);
+    }
+
+    #[test]
+    fn unknown_variables_are_ignored() {
+        // Arrange
+        let vars = [("PATH", "/usr/bin"), ("port", "not-the-port")];
+
+        // Act
+        let config = config(&vars).expect("valid");
+
+        // Assert
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn invalid_port_names_the_variable_and_format() {
+        // Arrange
+        let vars = [(PORT, "abc")];
+
+        // Act
+        let error = error(&vars);
+
+        // Assert
+        assert_eq!(
+            error.to_string(),
+            "PORT must be a port number (1-65535), got \"abc\""
+        );
+        assert_eq!(error.var(), Some("PORT"));
+    }
+
+    #[test]
+    fn each_invalid_value_names_its_variable() {
+        // Arrange
+        let cases = [
+            (HOST, "localhost"),
+            (PORT, "0"),
+            (PORT, "65536"),
+            (PORT, "+8080"),
+            (PORT, " 8080"),
+            (LOG_FORMAT, "xml"),
+            (RUST_LOG, "info,=,[unclosed"),
+            (WA_WS_URL, "https://web.whatsapp.com/ws/chat"),
+            (WA_WS_URL, "wss://"),
+            (WA_VERSION, "2.3000"),
+            (WA_VERSION, "2.3000.x"),
+            (WA_VERSION, "2.3000.99999999999"),
+            (WA_VERSION, "2.-1.3"),
+            (WA_SANDBOX, "maybe"),
+            (CODE_TTL, "0"),
+            (CODE_TTL, "10m"),
+            (CODE_TTL, "31536001"),
+            (REFRESH, "-5"),
+            (CODE_WAIT, "1.5"),
+            (SESSION_MAX, "0"),
+            (OUTCOME_TTL, "18446744073709551616"),
+            (BACKOFF_BASE, "0"),
+            (BACKOFF_CAP, "never"),
+            (MAX_ATTEMPTS, "0"),
+            (SHUTDOWN_GRACE, "0"),
+            (SUPABASE_URL, "project.supabase.co"),
+        ];
+
+        for (var, value) in cases {
+            // Act
+            let error = error(&[(var, value)]);
+
+            // Assert
+            let message = error.to_string();
+            assert_eq!(error.var(), Some(var), "{message}");
+            assert!(message.starts_with(&format!("{var} must be ")), "{message}");
+            assert!(message.ends_with(&format!("got {value:?}")), "{message}");
+        }
+    }
+
+    #[test]
+    fn upstash_needs_both_url_and_token() {
+        // Arrange
+        let url_only = [(UPSTASH_URL, "https://example.upstash.io")];
+        let token_only = [(UPSTASH_TOKEN, "token")];
+
+        // Act
+        let url_only_error = error(&url_only);
+        let token_only_error = error(&token_only);
+
+        // Assert
+        assert_eq!(url_only_error.var(), Some(UPSTASH_TOKEN));
+        assert!(
+            url_only_error
+                .to_string()
+                .starts_with("UPSTASH_REDIS_REST_TOKEN must be set")
+        );
+        assert_eq!(token_only_error.var(), Some(UPSTASH_URL));
+        assert!(
+            token_only_error
+                .to_string()
+                .starts_with("UPSTASH_REDIS_REST_URL must be set")
+        );
+    }
+
+    #[test]
+    fn upstash_url_must_be_http_or_https() {
+        // Arrange
+        let vars = [
+            (UPSTASH_URL, "redis://example.upstash.io:6379"),
+            (UPSTASH_TOKEN, "token"),
+        ];
+
+        // Act
+        let error = error(&vars);
+
+        // Assert
+        assert_eq!(error.var(), Some(UPSTASH_URL));
+        assert!(error.to_string().contains("an http:// or https:// URL"));
+    }
+
+    #[test]
+    fn upstash_pair_selects_the_upstash_store_keeping_the_url_as_written() {
+        // Arrange
+        let vars = [
+            (UPSTASH_URL, "https://example.upstash.io"),
+            (UPSTASH_TOKEN, "t0ken"),
+        ];
+
+        // Act
+        let config = config(&vars).expect("valid");
+
+        // Assert
+        match config.store {
+            StoreConfig::Upstash { url, token } => {
+                assert_eq!(url, "https://example.upstash.io");
+                assert_eq!(token.expose(), "t0ken");
+            }
+            StoreConfig::Memory => panic!("expected the Upstash store"),
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_tokens() {
+        // Arrange
+        let vars = [
+            (UPSTASH_URL, "https://example.upstash.io"),
+            (UPSTASH_TOKEN, "upstash-SECRET-123"),
+            (SUPABASE_KEY, "supabase-SECRET-456"),
+        ];
+        let config = config(&vars).expect("valid");
+
+        // Act
+        let debugged = format!("{config:?} {config:#?}");
+
+        // Assert
+        assert!(!debugged.contains("SECRET"), "{debugged}");
+        assert!(debugged.contains("[redacted]"));
+    }
+
+    #[test]
+    fn secret_displays_as_redacted_but_exposes_its_value() {
+        // Arrange
+        let secret = Secret::new("hunter2");
+
+        // Act
+        let shown = format!("{secret} {secret:?}");
+
+        // Assert
+        assert_eq!(shown, "[redacted] [redacted]");
+        assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn refresh_not_shorter_than_code_ttl_is_rejected_with_the_reason() {
+        // Arrange
+        let vars = [(CODE_TTL, "300"), (REFRESH, "300")];
+
+        // Act
+        let error = error(&vars);
+
+        // Assert
+        assert_eq!(error.var(), Some(REFRESH));
+        assert_eq!(
+            error.to_string(),
+            "PAIR_REFRESH_SECS (300) must be less than PAIR_CODE_TTL_SECS (300), otherwise the \
+             stored code could expire before its replacement is fetched"
+        );
+    }
+
+    #[test]
+    fn default_refresh_against_a_shorter_code_ttl_is_rejected() {
+        // Arrange
+        let vars = [(CODE_TTL, "120")];
+
+        // Act
+        let error = error(&vars);
+
+        // Assert
+        assert_eq!(error.var(), Some(REFRESH));
+    }
+
+    #[test]
+    fn backoff_base_above_cap_is_rejected() {
+        // Arrange
+        let vars = [(BACKOFF_BASE, "2000"), (BACKOFF_CAP, "1000")];
+
+        // Act
+        let error = error(&vars);
+
+        // Assert
+        assert_eq!(error.var(), Some(BACKOFF_BASE));
+        assert!(
+            error
+                .to_string()
+                .contains("must be at most PAIR_BACKOFF_CAP_MS (1000)")
+        );
+    }
+
+    #[test]
+    fn backoff_base_equal_to_cap_is_accepted() {
+        // Arrange
+        let vars = [(BACKOFF_BASE, "1000"), (BACKOFF_CAP, "1000")];
+
+        // Act
+        let config = config(&vars).expect("valid");
+
+        // Assert
+        assert_eq!(config.backoff_base, config.backoff_cap);
+    }
+
+    #[test]
+    fn sandbox_accepts_the_documented_spellings_in_any_case() {
+        // Arrange
+        let cases = [
+            ("1", true),
+            ("true", true),
+            ("TRUE", true),
+            ("Yes", true),
+            ("0", false),
+            ("false", false),
+            ("False", false),
+            ("NO", false),
+        ];
+
+        for (value, expected) in cases {
+            // Act
+            let config = config(&[(WA_SANDBOX, value)]).expect("valid");
+
+            // Assert
+            assert_eq!(config.wa_sandbox, expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn sandbox_rejects_other_spellings() {
+        // Arrange
+        let values = ["on", "off", "y", "2", "truee"];
+
+        for value in values {
+            // Act
+            let error = error(&[(WA_SANDBOX, value)]);
+
+            // Assert
+            assert_eq!(
+                error.to_string(),
+                format!("WA_SANDBOX must be one of 1, 0, true, false, yes, no, got {value:?}")
+            );
+        }
+    }
+
+    #[test]
+    fn later_pairs_override_earlier_ones() {
+        // Arrange
+        let vars = [(PORT, "1000"), (PORT, "2000")];
+
+        // Act
+        let config = config(&vars).expect("valid");
+
+        // Assert
+        assert_eq!(config.port, 2000);
+    }
+
+    #[test]
+    fn ipv6_host_gives_a_bracketed_listen_address() {
+        // Arrange
+        let vars = [(HOST, "::"), (PORT, "9000")];
+
+        // Act
+        let addr = config(&vars).expect("valid").listen_addr();
+
+        // Assert
+        assert_eq!(addr.to_string(), "[::]:9000");
+    }
+}

@@ -1,0 +1,272 @@
+//! Talking to WhatsApp: one *link session* per phone number asks the
+//! multi-device protocol for 8-character pairing codes and reports what
+//! happens to them.
+//!
+//! [`Linker`] and [`LinkHandle`] are the seam the rest of the service is
+//! written against, so the session logic can be tested with a scripted fake;
+//! [`whatsapp::WhatsAppLinker`] is the one real implementation, over the
+//! `whatsapp-rust` client.
+//!
+//! A session's life, seen from here:
+//! 1. [`Linker::open`] connects a link client for the phone.
+//! 2. [`LinkHandle::request_code`] asks WhatsApp for a code (again whenever
+//!    the caller wants a fresh one; the previous one dies).
+//! 3. [`LinkEvent`]s arrive on [`LinkSession::events`]: the code was
+//!    invalidated, WhatsApp refused, the phone linked, the session failed.
+//! 4. [`LinkHandle::shutdown`] ends it; nothing keeps running afterwards.
+
+pub mod http_client;
+pub mod whatsapp;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Serialize, Serializer};
+use tokio::sync::mpsc;
+
+use crate::phone::PhoneNumber;
+
+/// An 8-character pairing code, e.g. `ABCD1234`.
+///
+/// `Debug` and `Display` are redacted so that a stray `{:?}` in a log line
+/// cannot leak a code; use [`PairingCode::expose`] where the code really has
+/// to be shown (the HTTP answer and the store).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PairingCode(String);
+
+impl PairingCode {
+    /// Wraps a code as the link client returned it.
+    pub fn new(code: impl Into<String>) -> Self {
+        Self(code.into())
+    }
+
+    /// The code itself, `ABCD1234`.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The code as people type it from a screen: `ABCD-1234`.
+    pub fn display_form(&self) -> String {
+        match self.0.char_indices().nth(4) {
+            Some((mid, _)) => format!("{}-{}", &self.0[..mid], &self.0[mid..]),
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for PairingCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PairingCode([redacted])")
+    }
+}
+
+impl fmt::Display for PairingCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for PairingCode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// A code WhatsApp accepted, with how long it stays valid from now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCode {
+    /// The code to show.
+    pub code: PairingCode,
+    /// Remaining validity as WhatsApp states it (about 180 s at issue).
+    pub valid_for: Duration,
+}
+
+/// Why the code currently shown can no longer be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Invalidation {
+    /// WhatsApp asked for a new code (`refresh_code`), or the phone read the
+    /// code but the link did not complete within a minute.
+    RefreshRequested,
+    /// The connection carrying the code dropped; the code died with it.
+    Disconnected,
+    /// The link client stopped by itself (no code outstanding, QR refs used up).
+    ClientStopped,
+    /// The phone sent a `pair-success` the client could not verify.
+    PairingRejected,
+}
+
+/// Where the linked companion device lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkedAccount {
+    /// The companion's device JID, e.g. `628123456789:3@s.whatsapp.net`.
+    pub jid: String,
+    /// The account's LID JID, when WhatsApp sent one.
+    pub lid: Option<String>,
+    /// The primary's platform, as WhatsApp reports it (e.g. `android`).
+    pub platform: Option<String>,
+}
+
+/// Something that happened in a link session after it was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A code was issued (informational: [`LinkHandle::request_code`]
+    /// already returns it to its caller).
+    CodeIssued(IssuedCode),
+    /// The code currently shown is dead; request a new one.
+    CodeInvalidated(Invalidation),
+    /// A QR ref rotated. The service shows codes, not QR, so this only
+    /// proves the connection is alive.
+    QrRotated,
+    /// The phone completed the link and the session is persisted.
+    Linked(LinkedAccount),
+    /// WhatsApp refused the link after the phone answered (e.g. the key
+    /// bundle was rejected); the code is dead.
+    Refused {
+        /// WhatsApp's status code (400, 403, 429, 452, 500, …).
+        status: u16,
+        /// How long WhatsApp asked us to wait, if it said.
+        backoff: Option<Duration>,
+    },
+    /// The session cannot continue (logged out, client outdated, …).
+    Failed {
+        /// Human-readable reason, safe to log and show.
+        reason: String,
+    },
+}
+
+/// Why a link operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// WhatsApp answered the request with an error.
+    #[error("WhatsApp refused the request: {status} {text}")]
+    Refused {
+        /// WhatsApp's status code (400, 403, 429, 452, 500, …).
+        status: u16,
+        /// WhatsApp's error text, e.g. `rate-overlimit`.
+        text: String,
+        /// How long WhatsApp asked us to wait, if it said.
+        backoff: Option<Duration>,
+    },
+    /// No answer in time (connection not up, or the request unanswered).
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The connection dropped while the request was in flight.
+    #[error("connection to WhatsApp lost")]
+    Disconnected,
+    /// The device store could not be opened or written.
+    #[error("session storage failed: {0}")]
+    Storage(String),
+    /// The session was shut down.
+    #[error("link session is closed")]
+    Closed,
+    /// Anything else from the client library.
+    #[error("link client failed: {0}")]
+    Client(String),
+}
+
+impl LinkError {
+    /// WhatsApp's status code, when this is a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The delay WhatsApp asked for, when it sent one.
+    pub fn backoff(&self) -> Option<Duration> {
+        match self {
+            Self::Refused { backoff, .. } => *backoff,
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later can succeed.
+    ///
+    /// WhatsApp uses 400 for throttling as well as bad input, so 400 counts
+    /// as retryable; 403 (forbidden) and 452 (feature not available for the
+    /// account) do not, and neither does a closed session or broken storage.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Refused { status, .. } => !matches!(status, 403 | 452),
+            Self::Timeout(_) | Self::Disconnected | Self::Client(_) => true,
+            Self::Storage(_) | Self::Closed => false,
+        }
+    }
+}
+
+/// An open link session: the handle to act on it and its event stream.
+pub struct LinkSession {
+    /// Operations on the session.
+    pub handle: Box<dyn LinkHandle>,
+    /// Everything that happens to the session, in order.
+    pub events: mpsc::UnboundedReceiver<LinkEvent>,
+}
+
+impl fmt::Debug for LinkSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkSession").finish_non_exhaustive()
+    }
+}
+
+/// Operations on one open link session.
+#[async_trait]
+pub trait LinkHandle: Send + Sync {
+    /// Asks WhatsApp for a code, replacing (and killing) any code issued
+    /// before on this session. Reconnects first when the client has stopped.
+    async fn request_code(&self) -> Result<IssuedCode, LinkError>;
+
+    /// Ends the session: the connection closes, background tasks stop, any
+    /// outstanding code dies. Idempotent.
+    async fn shutdown(&self);
+}
+
+/// Opens link sessions. Object-safe so the service holds `Arc<dyn Linker>`.
+#[async_trait]
+pub trait Linker: Send + Sync + 'static {
+    /// Connects a link client for `phone`, ready for [`LinkHandle::request_code`].
+    async fn open(&self, phone: &PhoneNumber) -> Result<LinkSession, LinkError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairing_code_never_prints_itself() {
+        let code = PairingCode::new("ABCD1234");
+
+        let printed = format!("{code} {code:?}");
+
+        assert!(!printed.contains("ABCD"), "{printed}");
+    }
+
+    #[test]
+    fn pairing_code_display_form_splits_in_the_middle() {
+        assert_eq!(PairingCode::new("ABCD1234").display_form(), "ABCD-1234");
+    }
+
+    #[test]
+    fn pairing_code_serializes_as_the_plain_code() {
+        let json = serde_json::to_string(&PairingCode::new("ABCD1234")).unwrap();
+
+        assert_eq!(json, "\"ABCD1234\"");
+    }
+
+    #[test]
+    fn link_error_retryability_follows_whatsapp_semantics() {
+        let refused = |status| LinkError::Refused {
+            status,
+            text: String::new(),
+            backoff: None,
+        };
+
+        assert!(refused(429).is_retryable());
+        assert!(refused(400).is_retryable(), "400 doubles as throttling");
+        assert!(!refused(452).is_retryable());
+        assert!(!refused(403).is_retryable());
+        assert!(!LinkError::Closed.is_retryable());
+    }
+}

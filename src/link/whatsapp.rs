@@ -1,0 +1,443 @@
+//! The real [`Linker`]: a `whatsapp-rust` multi-device client per phone.
+//!
+//! Each session owns one client whose device keys live in SQLite at
+//! `DATA_DIR/<phone>.db` (one device per file). The client connects,
+//! WhatsApp hands it QR refs, and [`LinkHandle::request_code`] asks for a
+//! phone-number pairing code on that same connection.
+//!
+//! After the phone links, the library persists the new identity, WhatsApp
+//! closes the stream (515) and the client logs in again as the new device.
+//! We report `linked` once the identity is flushed to disk, wait (bounded)
+//! for that login so WhatsApp sees the device come online once, and then
+//! shut the client down cleanly: this service links accounts, it does not
+//! keep them online. The credentials stay in `DATA_DIR` for whatever runs
+//! the account next.
+//!
+//! The library logs the phone number and the pairing code in clear under the
+//! `Client/PairCode` target; `telemetry` filters that target out.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use wacore::pair_code::PairCodeUtils;
+use wacore::store::DevicePropsOverride;
+use wacore::types::events::Event;
+use waproto::whatsapp::device_props::PlatformType;
+use whatsapp_rust::Client;
+use whatsapp_rust::bot::{Bot, EventDelivery};
+use whatsapp_rust::pair_code::{PairCodeOptions, PairError};
+use whatsapp_rust::request::IqError;
+use whatsapp_rust_sqlite_storage::SqliteStore;
+use whatsapp_rust_tokio_transport::TokioWebSocketTransportFactory;
+
+use super::http_client::ReqwestHttpClient;
+use super::{
+    Invalidation, IssuedCode, LinkError, LinkEvent, LinkHandle, LinkSession, LinkedAccount, Linker,
+    PairingCode,
+};
+use crate::phone::PhoneNumber;
+
+/// How long to wait for the WebSocket + Noise handshake before a code can be
+/// requested. The library gives the transport 20 s on its own.
+pub const SOCKET_WAIT: Duration = Duration::from_secs(25);
+/// Upper bound on one code request: the library's IQ timeout is 30 s, plus
+/// one PBKDF2 (131,072 rounds) before the request leaves.
+pub const CODE_REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
+/// After the link, how long to wait for the client's post-pairing login
+/// before shutting it down anyway. The link is already complete by then.
+pub const POST_LINK_LOGIN_WAIT: Duration = Duration::from_secs(30);
+/// Poll interval while waiting for that login; the library offers no event
+/// for "logged in but not fully synced".
+const LOGIN_POLL: Duration = Duration::from_millis(100);
+/// How long a shutdown waits for the client's run loop to finish after
+/// disconnecting (it flushes the device store first).
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// Events are rare (a handful per code); the ordered mailbox only needs to
+/// absorb a burst while our handler is busy.
+const EVENT_MAILBOX: usize = 64;
+/// Device id inside each per-phone SQLite file: one device per file.
+const DEVICE_ID: i32 = 1;
+
+/// Where and how link clients connect.
+#[derive(Debug, Clone, Default)]
+pub struct WhatsAppSettings {
+    /// Directory holding one SQLite device store per phone.
+    pub data_dir: PathBuf,
+    /// WebSocket URL override (`WA_WS_URL`); WhatsApp's own when `None`.
+    pub ws_url: Option<String>,
+    /// Web client version pin (`WA_VERSION`); fetched from WhatsApp when `None`.
+    pub version: Option<(u32, u32, u32)>,
+}
+
+/// Opens [`WhatsAppSession`]s over `whatsapp-rust`.
+#[derive(Debug, Clone)]
+pub struct WhatsAppLinker {
+    settings: Arc<WhatsAppSettings>,
+    http: ReqwestHttpClient,
+}
+
+impl WhatsAppLinker {
+    /// A linker with the given settings.
+    pub fn new(settings: WhatsAppSettings) -> Result<Self, LinkError> {
+        let http = ReqwestHttpClient::new().map_err(|e| LinkError::Client(e.to_string()))?;
+        Ok(Self {
+            settings: Arc::new(settings),
+            http,
+        })
+    }
+
+    /// Path of `phone`'s device store.
+    pub fn store_path(data_dir: &Path, phone: &PhoneNumber) -> PathBuf {
+        data_dir.join(format!("{}.db", phone.as_str()))
+    }
+}
+
+#[async_trait]
+impl Linker for WhatsAppLinker {
+    async fn open(&self, phone: &PhoneNumber) -> Result<LinkSession, LinkError> {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let session = Arc::new(WhatsAppSession {
+            phone: phone.clone(),
+            settings: Arc::clone(&self.settings),
+            http: self.http.clone(),
+            flags: Arc::new(Flags::default()),
+            events: events_tx,
+            running: tokio::sync::Mutex::new(None),
+        });
+        session.ensure_running().await?;
+        Ok(LinkSession {
+            handle: Box::new(SessionHandle(session)),
+            events: events_rx,
+        })
+    }
+}
+
+/// State the library's event handler shares with the session.
+#[derive(Debug, Default)]
+struct Flags {
+    /// A `pair_with_code` call is in flight: its failure reaches the caller
+    /// as an `Err`, so the duplicate `PairingCodeError` event is dropped.
+    requesting: AtomicBool,
+    /// The phone linked; later disconnects are the expected 515 dance.
+    linked: AtomicBool,
+    /// `shutdown` ran; nothing may be started again.
+    closed: AtomicBool,
+}
+
+/// One phone's link client (rebuilt on the same store when it stops).
+struct WhatsAppSession {
+    phone: PhoneNumber,
+    settings: Arc<WhatsAppSettings>,
+    http: ReqwestHttpClient,
+    flags: Arc<Flags>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+    running: tokio::sync::Mutex<Option<Running>>,
+}
+
+struct Running {
+    client: Arc<Client>,
+    /// Completes when the client's run loop has ended.
+    run_loop: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.client.disconnect().await;
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.run_loop)
+            .await
+            .is_err()
+        {
+            tracing::warn!("link client did not stop within {SHUTDOWN_WAIT:?}");
+        }
+    }
+}
+
+impl WhatsAppSession {
+    /// Returns a client whose run loop is alive, building one if needed.
+    async fn ensure_running(&self) -> Result<Arc<Client>, LinkError> {
+        let mut running = self.running.lock().await;
+        if self.flags.closed.load(Ordering::Acquire) {
+            return Err(LinkError::Closed);
+        }
+        if let Some(current) = running.as_ref()
+            && !current.run_loop.is_finished()
+        {
+            return Ok(Arc::clone(&current.client));
+        }
+        // A disconnected client can never run again; a new one on the same
+        // store keeps the device keys.
+        if let Some(stale) = running.take() {
+            stale.stop().await;
+        }
+        let started = self.start_client().await?;
+        let client = Arc::clone(&started.client);
+        *running = Some(started);
+        Ok(client)
+    }
+
+    async fn start_client(&self) -> Result<Running, LinkError> {
+        tokio::fs::create_dir_all(&self.settings.data_dir)
+            .await
+            .map_err(|e| {
+                LinkError::Storage(format!("creating {:?}: {e}", self.settings.data_dir))
+            })?;
+        let path = WhatsAppLinker::store_path(&self.settings.data_dir, &self.phone);
+        let mut bot = self.build_bot(&path).await?;
+        if !self.flags.linked.load(Ordering::Acquire)
+            && bot
+                .client()
+                .persistence_manager()
+                .get_device_snapshot()
+                .is_registered()
+        {
+            // An earlier link of this number left a registered device here.
+            // A new link needs a new device; keep the old credentials aside
+            // rather than destroy them.
+            drop(bot);
+            let kept = set_aside(&path).await?;
+            tracing::warn!(
+                phone = %self.phone,
+                kept = %kept.display(),
+                "phone already had a linked device here; kept it aside and pairing a new one"
+            );
+            bot = self.build_bot(&path).await?;
+        }
+        let client = bot.client();
+        let run_loop = tokio::spawn(bot.spawn());
+        Ok(Running { client, run_loop })
+    }
+
+    async fn build_bot(&self, path: &Path) -> Result<Bot, LinkError> {
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| LinkError::Storage(format!("non UTF-8 path {path:?}")))?;
+        let backend = SqliteStore::new_for_device(path_str, DEVICE_ID)
+            .await
+            .map_err(|e| LinkError::Storage(e.to_string()))?;
+        let transport = match &self.settings.ws_url {
+            Some(url) => TokioWebSocketTransportFactory::new().with_url(url.clone()),
+            None => TokioWebSocketTransportFactory::new(),
+        };
+        let events = self.events.clone();
+        let flags = Arc::clone(&self.flags);
+        let phone = self.phone.clone();
+        let mut builder = Bot::builder()
+            .with_backend(backend)
+            .with_transport_factory(transport)
+            .with_http_client(self.http.clone())
+            // WhatsApp rejects a pair-code companion whose display is not an
+            // OS name; "Chrome (Linux)" is what WA Web on Linux sends.
+            .with_device_props(
+                DevicePropsOverride::new()
+                    .with_os("Linux")
+                    .with_platform_type(PlatformType::CHROME),
+            )
+            .skip_history_sync()
+            // One mailbox, in order: a refresh must not overtake the
+            // disconnect that caused it.
+            .with_event_delivery(EventDelivery::Ordered {
+                capacity: EVENT_MAILBOX,
+            })
+            .on_event(move |event, client| {
+                let events = events.clone();
+                let flags = Arc::clone(&flags);
+                let phone = phone.clone();
+                async move { on_event(&event, client, &events, &flags, &phone).await }
+            });
+        if let Some(version) = self.settings.version {
+            builder = builder.with_version(version);
+        }
+        builder
+            .build()
+            .await
+            .map_err(|e| LinkError::Storage(e.to_string()))
+    }
+
+    async fn request_code(&self) -> Result<IssuedCode, LinkError> {
+        let client = self.ensure_running().await?;
+        client
+            .wait_for_socket(SOCKET_WAIT)
+            .await
+            .map_err(|_| LinkError::Timeout("connecting to WhatsApp"))?;
+        // The previous code dies here on purpose: a second live code for the
+        // same number would make the phone's entry of the older one fail.
+        client.cancel_pair_code().await;
+        let started = tokio::time::Instant::now();
+        self.flags.requesting.store(true, Ordering::Release);
+        let result = tokio::time::timeout(
+            CODE_REQUEST_TIMEOUT,
+            client.pair_with_code(PairCodeOptions {
+                phone_number: self.phone.as_str().to_owned(),
+                show_push_notification: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+        self.flags.requesting.store(false, Ordering::Release);
+        match result {
+            Err(_) => Err(LinkError::Timeout(
+                "WhatsApp did not answer the code request",
+            )),
+            Ok(Err(e)) => Err(map_pair_error(e)),
+            Ok(Ok(code)) => Ok(IssuedCode {
+                code: PairingCode::new(code),
+                valid_for: PairCodeUtils::code_validity().saturating_sub(started.elapsed()),
+            }),
+        }
+    }
+
+    async fn shutdown(&self) {
+        let mut running = self.running.lock().await;
+        self.flags.closed.store(true, Ordering::Release);
+        if let Some(current) = running.take() {
+            current.stop().await;
+        }
+    }
+}
+
+/// Moves `path` (and SQLite's side files) to `path.replaced-<unix time>`.
+async fn set_aside(path: &Path) -> Result<PathBuf, LinkError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let target = PathBuf::from(format!("{}.replaced-{stamp}", path.display()));
+    tokio::fs::rename(path, &target)
+        .await
+        .map_err(|e| LinkError::Storage(format!("setting aside {path:?}: {e}")))?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if tokio::fs::try_exists(&side).await.unwrap_or(false) {
+            let _ = tokio::fs::rename(&side, format!("{}{suffix}", target.display())).await;
+        }
+    }
+    Ok(target)
+}
+
+fn map_pair_error(error: PairError) -> LinkError {
+    match error {
+        PairError::RequestFailed(IqError::ServerError {
+            code,
+            text,
+            backoff,
+            ..
+        }) => LinkError::Refused {
+            status: code,
+            text,
+            backoff: backoff.map(|s| Duration::from_secs(u64::from(s))),
+        },
+        PairError::RequestFailed(IqError::Timeout) => {
+            LinkError::Timeout("WhatsApp did not answer the code request")
+        }
+        PairError::RequestFailed(
+            IqError::NotConnected
+            | IqError::Disconnected(_)
+            | IqError::Socket(_)
+            | IqError::EncryptSend(_)
+            | IqError::InternalChannelClosed,
+        ) => LinkError::Disconnected,
+        other => LinkError::Client(other.to_string()),
+    }
+}
+
+/// Translates the library's events into [`LinkEvent`]s.
+async fn on_event(
+    event: &Event,
+    client: Arc<Client>,
+    events: &mpsc::UnboundedSender<LinkEvent>,
+    flags: &Flags,
+    phone: &PhoneNumber,
+) {
+    let linked = flags.linked.load(Ordering::Acquire);
+    let send = |e: LinkEvent| {
+        // The receiver is gone only after shutdown; nothing to tell then.
+        let _ = events.send(e);
+    };
+    match event {
+        Event::PairingCode(issued) => send(LinkEvent::CodeIssued(IssuedCode {
+            code: PairingCode::new(issued.code.clone()),
+            valid_for: issued.timeout,
+        })),
+        Event::PairingQrCode(_) => send(LinkEvent::QrRotated),
+        Event::PairingCodeRefresh(_) if !linked => {
+            send(LinkEvent::CodeInvalidated(Invalidation::RefreshRequested))
+        }
+        Event::PairingCodeError(error) if !linked && !flags.requesting.load(Ordering::Acquire) => {
+            send(LinkEvent::Refused {
+                status: error
+                    .rejection
+                    .and_then(|r| u16::try_from(r.code()).ok())
+                    .unwrap_or(500),
+                backoff: error.backoff,
+            });
+        }
+        Event::Disconnected(_) if !linked => {
+            send(LinkEvent::CodeInvalidated(Invalidation::Disconnected))
+        }
+        Event::PairingQrCodesExhausted(exhausted) if exhausted.disconnected && !linked => {
+            send(LinkEvent::CodeInvalidated(Invalidation::ClientStopped))
+        }
+        Event::PairError(_) if !linked => {
+            send(LinkEvent::CodeInvalidated(Invalidation::PairingRejected))
+        }
+        Event::PairSuccess(success) => {
+            flags.linked.store(true, Ordering::Release);
+            // The identity must be on disk before anyone is told "linked".
+            if let Err(e) = client.persistence_manager().flush().await {
+                tracing::error!(phone = %phone, error = %e, "could not flush the linked device");
+                send(LinkEvent::Failed {
+                    reason: "the link completed but the session could not be saved".into(),
+                });
+                return;
+            }
+            let non_empty = |s: String| (!s.is_empty()).then_some(s);
+            send(LinkEvent::Linked(LinkedAccount {
+                jid: success.id.to_string(),
+                lid: non_empty(success.lid.user.to_string()).map(|_| success.lid.to_string()),
+                platform: non_empty(success.platform.clone()),
+            }));
+            let phone = phone.clone();
+            tokio::spawn(async move { settle_after_link(client, phone).await });
+        }
+        Event::LoggedOut(logged_out) => send(LinkEvent::Failed {
+            reason: format!("WhatsApp logged the device out ({:?})", logged_out.reason),
+        }),
+        Event::ClientOutdated(_) => send(LinkEvent::Failed {
+            reason: "WhatsApp says this client version is outdated; set WA_VERSION".into(),
+        }),
+        _ => {}
+    }
+}
+
+/// Waits (bounded) for the post-pairing login, then stops the client.
+async fn settle_after_link(client: Arc<Client>, phone: PhoneNumber) {
+    let deadline = tokio::time::Instant::now() + POST_LINK_LOGIN_WAIT;
+    while !client.is_logged_in() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(LOGIN_POLL).await;
+    }
+    tracing::info!(
+        phone = %phone,
+        logged_in = client.is_logged_in(),
+        "linked device checked in; closing the link client"
+    );
+    client.disconnect().await;
+}
+
+/// The [`LinkHandle`] handed to callers.
+struct SessionHandle(Arc<WhatsAppSession>);
+
+#[async_trait]
+impl LinkHandle for SessionHandle {
+    async fn request_code(&self) -> Result<IssuedCode, LinkError> {
+        self.0.request_code().await
+    }
+
+    async fn shutdown(&self) {
+        self.0.shutdown().await
+    }
+}

@@ -1,0 +1,222 @@
+//! The real link client (whatsapp-rust) against the loopback fake WhatsApp.
+
+use std::time::Duration;
+
+use fake_wa::{EnterCodeError, Fault};
+use futures::future::join_all;
+use wa_pair::link::{Invalidation, LinkError, LinkEvent, Linker};
+use whatsapp_rust::store::persistence_manager::PersistenceManager;
+use whatsapp_rust_sqlite_storage::SqliteStore;
+
+use crate::helpers::{FLOW_TIMEOUT, LinkHarness, next_event, phone};
+
+#[tokio::test]
+async fn code_links_when_typed_on_the_phone_and_the_device_is_persisted() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let phone = phone(1);
+    let mut session = harness.linker().open(&phone).await.expect("session opens");
+
+    // Act
+    let issued = session.handle.request_code().await.expect("code issued");
+    let record = harness
+        .fake
+        .record(phone.as_str())
+        .expect("fake saw the request");
+    let linked = harness
+        .fake
+        .enter_code(phone.as_str(), issued.code.expose())
+        .await
+        .expect("the returned code links");
+    let event = next_event(&mut session.events, |e| matches!(e, LinkEvent::Linked(_))).await;
+
+    // Assert
+    assert_eq!(issued.code.expose().len(), 8);
+    assert!(issued.valid_for > Duration::from_secs(150));
+    assert_eq!(record.jid, format!("{}@s.whatsapp.net", phone.as_str()));
+    assert!(record.show_push_notification);
+    assert_eq!(record.platform_display, "Chrome (Linux)");
+    assert_eq!(linked.code, issued.code.expose());
+    let LinkEvent::Linked(account) = event else {
+        unreachable!()
+    };
+    assert_eq!(account.jid, linked.jid);
+    assert!(
+        harness
+            .fake
+            .wait_for(phone.as_str(), FLOW_TIMEOUT, |r| r.logged_in)
+            .await
+            .is_some(),
+        "the new device logs in after the 515"
+    );
+
+    session.handle.shutdown().await;
+    assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
+    let path = wa_pair::link::whatsapp::WhatsAppLinker::store_path(harness.data_dir.path(), &phone);
+    let reopened = SqliteStore::new_for_device(path.to_str().unwrap(), 1)
+        .await
+        .expect("store reopens");
+    let manager = PersistenceManager::new(std::sync::Arc::new(reopened))
+        .await
+        .expect("device loads");
+    let device = manager.get_device_snapshot();
+    assert!(device.is_registered(), "the linked device is on disk");
+    assert_eq!(device.pn.as_ref().map(|j| j.to_string()), Some(linked.jid));
+}
+
+#[tokio::test]
+async fn wrong_code_does_not_link_and_the_right_one_still_does() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let phone = phone(2);
+    let mut session = harness.linker().open(&phone).await.expect("session opens");
+    let issued = session.handle.request_code().await.expect("code issued");
+    let wrong = if issued.code.expose() == "ZZZZZZZZ" {
+        "YYYYYYYY"
+    } else {
+        "ZZZZZZZZ"
+    };
+
+    // Act
+    let wrong_attempt = harness.fake.enter_code(phone.as_str(), wrong).await;
+    let right_attempt = harness
+        .fake
+        .enter_code(phone.as_str(), issued.code.expose())
+        .await;
+
+    // Assert
+    assert_eq!(wrong_attempt, Err(EnterCodeError::WrongCode));
+    assert!(right_attempt.is_ok(), "{right_attempt:?}");
+    next_event(&mut session.events, |e| matches!(e, LinkEvent::Linked(_))).await;
+    session.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_overlimit_is_refused_with_whatsapps_backoff_and_a_retry_succeeds() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let phone = phone(3);
+    harness.fake.push_fault(
+        Some(phone.as_str()),
+        Fault::RateOverlimit { backoff_secs: 42 },
+    );
+    let session = harness.linker().open(&phone).await.expect("session opens");
+
+    // Act
+    let refused = session.handle.request_code().await;
+    let retried = session.handle.request_code().await;
+
+    // Assert
+    let Err(LinkError::Refused {
+        status, backoff, ..
+    }) = refused
+    else {
+        panic!("expected a refusal, got {refused:?}");
+    };
+    assert_eq!(status, 429);
+    assert_eq!(backoff, Some(Duration::from_secs(42)));
+    assert!(retried.is_ok(), "{retried:?}");
+    session.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropped_connection_invalidates_the_code_and_a_fresh_one_links() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let phone = phone(4);
+    let mut session = harness.linker().open(&phone).await.expect("session opens");
+    let first = session.handle.request_code().await.expect("code issued");
+
+    // Act
+    assert!(harness.fake.drop_connection(phone.as_str()));
+    let event = next_event(&mut session.events, |e| {
+        matches!(e, LinkEvent::CodeInvalidated(_))
+    })
+    .await;
+    let second = session.handle.request_code().await.expect("fresh code");
+    let linked = harness
+        .fake
+        .enter_code(phone.as_str(), second.code.expose())
+        .await;
+
+    // Assert
+    assert_eq!(
+        event,
+        LinkEvent::CodeInvalidated(Invalidation::Disconnected)
+    );
+    assert_ne!(first.code, second.code);
+    assert!(linked.is_ok(), "{linked:?}");
+    session.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn refresh_request_invalidates_the_code_and_the_session_issues_another() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let phone = phone(5);
+    let mut session = harness.linker().open(&phone).await.expect("session opens");
+    let first = session.handle.request_code().await.expect("code issued");
+
+    // Act
+    assert!(harness.fake.request_code_refresh(phone.as_str()));
+    let event = next_event(&mut session.events, |e| {
+        matches!(e, LinkEvent::CodeInvalidated(_))
+    })
+    .await;
+    let second = session.handle.request_code().await.expect("fresh code");
+
+    // Assert
+    assert_eq!(
+        event,
+        LinkEvent::CodeInvalidated(Invalidation::RefreshRequested)
+    );
+    assert_ne!(first.code, second.code);
+    assert_eq!(
+        harness.fake.record(phone.as_str()).unwrap().code_requests,
+        2
+    );
+    session.handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn twenty_sessions_in_one_process_each_get_their_own_code() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let linker = harness.linker();
+    let phones: Vec<_> = (100..120).map(phone).collect();
+
+    // Act
+    let results = join_all(phones.iter().map(|p| {
+        let linker = linker.clone();
+        async move {
+            let session = linker.open(p).await?;
+            let code = session.handle.request_code().await;
+            session.handle.shutdown().await;
+            code
+        }
+    }))
+    .await;
+
+    // Assert
+    let mut codes: Vec<String> = results
+        .into_iter()
+        .map(|r| {
+            r.expect("every session gets a code")
+                .code
+                .expose()
+                .to_owned()
+        })
+        .collect();
+    codes.sort();
+    codes.dedup();
+    assert_eq!(codes.len(), 20, "codes are distinct");
+    for p in &phones {
+        let record = harness
+            .fake
+            .record(p.as_str())
+            .expect("fake saw each phone");
+        assert_eq!(record.jid, format!("{}@s.whatsapp.net", p.as_str()));
+        assert_eq!(record.code_requests, 1);
+    }
+    assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
+}
