@@ -361,6 +361,14 @@ impl Config {
         SocketAddr::new(self.host, self.port)
     }
 
+    /// [`wa_version`](Self::wa_version) as `(major, minor, patch)`.
+    #[must_use]
+    pub fn wa_version_parts(&self) -> Option<(u32, u32, u32)> {
+        let version = self.wa_version.as_deref()?;
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??, parts.next()??))
+    }
+
     fn check_consistency(&self) -> Result<(), ConfigError> {
         if self.refresh_every >= self.code_ttl {
             return Err(ConfigError::Conflict {

@@ -1,7 +1,24 @@
-//! wa-pair: links WhatsApp accounts to a server by 8-character pairing code.
+//! wa-pair links WhatsApp accounts to a server by 8-character pairing code.
+//!
+//! A request flows top to bottom through these modules:
+//!
+//! - [`config`]: typed settings from the environment (and `.env`).
+//! - [`telemetry`]: tracing setup (JSON logs), redaction of codes and phones.
+//! - [`startup`]: builds the service from a [`config::Config`], serves it,
+//!   stops it gracefully.
+//! - [`http`]: the axum router, handlers and the JSON error type.
+//! - [`phone`]: [`phone::PhoneNumber::parse`], the only way to get a phone.
+//! - [`session`]: one task per phone: state machine, refresh timer, backoff.
+//! - [`link`]: the `Linker` seam and the real `whatsapp-rust` link client.
+//! - [`store`]: where states are kept: in memory or Upstash Redis (REST).
+//! - [`retry`]: exponential backoff with full jitter.
+
 pub mod config;
+pub mod http;
 pub mod link;
 pub mod phone;
 pub mod retry;
+pub mod session;
+pub mod startup;
 pub mod store;
 pub mod telemetry;

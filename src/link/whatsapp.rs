@@ -7,9 +7,9 @@
 //!
 //! After the phone links, the library persists the new identity, WhatsApp
 //! closes the stream (515) and the client logs in again as the new device.
-//! We report `linked` once the identity is flushed to disk, wait (bounded)
-//! for that login so WhatsApp sees the device come online once, and then
-//! shut the client down cleanly: this service links accounts, it does not
+//! We report `linked` once the identity is flushed to disk; when the session
+//! is then shut down, it waits (bounded) for that login so WhatsApp sees the
+//! device come online once, and stops the client cleanly: this service links accounts, it does not
 //! keep them online. The credentials stay in `DATA_DIR` for whatever runs
 //! the account next.
 //!
@@ -295,6 +295,10 @@ impl WhatsAppSession {
         let mut running = self.running.lock().await;
         self.flags.closed.store(true, Ordering::Release);
         if let Some(current) = running.take() {
+            if self.flags.linked.load(Ordering::Acquire) {
+                // Let WhatsApp see the new device come online once.
+                await_post_link_login(&current.client, &self.phone).await;
+            }
             current.stop().await;
         }
     }
@@ -401,8 +405,6 @@ async fn on_event(
                 lid: non_empty(success.lid.user.to_string()).map(|_| success.lid.to_string()),
                 platform: non_empty(success.platform.clone()),
             }));
-            let phone = phone.clone();
-            tokio::spawn(async move { settle_after_link(client, phone).await });
         }
         Event::LoggedOut(logged_out) => send(LinkEvent::Failed {
             reason: format!("WhatsApp logged the device out ({:?})", logged_out.reason),
@@ -414,8 +416,8 @@ async fn on_event(
     }
 }
 
-/// Waits (bounded) for the post-pairing login, then stops the client.
-async fn settle_after_link(client: Arc<Client>, phone: PhoneNumber) {
+/// Waits (bounded) for a freshly linked client's post-pairing login.
+async fn await_post_link_login(client: &Client, phone: &PhoneNumber) {
     let deadline = tokio::time::Instant::now() + POST_LINK_LOGIN_WAIT;
     while !client.is_logged_in() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(LOGIN_POLL).await;
@@ -425,7 +427,6 @@ async fn settle_after_link(client: Arc<Client>, phone: PhoneNumber) {
         logged_in = client.is_logged_in(),
         "linked device checked in; closing the link client"
     );
-    client.disconnect().await;
 }
 
 /// The [`LinkHandle`] handed to callers.

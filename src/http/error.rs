@@ -1,0 +1,232 @@
+//! The one error type at the HTTP edge. Each variant has a status and a
+//! message that is safe to show a client; internal detail is logged where
+//! the error is produced, never put in the response.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::phone::PhoneError;
+use crate::session::SessionError;
+
+/// An error answer: `{"error":"snake_code","message":"..."}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The phone number is not in the required format.
+    #[error("{}", .0.message())]
+    InvalidPhone(PhoneError),
+    /// The body is not the JSON we expect.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// The body is not declared as JSON.
+    #[error("send the body as JSON with `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    /// The body is larger than any valid request.
+    #[error("the request body is too large (limit {0} bytes)")]
+    PayloadTooLarge(usize),
+    /// No such route.
+    #[error("no route for this path; see the README for the API")]
+    RouteNotFound,
+    /// The route exists but not with this method.
+    #[error("this method is not allowed on this path")]
+    MethodNotAllowed,
+    /// No pairing session for this phone.
+    #[error("no pairing session for this phone; POST /pair to start one")]
+    SessionNotFound,
+    /// The phone is linked already.
+    #[error("this phone is already linked")]
+    AlreadyLinked,
+    /// The session is over; start a new one.
+    #[error("this pairing session has ended ({0}); POST /pair to start a new one")]
+    SessionEnded(&'static str),
+    /// WhatsApp is throttling codes for this number; the session retries.
+    #[error("{message}")]
+    RateLimited {
+        /// When to look again.
+        retry_after: Duration,
+        /// What is going on, for a person.
+        message: String,
+    },
+    /// WhatsApp 452: phone-number linking is not available for the account.
+    #[error(
+        "phone-number linking is not available for this WhatsApp account; link with a QR code instead"
+    )]
+    PairingUnavailable,
+    /// WhatsApp 403.
+    #[error("WhatsApp refused to link this number")]
+    WhatsAppForbidden,
+    /// WhatsApp cannot be reached or kept failing.
+    #[error("{0}")]
+    WhatsAppUnavailable(String),
+    /// The state store does not answer.
+    #[error("the state store is not reachable")]
+    StoreUnavailable,
+    /// The service is stopping.
+    #[error("the service is shutting down; try again in a moment")]
+    ShuttingDown,
+    /// The session is busy with other requests.
+    #[error("the pairing session is busy; try again in a moment")]
+    Busy,
+    /// A bug or an unexpected failure on our side.
+    #[error("internal error; the request id in the response headers helps us find it")]
+    Internal,
+    /// Sandbox: the typed code does not match.
+    #[error("wrong code: it does not match the code the companion displays")]
+    WrongCode,
+    /// Sandbox: no code has been requested for this phone.
+    #[error("no pairing code was requested for this phone; POST /pair first")]
+    NoCodeRequested,
+    /// Sandbox: the companion did not answer.
+    #[error("the link client did not answer the fake phone: {0}")]
+    CompanionUnavailable(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    suggestion: Option<&'a str>,
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidPhone(_) | Self::PairingUnavailable | Self::WrongCode => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RouteNotFound | Self::SessionNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::AlreadyLinked | Self::SessionEnded(_) | Self::NoCodeRequested => {
+                StatusCode::CONFLICT
+            }
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::WhatsAppForbidden => StatusCode::FORBIDDEN,
+            Self::WhatsAppUnavailable(_)
+            | Self::StoreUnavailable
+            | Self::ShuttingDown
+            | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CompanionUnavailable(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable snake-case code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidPhone(_) => "invalid_phone",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::RouteNotFound | Self::SessionNotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::AlreadyLinked => "already_linked",
+            Self::SessionEnded(_) => "session_ended",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::PairingUnavailable => "pairing_unavailable",
+            Self::WhatsAppForbidden => "whatsapp_forbidden",
+            Self::WhatsAppUnavailable(_) => "whatsapp_unavailable",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::ShuttingDown => "shutting_down",
+            Self::Busy => "busy",
+            Self::Internal => "internal",
+            Self::WrongCode => "wrong_code",
+            Self::NoCodeRequested => "no_code_requested",
+            Self::CompanionUnavailable(_) => "companion_unavailable",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::Busy | Self::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::NotFound => Self::SessionNotFound,
+            SessionError::AlreadyLinked => Self::AlreadyLinked,
+            SessionError::Ended(status) => Self::SessionEnded(status),
+            SessionError::ShuttingDown => Self::ShuttingDown,
+            SessionError::Busy => Self::Busy,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let suggestion = match &self {
+            Self::InvalidPhone(e) => e.suggestion(),
+            _ => None,
+        };
+        let body = Body {
+            error: self.code(),
+            message: self.to_string(),
+            suggestion,
+        };
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs().max(1).to_string();
+            if let Ok(value) = HeaderValue::from_str(&secs) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phone::PhoneNumber;
+    use http_body_util::BodyExt;
+
+    async fn body_json(response: Response) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn invalid_phone_carries_code_message_and_suggestion() {
+        let error = PhoneNumber::parse("+62 812-345-6789").unwrap_err();
+
+        let response = ApiError::InvalidPhone(error).into_response();
+
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = body_json(response).await;
+        assert_eq!(body["error"], "invalid_phone");
+        assert_eq!(body["suggestion"], "628123456789");
+        assert!(body["message"].as_str().unwrap().contains('+'));
+    }
+
+    #[tokio::test]
+    async fn rate_limited_sets_retry_after_in_whole_seconds() {
+        let response = ApiError::RateLimited {
+            retry_after: Duration::from_millis(41_500),
+            message: "slow down".into(),
+        }
+        .into_response();
+
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "41");
+    }
+
+    #[tokio::test]
+    async fn internal_error_does_not_leak_details() {
+        let body = body_json(ApiError::Internal.into_response()).await;
+
+        assert_eq!(body["error"], "internal");
+        assert!(body.get("suggestion").is_none());
+    }
+}

@@ -1,0 +1,50 @@
+//! Liveness and readiness.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+use crate::store::StoreError;
+
+/// Readiness gives the store this long to answer: probes must be quick.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /healthz` and `GET /readyz`.
+pub fn routes() -> axum::Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// Liveness: the process answers. Touches no dependency, so a store outage
+/// never gets the service restarted.
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: the store answers.
+async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let store = app.sessions.store();
+    match tokio::time::timeout(READY_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => Ok(Json(json!({"status": "ready", "store": store.kind()}))),
+        Ok(Err(StoreError::Unauthorized)) => {
+            tracing::error!(
+                store = store.kind(),
+                "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN"
+            );
+            Err(ApiError::StoreUnavailable)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(store = store.kind(), error = %e, "store not ready");
+            Err(ApiError::StoreUnavailable)
+        }
+        Err(_) => {
+            tracing::warn!(store = store.kind(), "store did not answer within {READY_TIMEOUT:?}");
+            Err(ApiError::StoreUnavailable)
+        }
+    }
+}

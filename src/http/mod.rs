@@ -1,0 +1,112 @@
+//! The HTTP edge: `router(state)` assembles the routes each module
+//! contributes, plus request ids, one span per request and JSON for every
+//! error (including axum's own rejections and unknown routes).
+
+mod error;
+mod extract;
+mod health;
+mod pair;
+#[cfg(feature = "sandbox")]
+mod sandbox;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::HeaderName;
+use axum::response::Response;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+pub use error::ApiError;
+
+use crate::session::Sessions;
+
+/// Largest request body we accept. A valid body is `{"phone":"…"}`.
+pub const MAX_BODY_BYTES: usize = 1024;
+/// Header carrying the request id, taken from the client when present.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Every pairing session of the process.
+    pub sessions: Arc<Sessions>,
+    /// How long `POST /pair` waits for the first code before answering 202.
+    pub code_wait: Duration,
+    /// The in-process fake WhatsApp, in sandbox mode.
+    #[cfg(feature = "sandbox")]
+    pub sandbox: Option<Arc<fake_wa::FakeWhatsApp>>,
+}
+
+/// The whole API as a router over `state`.
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    let routes = Router::new().merge(pair::routes()).merge(health::routes());
+    #[cfg(feature = "sandbox")]
+    let routes = match state.sandbox.is_some() {
+        true => routes.merge(sandbox::routes()),
+        false => routes,
+    };
+    routes
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_request(())
+                        .on_response(log_response)
+                        .on_failure(()),
+                )
+                .layer(PropagateRequestIdLayer::new(request_id)),
+        )
+}
+
+/// One span per request. Only the *matched* route goes in, never the raw
+/// path: `/pair/{phone}` must not put a phone number in the logs.
+fn request_span(request: &Request) -> Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+        .unwrap_or("unmatched");
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!(
+        "request",
+        request_id,
+        method = %request.method(),
+        route,
+        status = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+    )
+}
+
+fn log_response(response: &Response, latency: Duration, span: &Span) {
+    span.record("status", response.status().as_u16());
+    span.record("latency_ms", latency.as_millis() as u64);
+    tracing::info!(
+        status = response.status().as_u16(),
+        latency_ms = latency.as_millis() as u64,
+        "request completed"
+    );
+}
+
+async fn route_not_found() -> ApiError {
+    ApiError::RouteNotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,150 @@
+//! `/pair`: start or join a pairing session, read it, refresh its code,
+//! cancel it.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use super::extract::{ApiJson, PhonePath};
+use super::{ApiError, AppState};
+use crate::phone::PhoneNumber;
+use crate::session::{Joined, PairState, Reason, Status};
+
+/// `Retry-After` for a session still connecting with nothing to report yet.
+pub const STARTING_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// The `/pair` routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/pair", post(create))
+        .route("/pair/{phone}", get(show).delete(cancel))
+        .route("/pair/{phone}/refresh", post(refresh))
+}
+
+/// `POST /pair` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairRequest {
+    /// Digits only, country code first, no `+`.
+    phone: String,
+}
+
+/// Starts (or joins) the phone's session and answers with its first code,
+/// waiting up to `PAIR_CODE_WAIT_SECS` for it.
+async fn create(
+    State(app): State<AppState>,
+    ApiJson(request): ApiJson<PairRequest>,
+) -> Result<Response, ApiError> {
+    let phone = PhoneNumber::parse(&request.phone).map_err(ApiError::InvalidPhone)?;
+    let (joined, mut states) = app.sessions.start_or_join(&phone)?;
+    // Something worth answering: a code, an outcome, or a failed attempt.
+    let _ = tokio::time::timeout(
+        app.code_wait,
+        states.wait_for(|s| s.status != Status::Starting || s.retry_at.is_some()),
+    )
+    .await;
+    let state = states.borrow().clone();
+    let created = if joined == Joined::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    answer(state, created)
+}
+
+/// The phone's current state: this process's session, else the store (a
+/// session from before a restart).
+async fn show(
+    State(app): State<AppState>,
+    PhonePath(phone): PhonePath,
+) -> Result<Json<PairState>, ApiError> {
+    if let Some(state) = app.sessions.get(&phone) {
+        return Ok(Json(state));
+    }
+    let key = app.sessions.settings().key(&phone);
+    match app.sessions.store().get(&key).await {
+        Ok(Some(json)) => serde_json::from_str(&json).map(Json).map_err(|e| {
+            tracing::error!(phone = %phone, error = %e, "stored state does not parse");
+            ApiError::Internal
+        }),
+        Ok(None) => Err(ApiError::SessionNotFound),
+        Err(e) => {
+            tracing::warn!(phone = %phone, error = %e, "store read failed");
+            Err(ApiError::StoreUnavailable)
+        }
+    }
+}
+
+/// A new code now ("Refresh Kode").
+async fn refresh(
+    State(app): State<AppState>,
+    PhonePath(phone): PhonePath,
+) -> Result<Response, ApiError> {
+    let state = app.sessions.refresh(&phone).await?;
+    answer(state, StatusCode::OK)
+}
+
+/// Cancels the phone's pending session.
+async fn cancel(
+    State(app): State<AppState>,
+    PhonePath(phone): PhonePath,
+) -> Result<Json<PairState>, ApiError> {
+    Ok(Json(app.sessions.cancel(&phone).await?))
+}
+
+/// Turns a session state into the answer for a request that wanted a code.
+fn answer(state: PairState, with_code: StatusCode) -> Result<Response, ApiError> {
+    match state.status {
+        Status::Pending => Ok((with_code, Json(state)).into_response()),
+        Status::Linked | Status::Expired | Status::Cancelled => {
+            Ok((StatusCode::OK, Json(state)).into_response())
+        }
+        Status::Starting => {
+            let retry_after = state
+                .retry_at
+                .map(|at| {
+                    let secs = (at - OffsetDateTime::now_utc()).whole_seconds().max(1);
+                    Duration::from_secs(secs.unsigned_abs())
+                })
+                .unwrap_or(STARTING_RETRY_AFTER);
+            if matches!(state.whatsapp_status, Some(400 | 429)) {
+                return Err(ApiError::RateLimited {
+                    retry_after,
+                    message: format!(
+                        "{}. The service keeps trying; GET /pair/{{phone}} to follow.",
+                        state
+                            .message
+                            .as_deref()
+                            .unwrap_or("WhatsApp is limiting pairing codes for this number")
+                    ),
+                });
+            }
+            let mut response = (StatusCode::ACCEPTED, Json(state)).into_response();
+            if let Ok(value) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            Ok(response)
+        }
+        Status::Failed => Err(failure(&state)),
+    }
+}
+
+fn failure(state: &PairState) -> ApiError {
+    let message = state
+        .message
+        .clone()
+        .unwrap_or_else(|| "WhatsApp could not issue a code".into());
+    match (state.reason, state.whatsapp_status) {
+        (Some(Reason::WhatsappRefused), Some(452)) => ApiError::PairingUnavailable,
+        (Some(Reason::WhatsappRefused), Some(403)) => ApiError::WhatsAppForbidden,
+        (Some(Reason::Interrupted), _) => ApiError::ShuttingDown,
+        (Some(Reason::Storage), _) => ApiError::Internal,
+        _ => ApiError::WhatsAppUnavailable(message),
+    }
+}

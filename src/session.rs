@@ -1,0 +1,1355 @@
+//! Pairing sessions: one task per phone that owns the link session, the
+//! refresh timer, the retry backoff and the state machine
+//!
+//! ```text
+//! starting -> pending(code) -> linked
+//! pending  -> pending            (refresh: a new code)
+//! starting|pending -> failed     (refused for good, gave up, logged out, interrupted)
+//! pending  -> expired            (PAIR_SESSION_MAX_SECS without a link)
+//! any      -> cancelled          (DELETE)
+//! ```
+//!
+//! Every change is written to the store first (bounded in time: a slow or
+//! dead store never holds a code back) and then published on a `watch`
+//! channel that the HTTP handlers read. The session keeps its latest state in
+//! memory, so a store outage loses nothing: a failed write is retried and the
+//! next write heals the store.
+//!
+//! [`Session::step`] does exactly one thing (one timer, one link event or
+//! one command) and says what it did; [`Session::run`] is the loop. Tests
+//! drive single steps, and the loop under paused tokio time.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::link::{LinkError, LinkEvent, LinkSession, LinkedAccount, Linker};
+use crate::phone::PhoneNumber;
+use crate::retry::Backoff;
+use crate::store::PairingStore;
+
+/// Replace a code this long before WhatsApp stops accepting it: a refresh
+/// costs one PBKDF2 and a round trip, and the store must never show a dead
+/// code.
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(15);
+/// Never schedule refreshes closer than this, whatever WhatsApp says about
+/// validity, so a misbehaving peer cannot make us hammer it.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest a state write may hold up the session (and so the HTTP answer).
+/// The Upstash client retries internally; past this we move on and heal later.
+pub const STORE_WRITE_BUDGET: Duration = Duration::from_secs(3);
+/// Backoff between attempts to heal the store after a failed write.
+pub const STORE_HEAL_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+/// Attempts to heal the store once a session has ended, before giving up.
+pub const FINAL_HEAL_ATTEMPTS: u32 = 3;
+/// Commands waiting for a session task; callers beyond this get a 503.
+const COMMAND_QUEUE: usize = 16;
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// No code yet (connecting, or retrying after a failure).
+    Starting,
+    /// A live code is shown.
+    Pending,
+    /// The phone linked. Final.
+    Linked,
+    /// Refused for good, gave up, logged out or interrupted. Final.
+    Failed,
+    /// Not linked within the session's maximum lifetime. Final.
+    Expired,
+    /// Cancelled through the API. Final.
+    Cancelled,
+}
+
+impl Status {
+    /// Whether the session has ended.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Starting | Self::Pending)
+    }
+
+    /// The snake-case name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Pending => "pending",
+            Self::Linked => "linked",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Why a session ended (or why it is waiting), as a stable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The service shut down while the session was open.
+    Interrupted,
+    /// Too many consecutive failures.
+    GaveUp,
+    /// WhatsApp refused in a way retrying cannot fix (403, 452).
+    WhatsappRefused,
+    /// The link client reported the device logged out or unusable.
+    LoggedOut,
+    /// The session reached its maximum lifetime.
+    MaxLifetime,
+    /// Cancelled through the API.
+    Cancelled,
+    /// Device storage failed.
+    Storage,
+}
+
+/// The state of one phone's pairing, exactly as stored under
+/// `wa:pair:{phone}` and returned by the API.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairState {
+    /// The phone number, digits only.
+    pub phone: PhoneNumber,
+    /// Where the session is.
+    pub status: Status,
+    /// The live code (`ABCD1234`), while pending.
+    pub code: Option<String>,
+    /// The live code as people type it (`ABCD-1234`).
+    pub code_display: Option<String>,
+    /// When the live code was issued.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub issued_at: Option<OffsetDateTime>,
+    /// When WhatsApp stops accepting the live code.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub expires_at: Option<OffsetDateTime>,
+    /// When the service replaces the live code.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub refresh_at: Option<OffsetDateTime>,
+    /// How many codes this session has issued.
+    pub attempt: u32,
+    /// When this state was produced.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Why the session ended (or is waiting).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<Reason>,
+    /// Human-readable detail for `reason`, safe to show.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+    /// When the next attempt runs, while retrying.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        with = "time::serde::rfc3339::option"
+    )]
+    pub retry_at: Option<OffsetDateTime>,
+    /// WhatsApp's status code for the last refusal, if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub whatsapp_status: Option<u16>,
+    /// The linked device's JID.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub jid: Option<String>,
+}
+
+impl fmt::Debug for PairState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the code: Debug output ends up in logs.
+        f.debug_struct("PairState")
+            .field("phone", &self.phone)
+            .field("status", &self.status)
+            .field("code", &self.code.as_ref().map(|_| "[redacted]"))
+            .field("attempt", &self.attempt)
+            .field("reason", &self.reason)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PairState {
+    /// The state of a session that has just started.
+    pub fn starting(phone: PhoneNumber) -> Self {
+        Self {
+            phone,
+            status: Status::Starting,
+            code: None,
+            code_display: None,
+            issued_at: None,
+            expires_at: None,
+            refresh_at: None,
+            attempt: 0,
+            updated_at: OffsetDateTime::now_utc(),
+            reason: None,
+            message: None,
+            retry_at: None,
+            whatsapp_status: None,
+            jid: None,
+        }
+    }
+
+    /// The same session without a live code (and without stale details).
+    fn without_code(&self, status: Status) -> Self {
+        Self {
+            status,
+            code: None,
+            code_display: None,
+            issued_at: None,
+            expires_at: None,
+            refresh_at: None,
+            updated_at: OffsetDateTime::now_utc(),
+            reason: None,
+            message: None,
+            retry_at: None,
+            whatsapp_status: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// Tunables of every session, from [`Config`].
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Store TTL while starting or pending.
+    pub code_ttl: Duration,
+    /// A new code at least this often.
+    pub refresh_every: Duration,
+    /// End unlinked sessions after this long.
+    pub session_max: Duration,
+    /// Store TTL of a final state.
+    pub outcome_ttl: Duration,
+    /// Retry backoff for failed code requests.
+    pub backoff: Backoff,
+    /// Consecutive failures before the session fails.
+    pub max_attempts: u32,
+    /// Prefix of store keys.
+    pub key_prefix: String,
+}
+
+impl SessionSettings {
+    /// Takes the session tunables from the service configuration.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            code_ttl: config.code_ttl,
+            refresh_every: config.refresh_every,
+            session_max: config.session_max,
+            outcome_ttl: config.outcome_ttl,
+            backoff: Backoff::new(config.backoff_base, config.backoff_cap),
+            max_attempts: config.max_attempts.max(1),
+            key_prefix: config.key_prefix.clone(),
+        }
+    }
+
+    /// The store key of `phone`.
+    pub fn key(&self, phone: &PhoneNumber) -> String {
+        format!("{}{}", self.key_prefix, phone.as_str())
+    }
+
+    fn ttl_for(&self, status: Status) -> Duration {
+        if status.is_terminal() {
+            self.outcome_ttl
+        } else {
+            self.code_ttl
+        }
+    }
+}
+
+/// Why a command to a session could not be carried out.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    /// No session for that phone.
+    #[error("no pairing session for this phone")]
+    NotFound,
+    /// The phone is linked; there is nothing to refresh or cancel.
+    #[error("this phone is already linked")]
+    AlreadyLinked,
+    /// The session ended (failed, expired or cancelled).
+    #[error("this pairing session has ended ({0})")]
+    Ended(&'static str),
+    /// The service is shutting down.
+    #[error("the service is shutting down")]
+    ShuttingDown,
+    /// The session is busy; try again.
+    #[error("the pairing session is busy")]
+    Busy,
+}
+
+/// A request to a session task.
+#[derive(Debug)]
+pub enum Command {
+    /// Issue a new code now.
+    Refresh(oneshot::Sender<Result<PairState, SessionError>>),
+    /// Cancel the session.
+    Cancel(oneshot::Sender<Result<PairState, SessionError>>),
+    /// The service is stopping: end as `failed`/`interrupted`.
+    Interrupt,
+}
+
+/// What one [`Session::step`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// A code was issued (`attempt` = codes issued so far).
+    CodeIssued {
+        /// Codes issued by this session, this one included.
+        attempt: u32,
+    },
+    /// A request failed; the next one runs after `after`.
+    Retrying {
+        /// Delay before the next attempt.
+        after: Duration,
+    },
+    /// Nothing visible changed (an informational event, a store heal).
+    Idle,
+    /// The session ended with this status.
+    Ended(Status),
+}
+
+impl StepOutcome {
+    /// Whether the session is over.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Ended(_))
+    }
+}
+
+/// One phone's pairing session. Owned by its task; see the module docs.
+pub struct Session {
+    phone: PhoneNumber,
+    key: String,
+    settings: Arc<SessionSettings>,
+    linker: Arc<dyn Linker>,
+    store: Arc<dyn PairingStore>,
+    link: Option<LinkSession>,
+    state: PairState,
+    published: watch::Sender<PairState>,
+    commands: mpsc::Receiver<Command>,
+    deadline: Instant,
+    next_request: Option<Instant>,
+    failures: u32,
+    store_heal_at: Option<Instant>,
+    store_failures: u32,
+}
+
+impl Session {
+    /// A session that will request its first code on its first step.
+    /// Returns it with the sender for commands and the receiver of states.
+    pub fn new(
+        phone: PhoneNumber,
+        settings: Arc<SessionSettings>,
+        linker: Arc<dyn Linker>,
+        store: Arc<dyn PairingStore>,
+    ) -> (Self, mpsc::Sender<Command>, watch::Receiver<PairState>) {
+        let state = PairState::starting(phone.clone());
+        let (published, state_rx) = watch::channel(state.clone());
+        let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let now = Instant::now();
+        let session = Self {
+            key: settings.key(&phone),
+            deadline: now + settings.session_max,
+            phone,
+            settings,
+            linker,
+            store,
+            link: None,
+            state,
+            published,
+            commands,
+            next_request: Some(now),
+            failures: 0,
+            store_heal_at: None,
+            store_failures: 0,
+        };
+        (session, commands_tx, state_rx)
+    }
+
+    /// The latest state.
+    pub fn state(&self) -> &PairState {
+        &self.state
+    }
+
+    /// When the next code request is due, if one is scheduled.
+    pub fn next_request(&self) -> Option<Instant> {
+        self.next_request
+    }
+
+    /// Runs steps until the session ends, then releases the link client.
+    pub async fn run(mut self) {
+        loop {
+            if self.step().await.is_terminal() {
+                break;
+            }
+        }
+        self.close().await;
+    }
+
+    /// Releases the link client and makes a last effort to heal the store.
+    pub async fn close(&mut self) {
+        if let Some(link) = self.link.take() {
+            link.handle.shutdown().await;
+        }
+        for attempt in 0..FINAL_HEAL_ATTEMPTS {
+            if self.store_heal_at.is_none() {
+                break;
+            }
+            tokio::time::sleep(STORE_HEAL_BACKOFF.ceiling(attempt)).await;
+            self.write_store().await;
+        }
+    }
+
+    /// Waits for the next thing to happen and handles it.
+    pub async fn step(&mut self) -> StepOutcome {
+        if self.state.status.is_terminal() {
+            return StepOutcome::Ended(self.state.status);
+        }
+        let wake = [self.next_request, self.store_heal_at, Some(self.deadline)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.deadline);
+        tokio::select! {
+            biased;
+            command = self.commands.recv() => match command {
+                Some(Command::Refresh(reply)) => {
+                    let outcome = self.request_code().await;
+                    let answer = match &outcome {
+                        StepOutcome::Ended(status) => Err(ended(*status)),
+                        _ => Ok(self.state.clone()),
+                    };
+                    let _ = reply.send(answer);
+                    outcome
+                }
+                Some(Command::Cancel(reply)) => {
+                    let outcome = self.finish(Status::Cancelled, Reason::Cancelled, None).await;
+                    let _ = reply.send(Ok(self.state.clone()));
+                    outcome
+                }
+                // Every sender gone means the registry is gone: treat it as
+                // a shutdown rather than run unobserved.
+                Some(Command::Interrupt) | None => {
+                    self.finish(
+                        Status::Failed,
+                        Reason::Interrupted,
+                        Some("the service stopped before the phone linked; request a new code".into()),
+                    )
+                    .await
+                }
+            },
+            event = next_link_event(&mut self.link) => self.on_link_event(event).await,
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if now >= self.deadline {
+                    self.finish(
+                        Status::Expired,
+                        Reason::MaxLifetime,
+                        Some("no link within the session's lifetime; request a new code".into()),
+                    )
+                    .await
+                } else if self.next_request.is_some_and(|at| at <= now) {
+                    self.request_code().await
+                } else {
+                    self.write_store().await;
+                    StepOutcome::Idle
+                }
+            }
+        }
+    }
+
+    /// Asks for a code (opening the link client first if needed).
+    async fn request_code(&mut self) -> StepOutcome {
+        self.next_request = None;
+        let result = match &self.link {
+            Some(link) => link.handle.request_code().await,
+            None => match self.linker.open(&self.phone).await {
+                Ok(link) => {
+                    let result = link.handle.request_code().await;
+                    self.link = Some(link);
+                    result
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let issued = match result {
+            Ok(issued) => issued,
+            Err(e) => return self.request_failed(e).await,
+        };
+        self.failures = 0;
+        let refresh_in = self
+            .settings
+            .refresh_every
+            .min(issued.valid_for.saturating_sub(REFRESH_MARGIN))
+            .max(MIN_REFRESH_INTERVAL);
+        self.next_request = Some(Instant::now() + refresh_in);
+        let now = OffsetDateTime::now_utc();
+        let attempt = self.state.attempt + 1;
+        let state = PairState {
+            status: Status::Pending,
+            code: Some(issued.code.expose().to_owned()),
+            code_display: Some(issued.code.display_form()),
+            issued_at: Some(now),
+            expires_at: Some(now + issued.valid_for),
+            refresh_at: Some(now + refresh_in),
+            attempt,
+            ..self.state.without_code(Status::Pending)
+        };
+        self.commit(state).await;
+        tracing::info!(
+            phone = %self.phone,
+            attempt,
+            valid_secs = issued.valid_for.as_secs(),
+            refresh_in_secs = refresh_in.as_secs(),
+            event = if attempt == 1 { "code_issued" } else { "code_refreshed" },
+            "pairing code {}",
+            if attempt == 1 { "issued" } else { "refreshed" }
+        );
+        StepOutcome::CodeIssued { attempt }
+    }
+
+    async fn request_failed(&mut self, error: LinkError) -> StepOutcome {
+        if !error.is_retryable() {
+            tracing::warn!(phone = %self.phone, error = %error, "code request refused for good");
+            let reason = match error {
+                LinkError::Storage(_) => Reason::Storage,
+                _ => Reason::WhatsappRefused,
+            };
+            let status = error.status();
+            let outcome = self
+                .finish(Status::Failed, reason, Some(refusal_message(&error)))
+                .await;
+            if status.is_some() {
+                let mut state = self.state.clone();
+                state.whatsapp_status = status;
+                self.commit(state).await;
+            }
+            return outcome;
+        }
+        self.failures += 1;
+        if self.failures >= self.settings.max_attempts {
+            tracing::warn!(phone = %self.phone, attempts = self.failures, error = %error, "giving up");
+            return self
+                .finish(
+                    Status::Failed,
+                    Reason::GaveUp,
+                    Some(format!(
+                        "gave up after {} failed attempts: {}",
+                        self.failures,
+                        refusal_message(&error)
+                    )),
+                )
+                .await;
+        }
+        let delay = self.settings.backoff.delay_honouring(
+            self.failures - 1,
+            error.backoff(),
+            &mut rand::rng(),
+        );
+        self.next_request = Some(Instant::now() + delay);
+        let now = OffsetDateTime::now_utc();
+        let state = PairState {
+            retry_at: Some(now + delay),
+            message: Some(format!(
+                "{}; retrying in {} s",
+                refusal_message(&error),
+                delay.as_secs().max(1)
+            )),
+            whatsapp_status: error.status(),
+            ..self.state.without_code(Status::Starting)
+        };
+        self.commit(state).await;
+        tracing::warn!(
+            phone = %self.phone,
+            failures = self.failures,
+            error = %error,
+            retry_in_ms = delay.as_millis() as u64,
+            event = "code_request_failed",
+            "code request failed; retrying"
+        );
+        StepOutcome::Retrying { after: delay }
+    }
+
+    async fn on_link_event(&mut self, event: Option<LinkEvent>) -> StepOutcome {
+        let Some(event) = event else {
+            // The link client went away without telling us why.
+            self.link = None;
+            self.next_request = Some(Instant::now());
+            return StepOutcome::Idle;
+        };
+        match event {
+            LinkEvent::CodeIssued(_) | LinkEvent::QrRotated => StepOutcome::Idle,
+            LinkEvent::CodeInvalidated(why) => {
+                if self.state.status != Status::Pending {
+                    return StepOutcome::Idle;
+                }
+                tracing::info!(phone = %self.phone, reason = ?why, event = "code_invalidated", "pairing code invalidated");
+                self.request_code().await
+            }
+            LinkEvent::Refused { status, backoff } => {
+                self.request_failed(LinkError::Refused {
+                    status,
+                    text: "refused after the phone answered".into(),
+                    backoff,
+                })
+                .await
+            }
+            LinkEvent::Linked(account) => self.linked(account).await,
+            LinkEvent::Failed { reason } => {
+                self.finish(Status::Failed, Reason::LoggedOut, Some(reason))
+                    .await
+            }
+        }
+    }
+
+    async fn linked(&mut self, account: LinkedAccount) -> StepOutcome {
+        self.next_request = None;
+        let state = PairState {
+            jid: Some(account.jid.clone()),
+            ..self.state.without_code(Status::Linked)
+        };
+        self.commit(state).await;
+        tracing::info!(
+            phone = %self.phone,
+            attempt = self.state.attempt,
+            platform = account.platform.as_deref().unwrap_or("unknown"),
+            event = "linked",
+            "phone linked"
+        );
+        StepOutcome::Ended(Status::Linked)
+    }
+
+    async fn finish(
+        &mut self,
+        status: Status,
+        reason: Reason,
+        message: Option<String>,
+    ) -> StepOutcome {
+        self.next_request = None;
+        let state = PairState {
+            reason: Some(reason),
+            message,
+            ..self.state.without_code(status)
+        };
+        self.commit(state).await;
+        tracing::info!(
+            phone = %self.phone,
+            status = status.as_str(),
+            reason = ?reason,
+            event = status.as_str(),
+            "pairing session ended"
+        );
+        StepOutcome::Ended(status)
+    }
+
+    /// Stores `state` (bounded in time), then publishes it.
+    async fn commit(&mut self, state: PairState) {
+        self.state = state;
+        self.write_store().await;
+        self.published.send_replace(self.state.clone());
+    }
+
+    async fn write_store(&mut self) {
+        let json = match serde_json::to_string(&self.state) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::error!(phone = %self.phone, error = %e, "state does not serialize");
+                return;
+            }
+        };
+        let ttl = self.settings.ttl_for(self.state.status);
+        let result =
+            tokio::time::timeout(STORE_WRITE_BUDGET, self.store.set(&self.key, &json, ttl)).await;
+        match result {
+            Ok(Ok(())) => {
+                if self.store_failures > 0 {
+                    tracing::info!(phone = %self.phone, "store healed");
+                }
+                self.store_failures = 0;
+                self.store_heal_at = None;
+            }
+            Ok(Err(e)) => self.store_failed(&e.to_string()),
+            Err(_) => self.store_failed("timed out"),
+        }
+    }
+
+    fn store_failed(&mut self, error: &str) {
+        let delay = STORE_HEAL_BACKOFF.ceiling(self.store_failures);
+        self.store_failures += 1;
+        self.store_heal_at = Some(Instant::now() + delay);
+        tracing::warn!(
+            phone = %self.phone,
+            store = self.store.kind(),
+            error,
+            retry_in_secs = delay.as_secs(),
+            "store write failed; keeping the state in memory and retrying"
+        );
+    }
+}
+
+async fn next_link_event(link: &mut Option<LinkSession>) -> Option<LinkEvent> {
+    match link {
+        Some(link) => link.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn ended(status: Status) -> SessionError {
+    match status {
+        Status::Linked => SessionError::AlreadyLinked,
+        other => SessionError::Ended(other.as_str()),
+    }
+}
+
+/// A message about `error` that is safe to store and show.
+fn refusal_message(error: &LinkError) -> String {
+    match error {
+        LinkError::Refused { status: 429, .. } | LinkError::Refused { status: 400, .. } => {
+            "WhatsApp is limiting pairing codes for this number".into()
+        }
+        LinkError::Refused { status: 452, .. } => {
+            "phone-number linking is not available for this account; link with a QR code".into()
+        }
+        LinkError::Refused { status: 403, .. } => "WhatsApp refused to link this number".into(),
+        LinkError::Refused { status, .. } => format!("WhatsApp refused the request ({status})"),
+        LinkError::Timeout(_) => "WhatsApp did not answer in time".into(),
+        LinkError::Disconnected => "the connection to WhatsApp dropped".into(),
+        LinkError::Storage(_) => "the session could not be stored on this server".into(),
+        LinkError::Closed => "the link session closed".into(),
+        LinkError::Client(_) => "the WhatsApp client failed".into(),
+    }
+}
+
+/// Whether a caller started a session or joined one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// A new session was started.
+    Created,
+    /// An existing session (pending, starting or linked) was joined.
+    Existing,
+}
+
+struct Entry {
+    commands: mpsc::Sender<Command>,
+    state: watch::Receiver<PairState>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// All sessions of the process, one per phone (single-flight).
+pub struct Sessions {
+    settings: Arc<SessionSettings>,
+    linker: Arc<dyn Linker>,
+    store: Arc<dyn PairingStore>,
+    entries: std::sync::Mutex<HashMap<PhoneNumber, Entry>>,
+    closing: AtomicBool,
+}
+
+impl Sessions {
+    /// An empty registry.
+    pub fn new(
+        settings: SessionSettings,
+        linker: Arc<dyn Linker>,
+        store: Arc<dyn PairingStore>,
+    ) -> Self {
+        Self {
+            settings: Arc::new(settings),
+            linker,
+            store,
+            entries: std::sync::Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// The store sessions write to.
+    pub fn store(&self) -> &Arc<dyn PairingStore> {
+        &self.store
+    }
+
+    /// The session tunables.
+    pub fn settings(&self) -> &SessionSettings {
+        &self.settings
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<PhoneNumber, Entry>> {
+        // The map stays consistent even if a holder panicked: every
+        // mutation is a single insert or remove.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins `phone`'s live (or linked) session, or starts a new one.
+    /// Concurrent callers for one phone get one session.
+    pub fn start_or_join(
+        &self,
+        phone: &PhoneNumber,
+    ) -> Result<(Joined, watch::Receiver<PairState>), SessionError> {
+        let mut entries = self.entries();
+        if let Some(entry) = entries.get(phone) {
+            let status = entry.state.borrow().status;
+            if !status.is_terminal() || status == Status::Linked {
+                return Ok((Joined::Existing, entry.state.clone()));
+            }
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return Err(SessionError::ShuttingDown);
+        }
+        let (session, commands, state) = Session::new(
+            phone.clone(),
+            Arc::clone(&self.settings),
+            Arc::clone(&self.linker),
+            Arc::clone(&self.store),
+        );
+        tracing::info!(phone = %phone, event = "session_started", "pairing session started");
+        let task = tokio::spawn(session.run());
+        entries.insert(
+            phone.clone(),
+            Entry {
+                commands,
+                state: state.clone(),
+                task: Some(task),
+            },
+        );
+        Ok((Joined::Created, state))
+    }
+
+    /// The current state of `phone`'s session, if this process has one.
+    pub fn get(&self, phone: &PhoneNumber) -> Option<PairState> {
+        self.entries()
+            .get(phone)
+            .map(|entry| entry.state.borrow().clone())
+    }
+
+    /// A new code now for `phone`'s session.
+    pub async fn refresh(&self, phone: &PhoneNumber) -> Result<PairState, SessionError> {
+        self.command(phone, Command::Refresh).await
+    }
+
+    /// Cancels `phone`'s pending session.
+    pub async fn cancel(&self, phone: &PhoneNumber) -> Result<PairState, SessionError> {
+        self.command(phone, Command::Cancel).await
+    }
+
+    async fn command(
+        &self,
+        phone: &PhoneNumber,
+        make: impl FnOnce(oneshot::Sender<Result<PairState, SessionError>>) -> Command,
+    ) -> Result<PairState, SessionError> {
+        let commands = {
+            let entries = self.entries();
+            let entry = entries.get(phone).ok_or(SessionError::NotFound)?;
+            let status = entry.state.borrow().status;
+            if status.is_terminal() {
+                return Err(ended(status));
+            }
+            entry.commands.clone()
+        };
+        let (reply, answer) = oneshot::channel();
+        commands.try_send(make(reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SessionError::Busy,
+            mpsc::error::TrySendError::Closed(_) => SessionError::ShuttingDown,
+        })?;
+        // The task answers every command it takes; a dropped reply means it
+        // ended in between.
+        answer.await.unwrap_or(Err(SessionError::ShuttingDown))
+    }
+
+    /// Stops every session: open ones end as `failed`/`interrupted`. Waits
+    /// at most `grace` for them to write their final state and close.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.closing.store(true, Ordering::Release);
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut entries = self.entries();
+            entries
+                .values_mut()
+                .filter_map(|entry| {
+                    let _ = entry.commands.try_send(Command::Interrupt);
+                    entry.task.take()
+                })
+                .collect()
+        };
+        let count = tasks.len();
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(sessions = count, "sessions did not all stop within {grace:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! One step at a time, and the loop, under paused tokio time, with a
+    //! scripted linker and the in-memory store.
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicU32;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::link::{Invalidation, IssuedCode, LinkHandle, PairingCode};
+    use crate::store::{MemoryStore, StoreError};
+
+    /// WhatsApp's own code validity.
+    const VALIDITY: Duration = Duration::from_secs(180);
+
+    #[derive(Default)]
+    struct Script {
+        results: Mutex<VecDeque<Result<IssuedCode, LinkError>>>,
+        events: Mutex<Option<mpsc::UnboundedSender<LinkEvent>>>,
+        valid_for: Mutex<Option<Duration>>,
+        requests: AtomicU32,
+        opens: AtomicU32,
+        shutdowns: AtomicU32,
+    }
+
+    impl Script {
+        fn push(&self, result: Result<IssuedCode, LinkError>) {
+            self.results.lock().unwrap().push_back(result);
+        }
+        fn emit(&self, event: LinkEvent) {
+            let events = self.events.lock().unwrap();
+            events.as_ref().expect("session open").send(event).unwrap();
+        }
+    }
+
+    struct ScriptedLinker(Arc<Script>);
+
+    #[async_trait]
+    impl Linker for ScriptedLinker {
+        async fn open(&self, _phone: &PhoneNumber) -> Result<LinkSession, LinkError> {
+            self.0.opens.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = mpsc::unbounded_channel();
+            *self.0.events.lock().unwrap() = Some(tx);
+            Ok(LinkSession {
+                handle: Box::new(ScriptedHandle(Arc::clone(&self.0))),
+                events: rx,
+            })
+        }
+    }
+
+    struct ScriptedHandle(Arc<Script>);
+
+    #[async_trait]
+    impl LinkHandle for ScriptedHandle {
+        async fn request_code(&self) -> Result<IssuedCode, LinkError> {
+            let n = self.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(result) = self.0.results.lock().unwrap().pop_front() {
+                return result;
+            }
+            Ok(IssuedCode {
+                code: PairingCode::new(format!("CODE{n:04}")),
+                valid_for: self.0.valid_for.lock().unwrap().unwrap_or(VALIDITY),
+            })
+        }
+        async fn shutdown(&self) {
+            self.0.shutdowns.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A store that can be switched off.
+    #[derive(Default)]
+    struct FlakyStore {
+        inner: MemoryStore,
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl PairingStore for FlakyStore {
+        async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Server {
+                    status: 503,
+                    message: "down".into(),
+                });
+            }
+            self.inner.set(key, value, ttl).await
+        }
+        async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    fn settings() -> SessionSettings {
+        SessionSettings {
+            code_ttl: Duration::from_secs(600),
+            refresh_every: Duration::from_secs(480),
+            session_max: Duration::from_secs(1800),
+            outcome_ttl: Duration::from_secs(86_400),
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            max_attempts: 10,
+            key_prefix: "wa:pair:".into(),
+        }
+    }
+
+    struct Fixture {
+        session: Session,
+        commands: mpsc::Sender<Command>,
+        states: watch::Receiver<PairState>,
+        script: Arc<Script>,
+        store: Arc<FlakyStore>,
+    }
+
+    fn fixture(settings: SessionSettings) -> Fixture {
+        let script = Arc::new(Script::default());
+        let store = Arc::new(FlakyStore::default());
+        let (session, commands, states) = Session::new(
+            PhoneNumber::parse("628123456789").unwrap(),
+            Arc::new(settings),
+            Arc::new(ScriptedLinker(Arc::clone(&script))),
+            Arc::clone(&store) as Arc<dyn PairingStore>,
+        );
+        Fixture {
+            session,
+            commands,
+            states,
+            script,
+            store,
+        }
+    }
+
+    async fn stored(store: &FlakyStore) -> Option<PairState> {
+        let json = store.inner.get("wa:pair:628123456789").await.unwrap()?;
+        Some(serde_json::from_str(&json).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_step_issues_a_code_stores_it_with_the_code_ttl_and_publishes_it() {
+        let mut f = fixture(settings());
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::CodeIssued { attempt: 1 });
+        let state = f.states.borrow().clone();
+        assert_eq!(state.status, Status::Pending);
+        assert_eq!(state.code.as_deref(), Some("CODE0001"));
+        assert_eq!(state.code_display.as_deref(), Some("CODE-0001"));
+        assert_eq!(stored(&f.store).await, Some(state));
+        assert_eq!(
+            f.store.inner.ttl_of("wa:pair:628123456789"),
+            Some(Duration::from_secs(600))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn codes_are_replaced_every_eight_minutes_when_whatsapp_allows_longer() {
+        let mut f = fixture(settings());
+        *f.script.valid_for.lock().unwrap() = Some(Duration::from_secs(900));
+        f.session.step().await;
+        let issued = Instant::now();
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::CodeIssued { attempt: 2 });
+        assert_eq!(issued.elapsed(), Duration::from_secs(480));
+        assert_eq!(f.states.borrow().code.as_deref(), Some("CODE0002"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn codes_are_replaced_before_whatsapps_180_second_validity_ends() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        let issued = Instant::now();
+
+        f.session.step().await;
+
+        assert_eq!(issued.elapsed(), VALIDITY - REFRESH_MARGIN);
+        let state = f.states.borrow().clone();
+        assert!(state.refresh_at.unwrap() < state.expires_at.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidated_code_is_replaced_at_once() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        let issued = Instant::now();
+
+        f.script
+            .emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::CodeIssued { attempt: 2 });
+        assert_eq!(issued.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_exponentially_up_to_the_cap() {
+        let mut f = fixture(SessionSettings {
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(8)),
+            max_attempts: 100,
+            ..settings()
+        });
+        for _ in 0..6 {
+            f.script.push(Err(LinkError::Timeout("test")));
+        }
+
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            let before = Instant::now();
+            match f.session.step().await {
+                StepOutcome::Retrying { after } => delays.push((after, before)),
+                other => panic!("expected a retry, got {other:?}"),
+            }
+        }
+        let outcome = f.session.step().await;
+
+        let ceilings = [1, 2, 4, 8, 8, 8].map(Duration::from_secs);
+        for (i, ((after, _), ceiling)) in delays.iter().zip(ceilings).enumerate() {
+            assert!(*after <= ceiling, "retry {i}: {after:?} > {ceiling:?}");
+        }
+        assert_eq!(outcome, StepOutcome::CodeIssued { attempt: 1 });
+        let state = f.states.borrow().clone();
+        assert_eq!(state.status, Status::Pending);
+        assert!(state.retry_at.is_none(), "retry details are cleared");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_attempt_waits_as_long_as_the_backoff_said() {
+        let mut f = fixture(settings());
+        f.script.push(Err(LinkError::Timeout("test")));
+
+        let StepOutcome::Retrying { after } = f.session.step().await else {
+            panic!("expected a retry");
+        };
+        let failed = Instant::now();
+        f.session.step().await;
+
+        // Tokio's timer wheel has millisecond resolution.
+        let waited = failed.elapsed();
+        assert!(
+            waited >= after && waited - after < Duration::from_millis(1),
+            "waited {waited:?}, backoff said {after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn whatsapps_own_backoff_is_honoured_even_above_the_cap() {
+        let mut f = fixture(settings());
+        f.script.push(Err(LinkError::Refused {
+            status: 429,
+            text: "rate-overlimit".into(),
+            backoff: Some(Duration::from_secs(90)),
+        }));
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(
+            outcome,
+            StepOutcome::Retrying {
+                after: Duration::from_secs(90)
+            }
+        );
+        let state = f.states.borrow().clone();
+        assert_eq!(state.status, Status::Starting);
+        assert_eq!(state.whatsapp_status, Some(429));
+        assert!(state.code.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_session_gives_up_after_max_attempts_consecutive_failures() {
+        let mut f = fixture(SessionSettings {
+            max_attempts: 3,
+            ..settings()
+        });
+        for _ in 0..3 {
+            f.script.push(Err(LinkError::Disconnected));
+        }
+
+        let outcomes = [
+            f.session.step().await,
+            f.session.step().await,
+            f.session.step().await,
+        ];
+
+        assert!(matches!(outcomes[0], StepOutcome::Retrying { .. }));
+        assert!(matches!(outcomes[1], StepOutcome::Retrying { .. }));
+        assert_eq!(outcomes[2], StepOutcome::Ended(Status::Failed));
+        assert_eq!(f.states.borrow().reason, Some(Reason::GaveUp));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn feature_not_available_fails_at_once() {
+        let mut f = fixture(settings());
+        f.script.push(Err(LinkError::Refused {
+            status: 452,
+            text: "feature-not-available".into(),
+            backoff: None,
+        }));
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Failed));
+        let state = f.states.borrow().clone();
+        assert_eq!(state.reason, Some(Reason::WhatsappRefused));
+        assert_eq!(state.whatsapp_status, Some(452));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_expires_an_unlinked_session_at_its_max_lifetime() {
+        let f = fixture(settings());
+        *f.script.valid_for.lock().unwrap() = Some(Duration::from_secs(900));
+        let started = Instant::now();
+
+        f.session.run().await;
+
+        assert_eq!(started.elapsed(), Duration::from_secs(1800));
+        // Codes at 0, 480, 960 and 1440 s.
+        assert_eq!(f.script.requests.load(Ordering::SeqCst), 4);
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.status, Status::Expired);
+        assert_eq!(state.reason, Some(Reason::MaxLifetime));
+        assert!(state.code.is_none());
+        assert_eq!(
+            f.store.inner.ttl_of("wa:pair:628123456789"),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(f.script.shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_ends_the_session_as_linked_with_the_outcome_ttl() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+
+        f.script.emit(LinkEvent::Linked(LinkedAccount {
+            jid: "628123456789:1@s.whatsapp.net".into(),
+            lid: None,
+            platform: Some("android".into()),
+        }));
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Linked));
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.status, Status::Linked);
+        assert_eq!(state.jid.as_deref(), Some("628123456789:1@s.whatsapp.net"));
+        assert_eq!(state.attempt, 1);
+        assert!(state.code.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_outage_keeps_the_code_and_the_next_write_heals_the_store() {
+        let mut f = fixture(settings());
+        f.store.down.store(true, Ordering::SeqCst);
+
+        let outcome = f.session.step().await;
+        let published = f.states.borrow().clone();
+        f.store.down.store(false, Ordering::SeqCst);
+        let heal = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::CodeIssued { attempt: 1 });
+        assert_eq!(published.code.as_deref(), Some("CODE0001"));
+        assert_eq!(heal, StepOutcome::Idle);
+        assert_eq!(stored(&f.store).await, Some(published));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_command_issues_a_new_code_now() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        let (reply, answer) = oneshot::channel();
+        f.commands.send(Command::Refresh(reply)).await.unwrap();
+
+        f.session.step().await;
+
+        let state = answer.await.unwrap().unwrap();
+        assert_eq!(state.attempt, 2);
+        assert_eq!(state.code.as_deref(), Some("CODE0002"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_command_ends_the_session_as_cancelled() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        let (reply, answer) = oneshot::channel();
+        f.commands.send(Command::Cancel(reply)).await.unwrap();
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Cancelled));
+        assert_eq!(answer.await.unwrap().unwrap().status, Status::Cancelled);
+        assert_eq!(stored(&f.store).await.unwrap().status, Status::Cancelled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn interrupt_ends_a_pending_session_as_failed_interrupted() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        f.commands.send(Command::Interrupt).await.unwrap();
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Failed));
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.reason, Some(Reason::Interrupted));
+        assert!(state.code.is_none(), "an interrupted code is dead");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registry_runs_one_session_per_phone_however_many_join() {
+        let script = Arc::new(Script::default());
+        let sessions = Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(Arc::clone(&script))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phone = PhoneNumber::parse("628123456789").unwrap();
+
+        let joins: Vec<Joined> = (0..50)
+            .map(|_| sessions.start_or_join(&phone).unwrap().0)
+            .collect();
+        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        states.wait_for(|s| s.status == Status::Pending).await.unwrap();
+
+        assert_eq!(joins.iter().filter(|j| **j == Joined::Created).count(), 1);
+        assert_eq!(script.opens.load(Ordering::SeqCst), 1);
+        assert_eq!(script.requests.load(Ordering::SeqCst), 1);
+        sessions.shutdown(Duration::from_secs(5)).await;
+        assert_eq!(
+            sessions.get(&phone).unwrap().reason,
+            Some(Reason::Interrupted)
+        );
+    }
+
+    #[test]
+    fn debug_output_of_a_state_never_shows_the_code() {
+        let mut state = PairState::starting(PhoneNumber::parse("628123456789").unwrap());
+        state.code = Some("SECRET12".into());
+
+        let printed = format!("{state:?}");
+
+        assert!(!printed.contains("SECRET12"), "{printed}");
+        assert!(!printed.contains("628123456789"), "{printed}");
+    }
+
+    #[test]
+    fn stored_json_matches_the_documented_contract() {
+        let mut state = PairState::starting(PhoneNumber::parse("628123456789").unwrap());
+        state.status = Status::Pending;
+        state.code = Some("ABCD1234".into());
+        state.code_display = Some("ABCD-1234".into());
+        state.issued_at = Some(OffsetDateTime::UNIX_EPOCH);
+        state.attempt = 1;
+
+        let json: serde_json::Value = serde_json::to_value(&state).unwrap();
+
+        assert_eq!(json["phone"], "628123456789");
+        assert_eq!(json["status"], "pending");
+        assert_eq!(json["code"], "ABCD1234");
+        assert_eq!(json["code_display"], "ABCD-1234");
+        assert_eq!(json["issued_at"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["attempt"], 1);
+        for key in ["expires_at", "refresh_at", "updated_at"] {
+            assert!(json.get(key).is_some(), "{key} present");
+        }
+        let back: PairState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, state);
+    }
+}

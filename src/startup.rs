@@ -1,0 +1,333 @@
+//! Assembling the service from its configuration, serving it, and stopping
+//! it gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, StoreConfig};
+use crate::http::{AppState, router};
+use crate::link::Linker;
+use crate::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
+use crate::phone::PhoneNumber;
+use crate::session::{SessionSettings, Sessions};
+use crate::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
+
+/// Version pinned in sandbox mode when `WA_VERSION` is unset: the sandbox
+/// must never reach out to WhatsApp to learn it.
+pub const SANDBOX_VERSION: (u32, u32, u32) = (2, 3000, 1_023_456_789);
+/// Share of the shutdown grace given to sessions to write their final state;
+/// the rest is for in-flight requests to finish.
+const SESSION_SHARE_OF_GRACE: f64 = 0.7;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address we tried.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The store client could not be built.
+    #[error("store: {0}")]
+    Store(String),
+    /// The link client could not be built.
+    #[error("WhatsApp link client: {0}")]
+    Link(String),
+    /// Sandbox settings that must not run.
+    #[error("{0}")]
+    Sandbox(String),
+}
+
+/// A built service, bound and ready to serve.
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    sessions: Arc<Sessions>,
+    grace: Duration,
+}
+
+impl App {
+    /// Builds the real service: the configured store and the WhatsApp linker
+    /// (or, in sandbox mode, the in-process fake WhatsApp).
+    pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        let store: Arc<dyn PairingStore> = match &config.store {
+            StoreConfig::Memory => {
+                tracing::warn!(
+                    "no UPSTASH_REDIS_REST_URL/TOKEN set: codes live in this process only"
+                );
+                Arc::new(MemoryStore::new())
+            }
+            StoreConfig::Upstash { url, token } => Arc::new(
+                UpstashStore::new(UpstashSettings::new(url.clone(), token.expose()))
+                    .map_err(|e| StartupError::Store(e.to_string()))?,
+            ),
+        };
+        let mut settings = WhatsAppSettings {
+            data_dir: config.data_dir.clone(),
+            ws_url: config.wa_ws_url.clone(),
+            version: config.wa_version_parts(),
+        };
+        let sandbox = sandbox::start(config, &mut settings).await?;
+        let linker: Arc<dyn Linker> = Arc::new(
+            WhatsAppLinker::new(settings).map_err(|e| StartupError::Link(e.to_string()))?,
+        );
+        let app = Self::build_with(config, linker, store, sandbox).await?;
+        Ok(app)
+    }
+
+    /// Builds the service around a given linker and store (tests use this).
+    pub async fn build_with(
+        config: &Config,
+        linker: Arc<dyn Linker>,
+        store: Arc<dyn PairingStore>,
+        sandbox: Sandbox,
+    ) -> Result<Self, StartupError> {
+        // The phone metadata loads lazily and takes a moment: not on the
+        // first request.
+        let _ = PhoneNumber::parse("628123456789");
+        let sessions = Arc::new(Sessions::new(
+            SessionSettings::from_config(config),
+            linker,
+            Arc::clone(&store),
+        ));
+        let state = AppState {
+            sessions: Arc::clone(&sessions),
+            code_wait: config.code_wait,
+            #[cfg(feature = "sandbox")]
+            sandbox: sandbox.0,
+        };
+        #[cfg(not(feature = "sandbox"))]
+        let _ = sandbox;
+        let addr = config.listen_addr();
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            router: router(state),
+            sessions,
+            grace: config.shutdown_grace,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The session registry.
+    pub fn sessions(&self) -> Arc<Sessions> {
+        Arc::clone(&self.sessions)
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, interrupts
+    /// the sessions (pending ones are stored as `failed`/`interrupted`),
+    /// lets in-flight requests finish, and returns within the grace period.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: no new requests, ending sessions");
+            let _ = stop_tx.send(true);
+        });
+        let sessions = Arc::clone(&self.sessions);
+        let session_grace = self.grace.mul_f64(SESSION_SHARE_OF_GRACE);
+        let mut sessions_stop = stop_rx.clone();
+        let sessions_done = tokio::spawn(async move {
+            let _ = sessions_stop.wait_for(|stop| *stop).await;
+            sessions.shutdown(session_grace).await;
+        });
+        let mut server_stop = stop_rx.clone();
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            let _ = server_stop.wait_for(|stop| *stop).await;
+        });
+        let mut deadline_stop = stop_rx;
+        let grace = self.grace;
+        let hard_deadline = async move {
+            let _ = deadline_stop.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            result = async {
+                let result = server.await;
+                let _ = sessions_done.await;
+                result
+            } => result,
+            _ = hard_deadline => {
+                tracing::warn!("shutdown grace of {grace:?} ran out; exiting anyway");
+                Ok(())
+            }
+        };
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Resolves when the process receives ctrl-c or SIGTERM (Railway's stop).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+pub use sandbox::Sandbox;
+
+#[cfg(feature = "sandbox")]
+mod sandbox {
+    //! Sandbox mode: the fake WhatsApp runs in-process on loopback.
+
+    use std::sync::Arc;
+
+    use super::{SANDBOX_VERSION, StartupError};
+    use crate::config::Config;
+    use crate::link::whatsapp::WhatsAppSettings;
+
+    /// The in-process fake WhatsApp, when sandbox mode is on.
+    #[derive(Default)]
+    pub struct Sandbox(pub Option<Arc<fake_wa::FakeWhatsApp>>);
+
+    /// A sandbox build skips WhatsApp's certificate check, so it only runs
+    /// in sandbox mode and only ever talks to loopback.
+    pub async fn start(
+        config: &Config,
+        settings: &mut WhatsAppSettings,
+    ) -> Result<Sandbox, StartupError> {
+        if !config.wa_sandbox {
+            return Err(StartupError::Sandbox(
+                "this binary was built with the `sandbox` feature, which skips WhatsApp's \
+                 certificate check; it only runs with WA_SANDBOX=1. Build without \
+                 `--features sandbox` for real use."
+                    .into(),
+            ));
+        }
+        if let Some(url) = &config.wa_ws_url
+            && !is_loopback_url(url)
+        {
+            return Err(StartupError::Sandbox(format!(
+                "WA_WS_URL must point at loopback in a sandbox build, got {url}"
+            )));
+        }
+        let fake = fake_wa::FakeWhatsApp::start()
+            .await
+            .map_err(|e| StartupError::Sandbox(format!("cannot start the fake WhatsApp: {e}")))?;
+        if settings.ws_url.is_none() {
+            settings.ws_url = Some(fake.ws_url());
+        }
+        if settings.version.is_none() {
+            settings.version = Some(SANDBOX_VERSION);
+        }
+        tracing::warn!(
+            fake_whatsapp = %fake.ws_url(),
+            "SANDBOX MODE: no real WhatsApp. Codes are linked by POST /sandbox/phones/{{phone}}/enter-code"
+        );
+        Ok(Sandbox(Some(Arc::new(fake))))
+    }
+
+    /// Whether `url`'s host is a loopback address or `localhost`.
+    pub fn is_loopback_url(url: &str) -> bool {
+        let Ok(parsed) = url::Url::parse(url) else {
+            return false;
+        };
+        match parsed.host() {
+            Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn loopback_urls_are_recognised_and_others_refused() {
+            assert!(is_loopback_url("ws://127.0.0.1:9000/ws/chat"));
+            assert!(is_loopback_url("ws://localhost:9000/ws/chat"));
+            assert!(is_loopback_url("ws://[::1]:9000/ws/chat"));
+            assert!(!is_loopback_url("wss://web.whatsapp.com/ws/chat"));
+            assert!(!is_loopback_url("ws://10.0.0.5/ws/chat"));
+        }
+
+        #[tokio::test]
+        async fn a_sandbox_build_refuses_to_run_outside_sandbox_mode() {
+            let config = Config::default();
+            let mut settings = WhatsAppSettings::default();
+
+            let result = start(&config, &mut settings).await;
+
+            assert!(matches!(result, Err(StartupError::Sandbox(_))));
+        }
+
+        #[tokio::test]
+        async fn a_sandbox_build_refuses_a_non_loopback_ws_url() {
+            let config = Config {
+                wa_sandbox: true,
+                wa_ws_url: Some("wss://web.whatsapp.com/ws/chat".into()),
+                ..Config::default()
+            };
+            let mut settings = WhatsAppSettings::default();
+
+            let result = start(&config, &mut settings).await;
+
+            assert!(matches!(result, Err(StartupError::Sandbox(m)) if m.contains("loopback")));
+        }
+    }
+}
+
+#[cfg(not(feature = "sandbox"))]
+mod sandbox {
+    //! Without the `sandbox` feature there is no fake to start.
+
+    use super::StartupError;
+    use crate::config::Config;
+    use crate::link::whatsapp::WhatsAppSettings;
+
+    /// Placeholder: sandbox mode needs the `sandbox` feature.
+    #[derive(Default)]
+    pub struct Sandbox;
+
+    /// Refuses `WA_SANDBOX=1` in a build without the feature.
+    pub async fn start(
+        config: &Config,
+        _settings: &mut WhatsAppSettings,
+    ) -> Result<Sandbox, StartupError> {
+        if config.wa_sandbox {
+            return Err(StartupError::Sandbox(
+                "WA_SANDBOX=1 needs a binary built with `--features sandbox`".into(),
+            ));
+        }
+        Ok(Sandbox)
+    }
+}
