@@ -869,7 +869,10 @@ impl Sessions {
         let count = tasks.len();
         let all = futures::future::join_all(tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(sessions = count, "sessions did not all stop within {grace:?}");
+            tracing::warn!(
+                sessions = count,
+                "sessions did not all stop within {grace:?}"
+            );
         }
     }
 }
@@ -1306,7 +1309,10 @@ mod tests {
             .map(|_| sessions.start_or_join(&phone).unwrap().0)
             .collect();
         let (_, mut states) = sessions.start_or_join(&phone).unwrap();
-        states.wait_for(|s| s.status == Status::Pending).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
 
         assert_eq!(joins.iter().filter(|j| **j == Joined::Created).count(), 1);
         assert_eq!(script.opens.load(Ordering::SeqCst), 1);

@@ -77,9 +77,8 @@ impl App {
             version: config.wa_version_parts(),
         };
         let sandbox = sandbox::start(config, &mut settings).await?;
-        let linker: Arc<dyn Linker> = Arc::new(
-            WhatsAppLinker::new(settings).map_err(|e| StartupError::Link(e.to_string()))?,
-        );
+        let linker: Arc<dyn Linker> =
+            Arc::new(WhatsAppLinker::new(settings).map_err(|e| StartupError::Link(e.to_string()))?);
         let app = Self::build_with(config, linker, store, sandbox).await?;
         Ok(app)
     }

@@ -43,7 +43,10 @@ async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
             Err(ApiError::StoreUnavailable)
         }
         Err(_) => {
-            tracing::warn!(store = store.kind(), "store did not answer within {READY_TIMEOUT:?}");
+            tracing::warn!(
+                store = store.kind(),
+                "store did not answer within {READY_TIMEOUT:?}"
+            );
             Err(ApiError::StoreUnavailable)
         }
     }

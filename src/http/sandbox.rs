@@ -33,7 +33,11 @@ async fn enter_code(
     ApiJson(body): ApiJson<EnterCode>,
 ) -> Result<Json<Value>, ApiError> {
     let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;
-    let code: String = body.code.chars().filter(|c| *c != '-' && !c.is_whitespace()).collect();
+    let code: String = body
+        .code
+        .chars()
+        .filter(|c| *c != '-' && !c.is_whitespace())
+        .collect();
     match fake.enter_code(phone.as_str(), &code).await {
         Ok(linked) => Ok(Json(json!({"linked": true, "jid": linked.jid}))),
         Err(EnterCodeError::WrongCode | EnterCodeError::MalformedCode) => Err(ApiError::WrongCode),

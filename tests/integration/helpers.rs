@@ -73,3 +73,126 @@ pub async fn next_event(
     .await
     .expect("event arrived in time")
 }
+
+/// The whole service on a random port: real router, real sessions, the real
+/// link client pointed at a fake WhatsApp, and a store of the test's choice.
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub fake: std::sync::Arc<FakeWhatsApp>,
+    pub sessions: std::sync::Arc<wa_pair::session::Sessions>,
+    pub config: wa_pair::config::Config,
+    _data_dir: TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestApp {
+    /// Spawns the service with an in-memory store.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(
+            std::sync::Arc::new(wa_pair::store::MemoryStore::new()),
+            |_| {},
+        )
+        .await
+    }
+
+    /// Spawns the service with `store`, after `tweak`ing its configuration.
+    pub async fn spawn_with(
+        store: std::sync::Arc<dyn wa_pair::store::PairingStore>,
+        tweak: impl FnOnce(&mut wa_pair::config::Config),
+    ) -> Self {
+        init_logs();
+        let fake = std::sync::Arc::new(FakeWhatsApp::start().await.expect("fake binds"));
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut config = wa_pair::config::Config {
+            port: 0,
+            data_dir: data_dir.path().to_path_buf(),
+            ..wa_pair::config::Config::default()
+        };
+        tweak(&mut config);
+        let linker = WhatsAppLinker::new(WhatsAppSettings {
+            data_dir: config.data_dir.clone(),
+            ws_url: Some(fake.ws_url()),
+            version: Some(PINNED_VERSION),
+        })
+        .expect("linker");
+        let app = wa_pair::startup::App::build_with(
+            &config,
+            std::sync::Arc::new(linker),
+            store,
+            Default::default(),
+        )
+        .await
+        .expect("app builds");
+        let base = format!("http://{}", app.local_addr());
+        let sessions = app.sessions();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.serve(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            http: reqwest::Client::new(),
+            fake,
+            sessions,
+            config,
+            _data_dir: data_dir,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// `POST /pair` with `{"phone": phone}`.
+    pub async fn post_pair(&self, phone: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/pair", self.base))
+            .json(&serde_json::json!({ "phone": phone }))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// `GET {path}`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Polls `GET /pair/{phone}` until `check` holds.
+    pub async fn wait_for_state(
+        &self,
+        phone: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        tokio::time::timeout(FLOW_TIMEOUT, async {
+            loop {
+                let response = self.get(&format!("/pair/{phone}")).await;
+                if response.status().is_success() {
+                    let body: serde_json::Value = response.json().await.expect("json");
+                    if check(&body) {
+                        return body;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("state reached in time")
+    }
+
+    /// Sends the shutdown signal and waits for the server to stop.
+    pub async fn shutdown(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server ran");
+        }
+        started.elapsed()
+    }
+}

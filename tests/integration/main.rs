@@ -1,6 +1,7 @@
 //! Integration tests: one binary (one link step) for everything that needs
 //! the real link client, a fake WhatsApp, a fake Upstash or the HTTP API.
 
+mod api;
 mod helpers;
 mod link_client;
 mod log_redaction;

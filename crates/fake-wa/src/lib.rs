@@ -63,8 +63,12 @@ pub enum Fault {
         /// The `backoff` attribute, in seconds.
         backoff_secs: u32,
     },
-    /// Answer `400 bad-request` (which WhatsApp also uses for throttling).
-    BadRequest,
+    /// Answer with WhatsApp's error `code` (400, 403, 452, 500) and the text
+    /// WhatsApp pairs with it.
+    Refuse {
+        /// The `code` attribute.
+        code: u16,
+    },
     /// Close the connection instead of answering.
     DropConnection,
     /// Never answer (the client's IQ times out).
@@ -731,7 +735,9 @@ fn companion_hello(shared: &Shared, connection: u64, id: &str, reg: &Node) -> Ve
             "rate-overlimit",
             Some(backoff_secs),
         ))],
-        Some(Fault::BadRequest) => vec![Command::Send(iq_error(id, 400, "bad-request", None))],
+        Some(Fault::Refuse { code }) => {
+            vec![Command::Send(iq_error(id, code, error_text(code), None))]
+        }
         Some(Fault::DropConnection) => vec![Command::Close],
         Some(Fault::NeverAnswer) => Vec::new(),
     }
@@ -791,6 +797,17 @@ fn iq_error(id: &str, code: u16, text: &str, backoff_secs: Option<u32>) -> Node 
         ])
         .children([error.build()])
         .build()
+}
+
+/// The `text` WhatsApp sends with each error `code`.
+fn error_text(code: u16) -> &'static str {
+    match code {
+        400 => "bad-request",
+        403 => "forbidden",
+        429 => "rate-overlimit",
+        452 => "feature-not-available",
+        _ => "internal-server-error",
+    }
 }
 
 fn attr(node: &Node, key: &str) -> Option<String> {

@@ -1,0 +1,443 @@
+//! The HTTP API end to end: real router and sessions, the real link client
+//! against the fake WhatsApp, MemoryStore or a wiremock Upstash.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_wa::Fault;
+use futures::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wa_pair::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::{FLOW_TIMEOUT, TestApp};
+
+const PHONE: &str = "628123456789";
+
+async fn json(response: reqwest::Response) -> Value {
+    response.json().await.expect("JSON body")
+}
+
+#[tokio::test]
+async fn pair_rejects_plus_sign_with_format_hint_and_suggestion() {
+    let app = TestApp::spawn().await;
+
+    let response = app.post_pair("+62 812-345-6789").await;
+
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = json(response).await;
+    assert_eq!(body["error"], "invalid_phone");
+    assert_eq!(body["suggestion"], "628123456789");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains('+') && message.contains("628123456789"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn pair_returns_the_code_stores_it_for_ten_minutes_and_reports_the_link() {
+    // Arrange
+    let store = Arc::new(MemoryStore::new());
+    let app = TestApp::spawn_with(store.clone(), |_| {}).await;
+
+    // Act
+    let response = app.post_pair(PHONE).await;
+    let status = response.status();
+    let body = json(response).await;
+    let code = body["code"].as_str().expect("a code").to_owned();
+    let stored: Value =
+        serde_json::from_str(&store.get("wa:pair:628123456789").await.unwrap().unwrap()).unwrap();
+    let ttl = store.ttl_of("wa:pair:628123456789").unwrap();
+    let linked = app.fake.enter_code(PHONE, &code).await;
+    let after = app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
+
+    // Assert
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["phone"], PHONE);
+    assert_eq!(body["attempt"], 1);
+    assert_eq!(
+        body["code_display"],
+        format!("{}-{}", &code[..4], &code[4..])
+    );
+    for field in ["issued_at", "expires_at", "refresh_at", "updated_at"] {
+        assert!(body[field].is_string(), "{field}");
+    }
+    assert_eq!(
+        stored, body,
+        "the store holds exactly what the API answered"
+    );
+    assert!(
+        ttl > Duration::from_secs(590) && ttl <= Duration::from_secs(600),
+        "{ttl:?}"
+    );
+    let linked = linked.expect("the fake phone links with the returned code");
+    assert_eq!(linked.code, code);
+    assert_eq!(after["jid"], linked.jid);
+    assert!(after["code"].is_null(), "no code once linked");
+}
+
+#[tokio::test]
+async fn pair_again_for_a_pending_phone_returns_200_with_the_same_code() {
+    let app = TestApp::spawn().await;
+    let first = json(app.post_pair(PHONE).await).await;
+
+    let again = app.post_pair(PHONE).await;
+
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(json(again).await["code"], first["code"]);
+    assert_eq!(app.fake.record(PHONE).unwrap().code_requests, 1);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_posts_for_one_phone_make_one_whatsapp_session_and_one_code() {
+    let app = TestApp::spawn().await;
+
+    let responses = join_all((0..50).map(|_| app.post_pair(PHONE))).await;
+
+    let mut created = 0;
+    let mut codes = Vec::new();
+    for response in responses {
+        match response.status() {
+            StatusCode::CREATED => created += 1,
+            StatusCode::OK => {}
+            other => panic!("unexpected status {other}"),
+        }
+        codes.push(json(response).await["code"].as_str().unwrap().to_owned());
+    }
+    codes.dedup();
+    assert_eq!(created, 1);
+    assert_eq!(codes.len(), 1, "everyone got the same code");
+    assert_eq!(app.fake.record(PHONE).unwrap().code_requests, 1);
+    assert_eq!(app.fake.open_connections(), 1, "one WhatsApp connection");
+}
+
+#[tokio::test]
+async fn an_invalidated_code_is_replaced_in_the_store_before_it_dies() {
+    // Arrange
+    let store = Arc::new(MemoryStore::new());
+    let app = TestApp::spawn_with(store.clone(), |_| {}).await;
+    let first = json(app.post_pair(PHONE).await).await;
+    let read = || async {
+        let json = store.get("wa:pair:628123456789").await.unwrap().unwrap();
+        serde_json::from_str::<Value>(&json).unwrap()
+    };
+
+    // Act
+    assert!(app.fake.request_code_refresh(PHONE));
+    let replaced = tokio::time::timeout(FLOW_TIMEOUT, async {
+        loop {
+            let current = read().await;
+            if current["attempt"] == 2 {
+                return current;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a new code is stored");
+
+    // Assert
+    assert_eq!(replaced["status"], "pending");
+    assert_ne!(replaced["code"], first["code"]);
+    let old_dies = time::OffsetDateTime::parse(
+        first["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(time::OffsetDateTime::now_utc() < old_dies);
+    assert_eq!(app.fake.record(PHONE).unwrap().code_requests, 2);
+    assert!(
+        app.fake
+            .enter_code(PHONE, replaced["code"].as_str().unwrap())
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn whatsapp_rate_limit_answers_429_with_retry_after_and_keeps_trying() {
+    let app = TestApp::spawn().await;
+    app.fake
+        .push_fault(Some(PHONE), Fault::RateOverlimit { backoff_secs: 30 });
+
+    let response = app.post_pair(PHONE).await;
+
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    let body = json(response).await;
+    assert_eq!(body["error"], "rate_limited");
+    assert!(body["message"].as_str().unwrap().contains("limiting"));
+    let state = json(app.get(&format!("/pair/{PHONE}")).await).await;
+    assert_eq!(state["status"], "starting");
+    assert_eq!(state["whatsapp_status"], 429);
+}
+
+#[tokio::test]
+async fn feature_not_available_answers_422_pointing_to_the_qr_code() {
+    let app = TestApp::spawn().await;
+    app.fake
+        .push_fault(Some(PHONE), Fault::Refuse { code: 452 });
+
+    let response = app.post_pair(PHONE).await;
+
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = json(response).await;
+    assert_eq!(body["error"], "pairing_unavailable");
+    assert!(body["message"].as_str().unwrap().contains("QR"));
+}
+
+#[tokio::test]
+async fn refresh_issues_a_new_code_and_is_refused_once_linked() {
+    let app = TestApp::spawn().await;
+    let first = json(app.post_pair(PHONE).await).await;
+    let refresh_url = format!("{}/pair/{PHONE}/refresh", app.base);
+
+    let refreshed = app.http.post(&refresh_url).send().await.unwrap();
+    let refreshed_status = refreshed.status();
+    let refreshed = json(refreshed).await;
+    app.fake
+        .enter_code(PHONE, refreshed["code"].as_str().unwrap())
+        .await
+        .expect("the refreshed code links");
+    app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
+    let after_link = app.http.post(&refresh_url).send().await.unwrap();
+
+    assert_eq!(refreshed_status, StatusCode::OK);
+    assert_eq!(refreshed["attempt"], 2);
+    assert_ne!(refreshed["code"], first["code"]);
+    assert_eq!(after_link.status(), StatusCode::CONFLICT);
+    assert_eq!(json(after_link).await["error"], "already_linked");
+}
+
+#[tokio::test]
+async fn delete_cancels_a_pending_session() {
+    let app = TestApp::spawn().await;
+    app.post_pair(PHONE).await;
+    let url = format!("{}/pair/{PHONE}", app.base);
+
+    let cancelled = app.http.delete(&url).send().await.unwrap();
+    let cancelled_status = cancelled.status();
+    let cancelled = json(cancelled).await;
+    let again = app.http.delete(&url).send().await.unwrap();
+    let shown = json(app.get(&format!("/pair/{PHONE}")).await).await;
+
+    assert_eq!(cancelled_status, StatusCode::OK);
+    assert_eq!(cancelled["status"], "cancelled");
+    assert!(cancelled["code"].is_null());
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert_eq!(shown["status"], "cancelled");
+    assert!(
+        app.fake.wait_for_no_connections(FLOW_TIMEOUT).await,
+        "link closed"
+    );
+}
+
+#[tokio::test]
+async fn unknown_phone_and_unknown_route_are_404_json() {
+    let app = TestApp::spawn().await;
+
+    let phone = app.get(&format!("/pair/{PHONE}")).await;
+    let route = app.get("/nope").await;
+    let delete = app
+        .http
+        .delete(format!("{}/pair/{PHONE}", app.base))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(phone.status(), StatusCode::NOT_FOUND);
+    assert_eq!(json(phone).await["error"], "not_found");
+    assert_eq!(route.status(), StatusCode::NOT_FOUND);
+    assert_eq!(json(route).await["error"], "not_found");
+    assert_eq!(delete.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_json_errors_with_the_right_status() {
+    let app = TestApp::spawn().await;
+    let url = format!("{}/pair", app.base);
+    let post = |body: &'static str, content_type: Option<&'static str>| {
+        let mut request = app.http.post(&url).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send()
+    };
+
+    let cases = [
+        (
+            post("{not json", Some("application/json")).await.unwrap(),
+            400,
+            "invalid_json",
+        ),
+        (
+            post("{}", Some("application/json")).await.unwrap(),
+            400,
+            "invalid_json",
+        ),
+        (
+            post(r#"{"phone":628123456789}"#, Some("application/json"))
+                .await
+                .unwrap(),
+            400,
+            "invalid_json",
+        ),
+        (
+            post(r#"{"phone":"628123456789"}"#, None).await.unwrap(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            post(r#"{"phone":"628123456789"}"#, Some("text/plain"))
+                .await
+                .unwrap(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            app.http.put(&url).send().await.unwrap(),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"phone":"{}"}}"#, "6".repeat(4096)))
+                .send()
+                .await
+                .unwrap(),
+            413,
+            "payload_too_large",
+        ),
+        (app.get("/pair/0812345678").await, 422, "invalid_phone"),
+    ];
+
+    for (response, status, code) in cases {
+        assert_eq!(response.status().as_u16(), status, "{code}");
+        assert_eq!(json(response).await["error"], code);
+    }
+}
+
+#[tokio::test]
+async fn health_is_always_ok_and_readiness_follows_the_store() {
+    let upstash = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": "WRONGPASS"})))
+        .mount(&upstash)
+        .await;
+    let bad_store: Arc<dyn PairingStore> =
+        Arc::new(UpstashStore::new(UpstashSettings::new(upstash.uri(), "bad-token")).unwrap());
+    let healthy = TestApp::spawn().await;
+    let broken = TestApp::spawn_with(bad_store, |_| {}).await;
+
+    let health = broken.get("/healthz").await;
+    let ready = healthy.get("/readyz").await;
+    let not_ready = broken.get("/readyz").await;
+
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(json(health).await, json!({"status": "ok"}));
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(
+        json(ready).await,
+        json!({"status": "ready", "store": "memory"})
+    );
+    assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(not_ready).await["error"], "store_unavailable");
+}
+
+#[tokio::test]
+async fn request_ids_are_propagated_or_generated() {
+    let app = TestApp::spawn().await;
+
+    let given = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-request-id", "req-123")
+        .send()
+        .await
+        .unwrap();
+    let generated = app.get("/healthz").await;
+
+    assert_eq!(given.headers()["x-request-id"], "req-123");
+    assert!(!generated.headers()["x-request-id"].is_empty());
+}
+
+#[tokio::test]
+async fn an_upstash_backed_pair_writes_one_set_with_the_code_and_a_600_second_ttl() {
+    // Arrange
+    let upstash = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": "OK"})))
+        .mount(&upstash)
+        .await;
+    let store: Arc<dyn PairingStore> =
+        Arc::new(UpstashStore::new(UpstashSettings::new(upstash.uri(), "token")).unwrap());
+    let app = TestApp::spawn_with(store, |_| {}).await;
+
+    // Act
+    let body = json(app.post_pair(PHONE).await).await;
+
+    // Assert
+    let requests = upstash.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1, "one Upstash command per state change");
+    let request = &requests[0];
+    assert_eq!(request.headers["authorization"], "Bearer token");
+    let command: Vec<String> = serde_json::from_slice(&request.body).unwrap();
+    assert_eq!(command[0], "SET");
+    assert_eq!(command[1], "wa:pair:628123456789");
+    assert_eq!(command[3..], ["EX", "600"]);
+    let stored: Value = serde_json::from_str(&command[2]).unwrap();
+    assert_eq!(stored, body);
+}
+
+#[tokio::test]
+async fn a_store_outage_does_not_hold_back_the_code() {
+    let upstash = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error": "down"})))
+        .mount(&upstash)
+        .await;
+    let store: Arc<dyn PairingStore> = Arc::new(
+        UpstashStore::new(UpstashSettings {
+            max_retries: 1,
+            ..UpstashSettings::new(upstash.uri(), "token")
+        })
+        .unwrap(),
+    );
+    let app = TestApp::spawn_with(store, |_| {}).await;
+
+    let response = app.post_pair(PHONE).await;
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body = json(response).await;
+    assert!(body["code"].is_string());
+    let shown = json(app.get(&format!("/pair/{PHONE}")).await).await;
+    assert_eq!(shown["code"], body["code"], "the session keeps its code");
+}
+
+#[tokio::test]
+async fn shutdown_stores_pending_sessions_as_interrupted_and_finishes_in_time() {
+    let store = Arc::new(MemoryStore::new());
+    let mut app = TestApp::spawn_with(store.clone(), |_| {}).await;
+    app.post_pair(PHONE).await;
+
+    let took = app.shutdown().await;
+
+    assert!(took < app.config.shutdown_grace, "{took:?}");
+    let stored: Value =
+        serde_json::from_str(&store.get("wa:pair:628123456789").await.unwrap().unwrap()).unwrap();
+    assert_eq!(stored["status"], "failed");
+    assert_eq!(stored["reason"], "interrupted");
+    assert!(stored["code"].is_null());
+    assert!(app.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
+}
