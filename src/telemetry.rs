@@ -87,7 +87,7 @@ pub fn init(format: LogFormat, filter: &str) {
             tracing::subscriber::set_global_default(base.with(json_layer(io::stdout)))
         }
         LogFormat::Pretty => tracing::subscriber::set_global_default(
-            base.with(fmt::layer().pretty().with_writer(io::stdout)),
+            base.with(fmt::layer().pretty().with_writer(Redacting(io::stdout))),
         ),
     };
     if installed.is_err() {
@@ -195,7 +195,81 @@ where
         .json()
         .with_current_span(true)
         .with_span_list(true)
-        .with_writer(writer)
+        .with_writer(Redacting(writer))
+}
+
+/// Shortest and longest digit runs treated as a phone number (E.164 allows
+/// up to 15 digits; the shortest numbers we accept have 8).
+const PHONE_RUN: std::ops::RangeInclusive<usize> = 8..=15;
+
+/// Masks every standalone run of 8 to 15 digits in `line`, the way
+/// [`mask_phone`] masks a phone.
+///
+/// Our own code only ever logs masked phones, but the WhatsApp library
+/// logs JIDs and LID mappings in clear at INFO (`628…@s.whatsapp.net`), so
+/// the last line of defence sits where log lines are written. Runs touching
+/// a letter or a `-` are left alone: they are parts of hex ids, UUIDs and
+/// dates, not phone numbers.
+#[must_use]
+pub fn redact_phone_like(line: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = line.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        let touches = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphabetic() || *b == b'-');
+        let standalone = !touches(start.checked_sub(1).and_then(|p| bytes.get(p)))
+            && !touches(bytes.get(i));
+        if standalone && PHONE_RUN.contains(&(i - start)) {
+            let buffer = out.get_or_insert_with(|| String::with_capacity(line.len()));
+            buffer.push_str(&line[copied..start]);
+            buffer.push_str(&mask_phone(&line[start..i]));
+            copied = i;
+        }
+    }
+    match out {
+        Some(mut buffer) => {
+            buffer.push_str(&line[copied..]);
+            std::borrow::Cow::Owned(buffer)
+        }
+        None => std::borrow::Cow::Borrowed(line),
+    }
+}
+
+/// A [`MakeWriter`] whose writers pass each formatted event through
+/// [`redact_phone_like`]. The fmt layer writes one whole event per call.
+struct Redacting<M>(M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Redacting<M> {
+    type Writer = RedactingWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactingWriter(self.0.make_writer())
+    }
+}
+
+struct RedactingWriter<W>(W);
+
+impl<W: io::Write> io::Write for RedactingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) => self.0.write_all(redact_phone_like(text).as_bytes())?,
+            Err(_) => self.0.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Routes `log` records into `tracing`, once per process.
@@ -474,5 +548,28 @@ mod tests {
 
         // Assert
         assert!(tracing::dispatcher::has_been_set());
+    }
+
+    #[test]
+    fn phone_like_digit_runs_are_masked_but_ids_and_dates_are_not() {
+        let line = r#"{"timestamp":"2026-11-25T21:46:03.287159Z","message":"Added own LID-PN mapping: 957982417606510 <-> 628123456789 jid 628123456789:1@s.whatsapp.net id 550e8400-e29b-41d4-a716-446655440000 msg 3EB0123456789ABC","latency_ms":12}"#;
+
+        let redacted = redact_phone_like(line);
+
+        assert!(!redacted.contains("628123456789"), "{redacted}");
+        assert!(!redacted.contains("957982417606510"), "{redacted}");
+        assert!(redacted.contains("6281****6789"), "{redacted}");
+        assert!(redacted.contains("2026-11-25T21:46:03.287159Z"), "{redacted}");
+        assert!(redacted.contains("446655440000"), "uuid intact: {redacted}");
+        assert!(redacted.contains("3EB0123456789ABC"), "hex id intact: {redacted}");
+        assert!(redacted.contains(r#""latency_ms":12"#), "{redacted}");
+    }
+
+    #[test]
+    fn a_line_without_phone_like_runs_is_not_copied() {
+        assert!(matches!(
+            redact_phone_like("nothing 1234567 here"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

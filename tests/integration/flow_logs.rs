@@ -1,0 +1,67 @@
+//! The logs of a whole pairing flow never contain a pairing code or a full
+//! phone number (the library logs both under `Client/PairCode`).
+
+use wa_pair::telemetry::capture_subscriber_with_filter;
+
+use crate::helpers::TestApp;
+
+const PHONE: &str = "628123456789";
+
+/// Runs a full flow (code, refresh, wrong code, link) and returns the logs
+/// captured at `filter`.
+async fn flow_logs(filter: &str) -> (String, Vec<String>) {
+    let (subscriber, logs) = capture_subscriber_with_filter(filter);
+    // On a current-thread runtime every task this flow spawns is polled on
+    // this thread, so the thread-local default sees all of them.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let codes = async {
+        let app = TestApp::spawn().await;
+        let first: serde_json::Value = app.post_pair(PHONE).await.json().await.unwrap();
+        let refreshed: serde_json::Value = app
+            .http
+            .post(format!("{}/pair/{PHONE}/refresh", app.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let code = refreshed["code"].as_str().unwrap().to_owned();
+        let _ = app.fake.enter_code(PHONE, "ZZZZZZZZ").await;
+        app.fake.enter_code(PHONE, &code).await.expect("links");
+        app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
+        vec![first["code"].as_str().unwrap().to_owned(), code]
+    }
+    .await;
+    (logs.contents(), codes)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_flow_logs_neither_codes_nor_the_phone_number() {
+    let (logs, codes) = flow_logs("info").await;
+
+    assert!(logs.contains("pairing code issued"), "the flow was captured");
+    assert!(logs.contains("phone linked"));
+    assert!(logs.contains("6281****6789"), "phones appear masked");
+    for code in &codes {
+        assert!(!logs.contains(code.as_str()), "code {code} leaked");
+        let display = format!("{}-{}", &code[..4], &code[4..]);
+        assert!(!logs.contains(&display), "code {display} leaked");
+    }
+    for line in logs.lines().filter(|l| l.contains(PHONE)) {
+        panic!("full phone number in: {line}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn even_at_trace_level_a_full_flow_logs_neither_codes_nor_the_phone_number() {
+    let (logs, codes) = flow_logs("trace").await;
+
+    assert!(logs.contains("pairing code issued"), "the flow was captured");
+    for code in &codes {
+        assert!(!logs.contains(code.as_str()), "code {code} leaked");
+    }
+    for line in logs.lines().filter(|l| l.contains(PHONE)) {
+        panic!("full phone number in: {line}");
+    }
+}
