@@ -53,6 +53,9 @@ pub struct App {
     router: Router,
     sessions: Arc<Sessions>,
     grace: Duration,
+    /// Kept until the sessions have stopped: in sandbox mode their link
+    /// clients talk to it until the very end.
+    sandbox_guard: Sandbox,
 }
 
 impl App {
@@ -102,10 +105,8 @@ impl App {
             sessions: Arc::clone(&sessions),
             code_wait: config.code_wait,
             #[cfg(feature = "sandbox")]
-            sandbox: sandbox.0,
+            sandbox: sandbox.0.clone(),
         };
-        #[cfg(not(feature = "sandbox"))]
-        let _ = sandbox;
         let addr = config.listen_addr();
         let listener = TcpListener::bind(addr)
             .await
@@ -115,6 +116,7 @@ impl App {
             router: router(state),
             sessions,
             grace: config.shutdown_grace,
+            sandbox_guard: sandbox,
         })
     }
 
@@ -137,6 +139,7 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let _sandbox_guard = self.sandbox_guard;
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
@@ -213,7 +216,7 @@ mod sandbox {
     use crate::link::whatsapp::WhatsAppSettings;
 
     /// The in-process fake WhatsApp, when sandbox mode is on.
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     pub struct Sandbox(pub Option<Arc<fake_wa::FakeWhatsApp>>);
 
     /// A sandbox build skips WhatsApp's certificate check, so it only runs

@@ -226,8 +226,8 @@ pub fn redact_phone_like(line: &str) -> std::borrow::Cow<'_, str> {
             i += 1;
         }
         let touches = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphabetic() || *b == b'-');
-        let standalone = !touches(start.checked_sub(1).and_then(|p| bytes.get(p)))
-            && !touches(bytes.get(i));
+        let standalone =
+            !touches(start.checked_sub(1).and_then(|p| bytes.get(p))) && !touches(bytes.get(i));
         if standalone && PHONE_RUN.contains(&(i - start)) {
             let buffer = out.get_or_insert_with(|| String::with_capacity(line.len()));
             buffer.push_str(&line[copied..start]);
@@ -559,9 +559,15 @@ mod tests {
         assert!(!redacted.contains("628123456789"), "{redacted}");
         assert!(!redacted.contains("957982417606510"), "{redacted}");
         assert!(redacted.contains("6281****6789"), "{redacted}");
-        assert!(redacted.contains("2026-11-25T21:46:03.287159Z"), "{redacted}");
+        assert!(
+            redacted.contains("2026-11-25T21:46:03.287159Z"),
+            "{redacted}"
+        );
         assert!(redacted.contains("446655440000"), "uuid intact: {redacted}");
-        assert!(redacted.contains("3EB0123456789ABC"), "hex id intact: {redacted}");
+        assert!(
+            redacted.contains("3EB0123456789ABC"),
+            "hex id intact: {redacted}"
+        );
         assert!(redacted.contains(r#""latency_ms":12"#), "{redacted}");
     }
 

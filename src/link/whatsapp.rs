@@ -49,8 +49,10 @@ pub const SOCKET_WAIT: Duration = Duration::from_secs(25);
 /// one PBKDF2 (131,072 rounds) before the request leaves.
 pub const CODE_REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
 /// After the link, how long to wait for the client's post-pairing login
-/// before shutting it down anyway. The link is already complete by then.
-pub const POST_LINK_LOGIN_WAIT: Duration = Duration::from_secs(30);
+/// before shutting it down anyway. The link is already complete by then, and
+/// the login is one reconnect (about a second); the bound stays well inside
+/// the shutdown grace so a stop right after a link is not held up.
+pub const POST_LINK_LOGIN_WAIT: Duration = Duration::from_secs(5);
 /// Poll interval while waiting for that login; the library offers no event
 /// for "logged in but not fully synced".
 const LOGIN_POLL: Duration = Duration::from_millis(100);

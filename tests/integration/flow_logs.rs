@@ -40,7 +40,10 @@ async fn flow_logs(filter: &str) -> (String, Vec<String>) {
 async fn a_full_flow_logs_neither_codes_nor_the_phone_number() {
     let (logs, codes) = flow_logs("info").await;
 
-    assert!(logs.contains("pairing code issued"), "the flow was captured");
+    assert!(
+        logs.contains("pairing code issued"),
+        "the flow was captured"
+    );
     assert!(logs.contains("phone linked"));
     assert!(logs.contains("6281****6789"), "phones appear masked");
     for code in &codes {
@@ -57,7 +60,10 @@ async fn a_full_flow_logs_neither_codes_nor_the_phone_number() {
 async fn even_at_trace_level_a_full_flow_logs_neither_codes_nor_the_phone_number() {
     let (logs, codes) = flow_logs("trace").await;
 
-    assert!(logs.contains("pairing code issued"), "the flow was captured");
+    assert!(
+        logs.contains("pairing code issued"),
+        "the flow was captured"
+    );
     for code in &codes {
         assert!(!logs.contains(code.as_str()), "code {code} leaked");
     }

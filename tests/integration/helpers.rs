@@ -17,11 +17,9 @@ pub const FLOW_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Logs to the test output when `RUST_LOG` is set (silent otherwise).
 pub fn init_logs() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+    // The service's own telemetry, so test output is redacted like production.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        wa_pair::telemetry::init(wa_pair::config::LogFormat::Pretty, &filter);
     }
 }
 

@@ -6,4 +6,6 @@ mod flow_logs;
 mod helpers;
 mod link_client;
 mod log_redaction;
+#[cfg(feature = "sandbox")]
+mod sandbox;
 mod upstash_contract;
