@@ -78,7 +78,6 @@ pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
     pub fake: std::sync::Arc<FakeWhatsApp>,
-    pub sessions: std::sync::Arc<wa_pair::session::Sessions>,
     pub config: wa_pair::config::Config,
     _data_dir: TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -124,7 +123,6 @@ impl TestApp {
         .await
         .expect("app builds");
         let base = format!("http://{}", app.local_addr());
-        let sessions = app.sessions();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.serve(async move {
             let _ = stopped.await;
@@ -133,7 +131,6 @@ impl TestApp {
             base,
             http: reqwest::Client::new(),
             fake,
-            sessions,
             config,
             _data_dir: data_dir,
             stop: Some(stop),
