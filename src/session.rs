@@ -783,6 +783,7 @@ impl Sessions {
         phone: &PhoneNumber,
     ) -> Result<(Joined, watch::Receiver<PairState>), SessionError> {
         let mut entries = self.entries();
+        self.forget_old_outcomes(&mut entries);
         if let Some(entry) = entries.get(phone) {
             let status = entry.state.borrow().status;
             if !status.is_terminal() || status == Status::Linked {
@@ -809,6 +810,19 @@ impl Sessions {
             },
         );
         Ok((Joined::Created, state))
+    }
+
+    /// Drops sessions that ended longer than `PAIR_OUTCOME_TTL_SECS` ago, so
+    /// memory follows the live sessions and a number can be linked again
+    /// once its outcome has aged out (the store forgets it at the same time).
+    fn forget_old_outcomes(&self, entries: &mut HashMap<PhoneNumber, Entry>) {
+        let now = OffsetDateTime::now_utc();
+        let ttl = self.settings.outcome_ttl;
+        entries.retain(|_, entry| {
+            let state = entry.state.borrow();
+            let ended_long_ago = state.status.is_terminal() && now - state.updated_at >= ttl;
+            !ended_long_ago
+        });
     }
 
     /// The current state of `phone`'s session, if this process has one.
@@ -1322,6 +1336,54 @@ mod tests {
             sessions.get(&phone).unwrap().reason,
             Some(Reason::Interrupted)
         );
+    }
+
+    async fn linked_registry(outcome_ttl: Duration) -> (Sessions, PhoneNumber) {
+        let script = Arc::new(Script::default());
+        let sessions = Sessions::new(
+            SessionSettings {
+                outcome_ttl,
+                ..settings()
+            },
+            Arc::new(ScriptedLinker(Arc::clone(&script))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phone = PhoneNumber::parse("628123456789").unwrap();
+        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+        script.emit(LinkEvent::Linked(LinkedAccount {
+            jid: "628123456789:1@s.whatsapp.net".into(),
+            lid: None,
+            platform: None,
+        }));
+        states
+            .wait_for(|s| s.status == Status::Linked)
+            .await
+            .unwrap();
+        (sessions, phone)
+    }
+
+    #[tokio::test]
+    async fn a_linked_phone_is_joined_not_relinked_while_its_outcome_is_fresh() {
+        let (sessions, phone) = linked_registry(Duration::from_secs(86_400)).await;
+
+        let (joined, states) = sessions.start_or_join(&phone).unwrap();
+
+        assert_eq!(joined, Joined::Existing);
+        assert_eq!(states.borrow().status, Status::Linked);
+    }
+
+    #[tokio::test]
+    async fn an_aged_out_outcome_is_forgotten_and_the_phone_can_link_again() {
+        let (sessions, phone) = linked_registry(Duration::ZERO).await;
+
+        let (joined, _) = sessions.start_or_join(&phone).unwrap();
+
+        assert_eq!(joined, Joined::Created);
+        sessions.shutdown(Duration::from_secs(5)).await;
     }
 
     #[test]

@@ -78,6 +78,7 @@ impl App {
             data_dir: config.data_dir.clone(),
             ws_url: config.wa_ws_url.clone(),
             version: config.wa_version_parts(),
+            code_request_timeout: None,
         };
         let sandbox = sandbox::start(config, &mut settings).await?;
         let linker: Arc<dyn Linker> =

@@ -74,6 +74,8 @@ pub struct WhatsAppSettings {
     pub ws_url: Option<String>,
     /// Web client version pin (`WA_VERSION`); fetched from WhatsApp when `None`.
     pub version: Option<(u32, u32, u32)>,
+    /// Bound on one code request; [`CODE_REQUEST_TIMEOUT`] when `None`.
+    pub code_request_timeout: Option<Duration>,
 }
 
 /// Opens [`WhatsAppSession`]s over `whatsapp-rust`.
@@ -272,7 +274,9 @@ impl WhatsAppSession {
         let started = tokio::time::Instant::now();
         self.flags.requesting.store(true, Ordering::Release);
         let result = tokio::time::timeout(
-            CODE_REQUEST_TIMEOUT,
+            self.settings
+                .code_request_timeout
+                .unwrap_or(CODE_REQUEST_TIMEOUT),
             client.pair_with_code(PairCodeOptions {
                 phone_number: self.phone.as_str().to_owned(),
                 show_push_notification: true,

@@ -40,10 +40,16 @@ impl LinkHarness {
 
     /// The real linker, pointed at the fake.
     pub fn linker(&self) -> WhatsAppLinker {
+        self.linker_with_timeout(None)
+    }
+
+    /// The real linker, pointed at the fake, with a code-request bound.
+    pub fn linker_with_timeout(&self, timeout: Option<Duration>) -> WhatsAppLinker {
         WhatsAppLinker::new(WhatsAppSettings {
             data_dir: self.data_dir.path().to_path_buf(),
             ws_url: Some(self.fake.ws_url()),
             version: Some(PINNED_VERSION),
+            code_request_timeout: timeout,
         })
         .expect("linker")
     }
@@ -112,6 +118,7 @@ impl TestApp {
             data_dir: config.data_dir.clone(),
             ws_url: Some(fake.ws_url()),
             version: Some(PINNED_VERSION),
+            code_request_timeout: None,
         })
         .expect("linker");
         let app = wa_pair::startup::App::build_with(

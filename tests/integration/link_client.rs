@@ -220,3 +220,33 @@ async fn twenty_sessions_in_one_process_each_get_their_own_code() {
     }
     assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
 }
+
+#[tokio::test]
+async fn an_unanswered_code_request_times_out_and_the_next_one_succeeds() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let phone = phone(6);
+    harness
+        .fake
+        .push_fault(Some(phone.as_str()), Fault::NeverAnswer);
+    let session = harness
+        .linker_with_timeout(Some(Duration::from_secs(2)))
+        .open(&phone)
+        .await
+        .expect("session opens");
+
+    // Act
+    let started = std::time::Instant::now();
+    let unanswered = session.handle.request_code().await;
+    let waited = started.elapsed();
+    let next = session.handle.request_code().await;
+
+    // Assert
+    assert!(
+        matches!(unanswered, Err(LinkError::Timeout(_))),
+        "{unanswered:?}"
+    );
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert!(next.is_ok(), "{next:?}");
+    session.handle.shutdown().await;
+}
