@@ -26,9 +26,10 @@ pub const DEFAULT_PORT: u16 = 8080;
 /// parse it; developers opt into `pretty`.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Json;
 
-/// Default [`Config::rust_log`]: `info` shows lifecycle events without the
-/// per-frame noise of the WhatsApp protocol at `debug`.
-pub const DEFAULT_RUST_LOG: &str = "info";
+/// Default [`Config::rust_log`]: our own lifecycle events at `info`, the
+/// WhatsApp client library only when something goes wrong (its `info` is a
+/// running commentary of every connection step).
+pub const DEFAULT_RUST_LOG: &str = "info,whatsapp_rust=warn,wacore=warn";
 
 /// Default [`Config::data_dir`]: relative to the working directory, so local
 /// runs keep their state next to the checkout.
@@ -686,7 +687,7 @@ mod tests {
             "127.0.0.1:8080".parse().expect("addr")
         );
         assert_eq!(config.log_format, LogFormat::Json);
-        assert_eq!(config.rust_log, "info");
+        assert_eq!(config.rust_log, DEFAULT_RUST_LOG);
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert_eq!(config.store, StoreConfig::Memory);
         assert_eq!(config.key_prefix, "wa:pair:");

@@ -51,7 +51,7 @@ async fn pair_returns_the_code_stores_it_for_ten_minutes_and_reports_the_link() 
     let stored: Value =
         serde_json::from_str(&store.get("wa:pair:628123456789").await.unwrap().unwrap()).unwrap();
     let ttl = store.ttl_of("wa:pair:628123456789").unwrap();
-    let linked = app.fake.enter_code(PHONE, &code).await;
+    let linked = app.fake().enter_code(PHONE, &code).await;
     let after = app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
 
     // Assert
@@ -89,7 +89,7 @@ async fn pair_again_for_a_pending_phone_returns_200_with_the_same_code() {
 
     assert_eq!(again.status(), StatusCode::OK);
     assert_eq!(json(again).await["code"], first["code"]);
-    assert_eq!(app.fake.record(PHONE).unwrap().code_requests, 1);
+    assert_eq!(app.fake().record(PHONE).unwrap().code_requests, 1);
 }
 
 #[tokio::test]
@@ -111,8 +111,8 @@ async fn fifty_concurrent_posts_for_one_phone_make_one_whatsapp_session_and_one_
     codes.dedup();
     assert_eq!(created, 1);
     assert_eq!(codes.len(), 1, "everyone got the same code");
-    assert_eq!(app.fake.record(PHONE).unwrap().code_requests, 1);
-    assert_eq!(app.fake.open_connections(), 1, "one WhatsApp connection");
+    assert_eq!(app.fake().record(PHONE).unwrap().code_requests, 1);
+    assert_eq!(app.fake().open_connections(), 1, "one WhatsApp connection");
 }
 
 #[tokio::test]
@@ -127,7 +127,7 @@ async fn an_invalidated_code_is_replaced_in_the_store_before_it_dies() {
     };
 
     // Act
-    assert!(app.fake.request_code_refresh(PHONE));
+    assert!(app.fake().request_code_refresh(PHONE));
     let replaced = tokio::time::timeout(FLOW_TIMEOUT, async {
         loop {
             let current = read().await;
@@ -149,9 +149,9 @@ async fn an_invalidated_code_is_replaced_in_the_store_before_it_dies() {
     )
     .unwrap();
     assert!(time::OffsetDateTime::now_utc() < old_dies);
-    assert_eq!(app.fake.record(PHONE).unwrap().code_requests, 2);
+    assert_eq!(app.fake().record(PHONE).unwrap().code_requests, 2);
     assert!(
-        app.fake
+        app.fake()
             .enter_code(PHONE, replaced["code"].as_str().unwrap())
             .await
             .is_ok()
@@ -161,7 +161,7 @@ async fn an_invalidated_code_is_replaced_in_the_store_before_it_dies() {
 #[tokio::test]
 async fn whatsapp_rate_limit_answers_429_with_retry_after_and_keeps_trying() {
     let app = TestApp::spawn().await;
-    app.fake
+    app.fake()
         .push_fault(Some(PHONE), Fault::RateOverlimit { backoff_secs: 30 });
 
     let response = app.post_pair(PHONE).await;
@@ -176,7 +176,7 @@ async fn whatsapp_rate_limit_answers_429_with_retry_after_and_keeps_trying() {
     let body = json(response).await;
     assert_eq!(body["error"], "rate_limited");
     assert!(body["message"].as_str().unwrap().contains("limiting"));
-    let state = json(app.get(&format!("/pair/{PHONE}")).await).await;
+    let state = app.get_json(&format!("/pair/{PHONE}")).await;
     assert_eq!(state["status"], "starting");
     assert_eq!(state["whatsapp_status"], 429);
 }
@@ -184,7 +184,7 @@ async fn whatsapp_rate_limit_answers_429_with_retry_after_and_keeps_trying() {
 #[tokio::test]
 async fn feature_not_available_answers_422_pointing_to_the_qr_code() {
     let app = TestApp::spawn().await;
-    app.fake
+    app.fake()
         .push_fault(Some(PHONE), Fault::Refuse { code: 452 });
 
     let response = app.post_pair(PHONE).await;
@@ -204,7 +204,7 @@ async fn refresh_issues_a_new_code_and_is_refused_once_linked() {
     let refreshed = app.http.post(&refresh_url).send().await.unwrap();
     let refreshed_status = refreshed.status();
     let refreshed = json(refreshed).await;
-    app.fake
+    app.fake()
         .enter_code(PHONE, refreshed["code"].as_str().unwrap())
         .await
         .expect("the refreshed code links");
@@ -228,7 +228,7 @@ async fn delete_cancels_a_pending_session() {
     let cancelled_status = cancelled.status();
     let cancelled = json(cancelled).await;
     let again = app.http.delete(&url).send().await.unwrap();
-    let shown = json(app.get(&format!("/pair/{PHONE}")).await).await;
+    let shown = app.get_json(&format!("/pair/{PHONE}")).await;
 
     assert_eq!(cancelled_status, StatusCode::OK);
     assert_eq!(cancelled["status"], "cancelled");
@@ -236,7 +236,7 @@ async fn delete_cancels_a_pending_session() {
     assert_eq!(again.status(), StatusCode::CONFLICT);
     assert_eq!(shown["status"], "cancelled");
     assert!(
-        app.fake.wait_for_no_connections(FLOW_TIMEOUT).await,
+        app.fake().wait_for_no_connections(FLOW_TIMEOUT).await,
         "link closed"
     );
 }
@@ -421,7 +421,7 @@ async fn a_store_outage_does_not_hold_back_the_code() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let body = json(response).await;
     assert!(body["code"].is_string());
-    let shown = json(app.get(&format!("/pair/{PHONE}")).await).await;
+    let shown = app.get_json(&format!("/pair/{PHONE}")).await;
     assert_eq!(shown["code"], body["code"], "the session keeps its code");
 }
 
@@ -439,5 +439,5 @@ async fn shutdown_stores_pending_sessions_as_interrupted_and_finishes_in_time() 
     assert_eq!(stored["status"], "failed");
     assert_eq!(stored["reason"], "interrupted");
     assert!(stored["code"].is_null());
-    assert!(app.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
+    assert!(app.fake().wait_for_no_connections(FLOW_TIMEOUT).await);
 }

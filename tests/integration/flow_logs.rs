@@ -27,8 +27,8 @@ async fn flow_logs(filter: &str) -> (String, Vec<String>) {
             .await
             .unwrap();
         let code = refreshed["code"].as_str().unwrap().to_owned();
-        let _ = app.fake.enter_code(PHONE, "ZZZZZZZZ").await;
-        app.fake.enter_code(PHONE, &code).await.expect("links");
+        let _ = app.fake().enter_code(PHONE, "ZZZZZZZZ").await;
+        app.fake().enter_code(PHONE, &code).await.expect("links");
         app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
         vec![first["code"].as_str().unwrap().to_owned(), code]
     }

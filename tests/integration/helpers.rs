@@ -55,6 +55,18 @@ impl LinkHarness {
     }
 }
 
+/// A configuration for tests (random port, temporary data directory).
+fn test_config() -> (wa_pair::config::Config, TempDir) {
+    init_logs();
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let config = wa_pair::config::Config {
+        port: 0,
+        data_dir: data_dir.path().to_path_buf(),
+        ..wa_pair::config::Config::default()
+    };
+    (config, data_dir)
+}
+
 /// A valid Indonesian number ending in `n`.
 pub fn phone(n: u32) -> PhoneNumber {
     PhoneNumber::parse(&format!("62812{n:08}")).expect("test phone parses")
@@ -83,8 +95,8 @@ pub async fn next_event(
 pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
-    pub fake: std::sync::Arc<FakeWhatsApp>,
     pub config: wa_pair::config::Config,
+    fake: Option<std::sync::Arc<FakeWhatsApp>>,
     _data_dir: TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -105,15 +117,9 @@ impl TestApp {
         store: std::sync::Arc<dyn wa_pair::store::PairingStore>,
         tweak: impl FnOnce(&mut wa_pair::config::Config),
     ) -> Self {
-        init_logs();
-        let fake = std::sync::Arc::new(FakeWhatsApp::start().await.expect("fake binds"));
-        let data_dir = tempfile::tempdir().expect("temp dir");
-        let mut config = wa_pair::config::Config {
-            port: 0,
-            data_dir: data_dir.path().to_path_buf(),
-            ..wa_pair::config::Config::default()
-        };
+        let (mut config, data_dir) = test_config();
         tweak(&mut config);
+        let fake = std::sync::Arc::new(FakeWhatsApp::start().await.expect("fake binds"));
         let linker = WhatsAppLinker::new(WhatsAppSettings {
             data_dir: config.data_dir.clone(),
             ws_url: Some(fake.ws_url()),
@@ -129,6 +135,27 @@ impl TestApp {
         )
         .await
         .expect("app builds");
+        Self::serve(app, config, data_dir, Some(fake))
+    }
+
+    /// Spawns the service exactly as `WA_SANDBOX=1` starts it: its own
+    /// in-process fake WhatsApp, driven through the `/sandbox` routes.
+    #[cfg(feature = "sandbox")]
+    pub async fn spawn_sandbox() -> Self {
+        let (mut config, data_dir) = test_config();
+        config.wa_sandbox = true;
+        let app = wa_pair::startup::App::build(&config)
+            .await
+            .expect("sandbox starts");
+        Self::serve(app, config, data_dir, None)
+    }
+
+    fn serve(
+        app: wa_pair::startup::App,
+        config: wa_pair::config::Config,
+        data_dir: TempDir,
+        fake: Option<std::sync::Arc<FakeWhatsApp>>,
+    ) -> Self {
         let base = format!("http://{}", app.local_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.serve(async move {
@@ -137,22 +164,41 @@ impl TestApp {
         Self {
             base,
             http: reqwest::Client::new(),
-            fake,
             config,
+            fake,
             _data_dir: data_dir,
             stop: Some(stop),
             server: Some(server),
         }
     }
 
-    /// `POST /pair` with `{"phone": phone}`.
-    pub async fn post_pair(&self, phone: &str) -> reqwest::Response {
+    /// The fake WhatsApp the test drives (not in sandbox mode, where the
+    /// service owns it).
+    pub fn fake(&self) -> &FakeWhatsApp {
+        self.fake
+            .as_deref()
+            .expect("this app has a test-owned fake")
+    }
+
+    /// `POST {path}` with a JSON body.
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
         self.http
-            .post(format!("{}/pair", self.base))
-            .json(&serde_json::json!({ "phone": phone }))
+            .post(format!("{}{path}", self.base))
+            .json(&body)
             .send()
             .await
             .expect("request sent")
+    }
+
+    /// `GET {path}`, answered with JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path).await.json().await.expect("JSON body")
+    }
+
+    /// `POST /pair` with `{"phone": phone}`.
+    pub async fn post_pair(&self, phone: &str) -> reqwest::Response {
+        self.post_json("/pair", serde_json::json!({ "phone": phone }))
+            .await
     }
 
     /// `GET {path}`.
@@ -174,7 +220,7 @@ impl TestApp {
             loop {
                 let response = self.get(&format!("/pair/{phone}")).await;
                 if response.status().is_success() {
-                    let body: serde_json::Value = response.json().await.expect("json");
+                    let body: serde_json::Value = response.json().await.expect("JSON body");
                     if check(&body) {
                         return body;
                     }
