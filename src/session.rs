@@ -22,7 +22,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -286,8 +285,6 @@ pub enum Command {
     Refresh(oneshot::Sender<Result<PairState, SessionError>>),
     /// Cancel the session.
     Cancel(oneshot::Sender<Result<PairState, SessionError>>),
-    /// The service is stopping: end as `failed`/`interrupted`.
-    Interrupt,
 }
 
 /// What one [`Session::step`] did.
@@ -327,6 +324,9 @@ pub struct Session {
     state: PairState,
     published: watch::Sender<PairState>,
     commands: mpsc::Receiver<Command>,
+    /// Turns `true` when the service stops; ends the session as
+    /// `failed`/`interrupted`, even in the middle of a code request.
+    stopping: watch::Receiver<bool>,
     deadline: Instant,
     next_request: Option<Instant>,
     failures: u32,
@@ -335,13 +335,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session that will request its first code on its first step.
+    /// A session that will request its first code on its first step; it
+    /// ends as `failed`/`interrupted` once `stopping` turns `true`.
     /// Returns it with the sender for commands and the receiver of states.
     pub fn new(
         phone: PhoneNumber,
         settings: Arc<SessionSettings>,
         linker: Arc<dyn Linker>,
         store: Arc<dyn PairingStore>,
+        stopping: watch::Receiver<bool>,
     ) -> (Self, mpsc::Sender<Command>, watch::Receiver<PairState>) {
         let state = PairState::starting(phone.clone());
         let (published, state_rx) = watch::channel(state.clone());
@@ -358,6 +360,7 @@ impl Session {
             state,
             published,
             commands,
+            stopping,
             next_request: Some(now),
             failures: 0,
             store_heal_at: None,
@@ -429,15 +432,9 @@ impl Session {
                 }
                 // Every sender gone means the registry is gone: treat it as
                 // a shutdown rather than run unobserved.
-                Some(Command::Interrupt) | None => {
-                    self.finish(
-                        Status::Failed,
-                        Reason::Interrupted,
-                        Some("the service stopped before the phone linked; request a new code".into()),
-                    )
-                    .await
-                }
+                None => self.interrupted().await,
             },
+            () = stop_requested(&mut self.stopping) => self.interrupted().await,
             event = next_link_event(&mut self.link) => self.on_link_event(event).await,
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
@@ -458,23 +455,30 @@ impl Session {
         }
     }
 
-    /// Asks for a code (opening the link client first if needed).
+    /// Asks for a code (opening the link client first if needed). A
+    /// shutdown does not wait for WhatsApp's answer.
     async fn request_code(&mut self) -> StepOutcome {
         self.next_request = None;
-        let result = match &self.link {
-            Some(link) => link.handle.request_code().await,
-            None => match self.linker.open(&self.phone).await {
-                Ok(link) => {
-                    let result = link.handle.request_code().await;
-                    self.link = Some(link);
-                    result
-                }
-                Err(e) => Err(e),
-            },
+        let mut link = self.link.take();
+        let mut stopping = self.stopping.clone();
+        let attempt = async {
+            if link.is_none() {
+                link = Some(self.linker.open(&self.phone).await?);
+            }
+            match &link {
+                Some(link) => link.handle.request_code().await,
+                None => Err(LinkError::Closed),
+            }
         };
+        let result = tokio::select! {
+            result = attempt => Some(result),
+            () = stop_requested(&mut stopping) => None,
+        };
+        self.link = link;
         let issued = match result {
-            Ok(issued) => issued,
-            Err(e) => return self.request_failed(e).await,
+            None => return self.interrupted().await,
+            Some(Ok(issued)) => issued,
+            Some(Err(e)) => return self.request_failed(e).await,
         };
         self.failures = 0;
         let refresh_in = self
@@ -602,6 +606,15 @@ impl Session {
         }
     }
 
+    async fn interrupted(&mut self) -> StepOutcome {
+        self.finish(
+            Status::Failed,
+            Reason::Interrupted,
+            Some("the service stopped before the phone linked; request a new code".into()),
+        )
+        .await
+    }
+
     async fn linked(&mut self, account: LinkedAccount) -> StepOutcome {
         self.next_request = None;
         let state = PairState {
@@ -687,6 +700,14 @@ impl Session {
     }
 }
 
+/// Resolves once `stopping` is `true`; never if its sender is gone without
+/// saying so.
+async fn stop_requested(stopping: &mut watch::Receiver<bool>) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn next_link_event(link: &mut Option<LinkSession>) -> Option<LinkEvent> {
     match link {
         Some(link) => link.events.recv().await,
@@ -741,7 +762,7 @@ pub struct Sessions {
     linker: Arc<dyn Linker>,
     store: Arc<dyn PairingStore>,
     entries: std::sync::Mutex<HashMap<PhoneNumber, Entry>>,
-    closing: AtomicBool,
+    stopping: watch::Sender<bool>,
 }
 
 impl Sessions {
@@ -756,7 +777,7 @@ impl Sessions {
             linker,
             store,
             entries: std::sync::Mutex::new(HashMap::new()),
-            closing: AtomicBool::new(false),
+            stopping: watch::Sender::new(false),
         }
     }
 
@@ -790,7 +811,7 @@ impl Sessions {
                 return Ok((Joined::Existing, entry.state.clone()));
             }
         }
-        if self.closing.load(Ordering::Acquire) {
+        if *self.stopping.borrow() {
             return Err(SessionError::ShuttingDown);
         }
         let (session, commands, state) = Session::new(
@@ -798,6 +819,7 @@ impl Sessions {
             Arc::clone(&self.settings),
             Arc::clone(&self.linker),
             Arc::clone(&self.store),
+            self.stopping.subscribe(),
         );
         tracing::info!(phone = %phone, event = "session_started", "pairing session started");
         let task = tokio::spawn(session.run());
@@ -869,15 +891,13 @@ impl Sessions {
     /// Stops every session: open ones end as `failed`/`interrupted`. Waits
     /// at most `grace` for them to write their final state and close.
     pub async fn shutdown(&self, grace: Duration) {
-        self.closing.store(true, Ordering::Release);
+        // Under the lock, so no session can start after the flag is seen.
         let tasks: Vec<JoinHandle<()>> = {
             let mut entries = self.entries();
+            self.stopping.send_replace(true);
             entries
                 .values_mut()
-                .filter_map(|entry| {
-                    let _ = entry.commands.try_send(Command::Interrupt);
-                    entry.task.take()
-                })
+                .filter_map(|entry| entry.task.take())
                 .collect()
         };
         let count = tasks.len();
@@ -898,7 +918,7 @@ mod tests {
 
     use std::collections::VecDeque;
     use std::sync::Mutex;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     use async_trait::async_trait;
 
@@ -914,6 +934,8 @@ mod tests {
         results: Mutex<VecDeque<Result<IssuedCode, LinkError>>>,
         events: Mutex<Option<mpsc::UnboundedSender<LinkEvent>>>,
         valid_for: Mutex<Option<Duration>>,
+        /// Code requests never answer (WhatsApp silent).
+        hang: AtomicBool,
         requests: AtomicU32,
         opens: AtomicU32,
         shutdowns: AtomicU32,
@@ -950,6 +972,9 @@ mod tests {
     impl LinkHandle for ScriptedHandle {
         async fn request_code(&self) -> Result<IssuedCode, LinkError> {
             let n = self.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
+            if self.0.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if let Some(result) = self.0.results.lock().unwrap().pop_front() {
                 return result;
             }
@@ -1010,6 +1035,7 @@ mod tests {
     struct Fixture {
         session: Session,
         commands: mpsc::Sender<Command>,
+        stop: watch::Sender<bool>,
         states: watch::Receiver<PairState>,
         script: Arc<Script>,
         store: Arc<FlakyStore>,
@@ -1018,15 +1044,18 @@ mod tests {
     fn fixture(settings: SessionSettings) -> Fixture {
         let script = Arc::new(Script::default());
         let store = Arc::new(FlakyStore::default());
+        let stop = watch::Sender::new(false);
         let (session, commands, states) = Session::new(
             PhoneNumber::parse("628123456789").unwrap(),
             Arc::new(settings),
             Arc::new(ScriptedLinker(Arc::clone(&script))),
             Arc::clone(&store) as Arc<dyn PairingStore>,
+            stop.subscribe(),
         );
         Fixture {
             session,
             commands,
+            stop,
             states,
             script,
             store,
@@ -1296,10 +1325,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn interrupt_ends_a_pending_session_as_failed_interrupted() {
+    async fn a_stop_ends_a_pending_session_as_failed_interrupted() {
         let mut f = fixture(settings());
         f.session.step().await;
-        f.commands.send(Command::Interrupt).await.unwrap();
+        f.stop.send_replace(true);
 
         let outcome = f.session.step().await;
 
@@ -1307,6 +1336,22 @@ mod tests {
         let state = stored(&f.store).await.unwrap();
         assert_eq!(state.reason, Some(Reason::Interrupted));
         assert!(state.code.is_none(), "an interrupted code is dead");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_does_not_wait_for_an_unanswered_code_request() {
+        let mut f = fixture(settings());
+        f.script.hang.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+
+        let (outcome, ()) = tokio::join!(f.session.step(), async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            f.stop.send_replace(true);
+        });
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Failed));
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert_eq!(f.states.borrow().reason, Some(Reason::Interrupted));
     }
 
     #[tokio::test(start_paused = true)]

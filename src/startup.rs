@@ -21,6 +21,8 @@ use crate::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
 /// Version pinned in sandbox mode when `WA_VERSION` is unset: the sandbox
 /// must never reach out to WhatsApp to learn it.
 pub const SANDBOX_VERSION: (u32, u32, u32) = (2, 3000, 1_023_456_789);
+/// How long the startup store check waits; it only informs the log.
+const STARTUP_STORE_CHECK: Duration = Duration::from_secs(3);
 /// Share of the shutdown grace given to sessions to write their final state;
 /// the rest is for in-flight requests to finish.
 const SESSION_SHARE_OF_GRACE: f64 = 0.7;
@@ -74,6 +76,7 @@ impl App {
                     .map_err(|e| StartupError::Store(e.to_string()))?,
             ),
         };
+        check_store(store.as_ref()).await;
         let mut settings = WhatsAppSettings {
             data_dir: config.data_dir.clone(),
             ws_url: config.wa_ws_url.clone(),
@@ -177,6 +180,24 @@ impl App {
         };
         tracing::info!("stopped");
         result
+    }
+}
+
+/// Logs once at startup whether the store answers. Never fatal: a store
+/// outage must not keep the service (and the codes it can still hand out)
+/// down; `/readyz` reports it from then on.
+async fn check_store(store: &dyn PairingStore) {
+    match tokio::time::timeout(STARTUP_STORE_CHECK, store.ping()).await {
+        Ok(Ok(())) => tracing::info!(store = store.kind(), "store reachable"),
+        Ok(Err(crate::store::StoreError::Unauthorized)) => tracing::error!(
+            store = store.kind(),
+            "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN"
+        ),
+        Ok(Err(e)) => tracing::warn!(store = store.kind(), error = %e, "store not reachable yet"),
+        Err(_) => tracing::warn!(
+            store = store.kind(),
+            "store did not answer within {STARTUP_STORE_CHECK:?}"
+        ),
     }
 }
 
