@@ -215,3 +215,122 @@ pub(crate) fn now_secs() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The phone's side checked against the companion's side as the client
+    //! library implements it (`wacore`), not against itself.
+
+    use super::*;
+    use wacore::pair::{DeviceState, PairUtils};
+
+    const CODE: &str = "ABCD1234";
+
+    struct Companion {
+        ephemeral: KeyPair,
+        identity: KeyPair,
+        noise: KeyPair,
+    }
+
+    fn companion() -> Companion {
+        let mut rng = rand::rng();
+        Companion {
+            ephemeral: KeyPair::generate(&mut rng),
+            identity: KeyPair::generate(&mut rng),
+            noise: KeyPair::generate(&mut rng),
+        }
+    }
+
+    /// Stage two as the companion runs it; returns its bundle and secret.
+    fn companion_finish(
+        c: &Companion,
+        hello: &PrimaryHello,
+        primary: &KeyPair,
+    ) -> (Vec<u8>, [u8; 32]) {
+        let primary_ephemeral =
+            PairCodeUtils::decrypt_primary_ephemeral_pub(&hello.wrapped_primary_ephemeral, CODE)
+                .unwrap();
+        PairCodeUtils::prepare_key_bundle(
+            &c.ephemeral,
+            &primary_ephemeral,
+            &public_bytes(primary),
+            &c.identity,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_right_code_opens_the_bundle_and_both_sides_derive_one_adv_secret() {
+        let c = companion();
+        let primary = KeyPair::generate(&mut rand::rng());
+        let wrapped = PairCodeUtils::encrypt_ephemeral_pub(&public_bytes(&c.ephemeral), CODE);
+
+        let hello = PrimaryHello::new(CODE, &wrapped).unwrap();
+        let (bundle, companion_secret) = companion_finish(&c, &hello, &primary);
+        let opened = hello.open_bundle(&primary, &bundle, &public_bytes(&c.identity));
+
+        assert_eq!(opened, Ok(companion_secret));
+    }
+
+    #[test]
+    fn a_mistyped_code_does_not_open_the_bundle() {
+        let c = companion();
+        let primary = KeyPair::generate(&mut rand::rng());
+        let wrapped = PairCodeUtils::encrypt_ephemeral_pub(&public_bytes(&c.ephemeral), CODE);
+
+        let hello = PrimaryHello::new("ABCD1235", &wrapped).unwrap();
+        // The companion still decrypts with the code it displays.
+        let primary_ephemeral =
+            PairCodeUtils::decrypt_primary_ephemeral_pub(&hello.wrapped_primary_ephemeral, CODE)
+                .unwrap();
+        let (bundle, _) = PairCodeUtils::prepare_key_bundle(
+            &c.ephemeral,
+            &primary_ephemeral,
+            &public_bytes(&primary),
+            &c.identity,
+        )
+        .unwrap();
+
+        assert_eq!(
+            hello.open_bundle(&primary, &bundle, &public_bytes(&c.identity)),
+            Err(StageTwoError::WrongCode)
+        );
+    }
+
+    #[test]
+    fn the_signed_device_identity_passes_the_companions_own_verification() {
+        let c = companion();
+        let primary = KeyPair::generate(&mut rand::rng());
+        let adv_secret = [7u8; 32];
+
+        let identity = signed_device_identity(&primary, &public_bytes(&c.identity), &adv_secret, 1);
+        let state = DeviceState {
+            identity_key: c.identity.clone(),
+            noise_key: c.noise.clone(),
+            adv_secret_key: adv_secret,
+        };
+        let (self_signed, key_index) =
+            PairUtils::do_pair_crypto(&state, &identity).expect("HMAC and signature verify");
+
+        assert_eq!(key_index, 1);
+        assert_eq!(
+            verify_device_signature(&self_signed, &public_bytes(&c.identity)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_device_identity_under_another_adv_secret_is_refused() {
+        let c = companion();
+        let primary = KeyPair::generate(&mut rand::rng());
+
+        let identity = signed_device_identity(&primary, &public_bytes(&c.identity), &[7u8; 32], 1);
+        let state = DeviceState {
+            identity_key: c.identity.clone(),
+            noise_key: c.noise.clone(),
+            adv_secret_key: [8u8; 32],
+        };
+
+        assert!(PairUtils::do_pair_crypto(&state, &identity).is_err());
+    }
+}
