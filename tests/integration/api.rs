@@ -441,3 +441,25 @@ async fn shutdown_stores_pending_sessions_as_interrupted_and_finishes_in_time() 
     assert!(stored["code"].is_null());
     assert!(app.fake().wait_for_no_connections(FLOW_TIMEOUT).await);
 }
+
+#[tokio::test]
+async fn pair_answers_202_starting_with_retry_after_while_whatsapp_is_silent() {
+    let mut app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.code_wait = Duration::from_secs(1);
+    })
+    .await;
+    app.fake().push_fault(Some(PHONE), Fault::NeverAnswer);
+
+    let response = app.post_pair(PHONE).await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(response.headers()["retry-after"], "2");
+    let body = json(response).await;
+    assert_eq!(body["status"], "starting");
+    assert!(body["code"].is_null());
+    let took = app.shutdown().await;
+    assert!(
+        took < app.config.shutdown_grace,
+        "a stop does not wait for WhatsApp: {took:?}"
+    );
+}
