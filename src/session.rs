@@ -587,7 +587,12 @@ impl Session {
                 if self.state.status != Status::Pending {
                     return StepOutcome::Idle;
                 }
-                tracing::info!(phone = %self.phone, reason = ?why, event = "code_invalidated", "pairing code invalidated");
+                tracing::info!(
+                    phone = %self.phone,
+                    reason = ?why,
+                    event = "code_invalidated",
+                    "WhatsApp invalidated the shown pairing; replacing it"
+                );
                 self.request_code().await
             }
             LinkEvent::Refused { status, backoff } => {

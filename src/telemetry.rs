@@ -301,7 +301,7 @@ mod tests {
     }
 
     fn log_secret_line_through_the_log_crate() {
-        log::info!(target: "Client/PairCode", "pair code for {PHONE}: {PAIRING_CODE}");
+        log::info!(target: "Client/PairCode", "pairing secret for {PHONE}: {PAIRING_CODE}");
     }
 
     #[test]
@@ -506,14 +506,14 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("pair_session", phone = %mask_phone(PHONE));
             let _entered = span.enter();
-            tracing::info!(attempt = 1, "requesting code");
+            tracing::info!(attempt = 1, "requesting pairing");
         });
         let output = logs.contents();
 
         // Assert
         let line = output.lines().next().expect("one line");
         let json: serde_json::Value = serde_json::from_str(line).expect("json line");
-        assert_eq!(json["fields"]["message"], "requesting code");
+        assert_eq!(json["fields"]["message"], "requesting pairing");
         assert_eq!(json["span"]["name"], "pair_session");
         assert_eq!(json["spans"][0]["phone"], "6281****6789");
     }

@@ -14,13 +14,13 @@ fn a_pairing_flow_logs_neither_the_code_nor_the_full_phone_number() {
     tracing::subscriber::with_default(subscriber, || {
         let span = tracing::info_span!("pair_session", phone = %phone);
         let _entered = span.enter();
-        log::info!(target: "Client/PairCode", "code for {}: WXYZ9876", phone.as_str());
-        tracing::info!(?phone, "code issued");
+        log::info!(target: "Client/PairCode", "secret for {}: WXYZ9876", phone.as_str());
+        tracing::info!(?phone, "pairing issued");
     });
     let output = logs.contents();
 
     // Assert
-    assert!(output.contains("code issued"), "{output}");
+    assert!(output.contains("pairing issued"), "{output}");
     assert!(
         output.contains("1415****2671") || output.contains("141****671"),
         "{output}"
