@@ -519,16 +519,15 @@ impl Session {
                 LinkError::Storage(_) => Reason::Storage,
                 _ => Reason::WhatsappRefused,
             };
-            let status = error.status();
-            let outcome = self
+            let failed = PairState {
+                whatsapp_status: error.status(),
+                ..self.state.clone()
+            };
+            // One state change, one store write: carry the status into it.
+            self.state = failed;
+            return self
                 .finish(Status::Failed, reason, Some(refusal_message(&error)))
                 .await;
-            if status.is_some() {
-                let mut state = self.state.clone();
-                state.whatsapp_status = status;
-                self.commit(state).await;
-            }
-            return outcome;
         }
         self.failures += 1;
         if self.failures >= self.settings.max_attempts {
@@ -576,8 +575,11 @@ impl Session {
 
     async fn on_link_event(&mut self, event: Option<LinkEvent>) -> StepOutcome {
         let Some(event) = event else {
-            // The link client went away without telling us why.
-            self.link = None;
+            // The link client went away without telling us why: release
+            // what is left of it and start over with a fresh one.
+            if let Some(link) = self.link.take() {
+                link.handle.shutdown().await;
+            }
             self.next_request = Some(Instant::now());
             return StepOutcome::Idle;
         };
@@ -647,6 +649,7 @@ impl Session {
         let state = PairState {
             reason: Some(reason),
             message,
+            whatsapp_status: self.state.whatsapp_status,
             ..self.state.without_code(status)
         };
         self.commit(state).await;

@@ -310,6 +310,19 @@ impl WhatsAppSession {
     }
 }
 
+impl Drop for WhatsAppSession {
+    fn drop(&mut self) {
+        // Dropped without `shutdown` (a caller that gave up half-way through
+        // `open`, say): stop the client in the background rather than leave
+        // its connection and run loop behind.
+        if let Some(running) = self.running.get_mut().take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(running.stop());
+        }
+    }
+}
+
 /// Moves `path` (and SQLite's side files) to `path.replaced-<unix time>`.
 async fn set_aside(path: &Path) -> Result<PathBuf, LinkError> {
     let stamp = std::time::SystemTime::now()
