@@ -53,6 +53,11 @@ pub const STORE_HEAL_BACKOFF: Backoff =
 pub const FINAL_HEAL_ATTEMPTS: u32 = 3;
 /// Commands waiting for a session task; callers beyond this get a 503.
 const COMMAND_QUEUE: usize = 16;
+/// Most sessions open at once. Each holds a WhatsApp connection (about
+/// 0.7 MiB, see the pairing benchmark); the cap keeps a flood of numbers
+/// (the API has no authentication) from exhausting memory or getting the
+/// server's address throttled by WhatsApp.
+pub const MAX_OPEN_SESSIONS: usize = 1000;
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -276,6 +281,9 @@ pub enum SessionError {
     /// The session is busy; try again.
     #[error("the pairing session is busy")]
     Busy,
+    /// [`MAX_OPEN_SESSIONS`] sessions are open.
+    #[error("too many pairing sessions are open")]
+    AtCapacity,
 }
 
 /// A request to a session task.
@@ -821,6 +829,14 @@ impl Sessions {
         }
         if *self.stopping.borrow() {
             return Err(SessionError::ShuttingDown);
+        }
+        let open = entries
+            .values()
+            .filter(|e| !e.state.borrow().status.is_terminal())
+            .count();
+        if open >= MAX_OPEN_SESSIONS {
+            tracing::warn!(open, "session limit reached; refusing a new session");
+            return Err(SessionError::AtCapacity);
         }
         let (session, commands, state) = Session::new(
             phone.clone(),
@@ -1389,6 +1405,28 @@ mod tests {
             sessions.get(&phone).unwrap().reason,
             Some(Reason::Interrupted)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registry_refuses_new_phones_beyond_the_cap_but_still_joins_open_ones() {
+        let sessions = Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(Arc::new(Script::default()))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phones: Vec<PhoneNumber> = (0..=MAX_OPEN_SESSIONS)
+            .map(|n| PhoneNumber::parse(&format!("62812{n:08}")).unwrap())
+            .collect();
+
+        for phone in &phones[..MAX_OPEN_SESSIONS] {
+            sessions.start_or_join(phone).unwrap();
+        }
+        let refused = sessions.start_or_join(&phones[MAX_OPEN_SESSIONS]);
+        let joined = sessions.start_or_join(&phones[0]);
+
+        assert_eq!(refused.err(), Some(SessionError::AtCapacity));
+        assert_eq!(joined.unwrap().0, Joined::Existing);
+        sessions.shutdown(Duration::from_secs(5)).await;
     }
 
     async fn linked_registry(outcome_ttl: Duration) -> (Sessions, PhoneNumber) {

@@ -70,6 +70,9 @@ pub enum ApiError {
     /// The session is busy with other requests.
     #[error("the pairing session is busy; try again in a moment")]
     Busy,
+    /// Too many sessions are open on this server.
+    #[error("too many pairing sessions are open on this server; try again in a minute")]
+    AtCapacity,
     /// A bug or an unexpected failure on our side.
     #[error("internal error; the request id in the response headers helps us find it")]
     Internal,
@@ -112,7 +115,8 @@ impl ApiError {
             Self::WhatsAppUnavailable(_)
             | Self::StoreUnavailable
             | Self::ShuttingDown
-            | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::Busy
+            | Self::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
             Self::CompanionUnavailable(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -136,6 +140,7 @@ impl ApiError {
             Self::StoreUnavailable => "store_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::Busy => "busy",
+            Self::AtCapacity => "at_capacity",
             Self::Internal => "internal",
             Self::WrongCode => "wrong_code",
             Self::NoCodeRequested => "no_code_requested",
@@ -147,6 +152,7 @@ impl ApiError {
         match self {
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Busy | Self::ShuttingDown => Some(Duration::from_secs(1)),
+            Self::AtCapacity => Some(Duration::from_secs(60)),
             _ => None,
         }
     }
@@ -160,6 +166,7 @@ impl From<SessionError> for ApiError {
             SessionError::Ended(status) => Self::SessionEnded(status),
             SessionError::ShuttingDown => Self::ShuttingDown,
             SessionError::Busy => Self::Busy,
+            SessionError::AtCapacity => Self::AtCapacity,
         }
     }
 }
