@@ -20,18 +20,21 @@ WORKDIR /build
 #    Cargo.toml, Cargo.lock or crates/fake-wa/Cargo.toml change.
 COPY Cargo.toml Cargo.lock ./
 COPY crates/fake-wa/Cargo.toml crates/fake-wa/Cargo.toml
-RUN mkdir -p src crates/fake-wa/src \
+RUN mkdir -p src crates/fake-wa/src benches \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > benches/pairing.rs \
     && : > src/lib.rs \
     && : > crates/fake-wa/src/lib.rs \
     && cargo build --release --locked --bin wa-pair \
-    && rm -rf src crates/fake-wa/src
+    && rm -rf src crates/fake-wa/src benches
 
 # 2. The real sources. COPY keeps the files' original modification times,
 #    which can be older than the stub build, so touch the crate roots to make
 #    sure cargo rebuilds wa-pair instead of reusing the stub.
 COPY src ./src
 COPY crates/fake-wa/src ./crates/fake-wa/src
+# Cargo reads every declared target's path, the benchmark's included.
+COPY benches ./benches
 RUN touch src/main.rs src/lib.rs crates/fake-wa/src/lib.rs \
     && cargo build --release --locked --bin wa-pair \
     && install -m 0755 target/release/wa-pair /usr/local/bin/wa-pair

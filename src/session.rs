@@ -31,7 +31,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::link::{LinkError, LinkEvent, LinkSession, LinkedAccount, Linker};
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+
+use crate::link::{IssuedCode, LinkError, LinkEvent, LinkSession, LinkedAccount, Linker};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
 use crate::store::PairingStore;
@@ -45,12 +48,25 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(15);
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Longest a state write may hold up the session (and so the HTTP answer).
 /// The Upstash client retries internally; past this we move on and heal later.
-pub const STORE_WRITE_BUDGET: Duration = Duration::from_secs(3);
+///
+/// Longer than one Upstash request (5 s) so a slow but working store still
+/// gets its write in; a dead one fails fast anyway.
+pub const STORE_WRITE_BUDGET: Duration = Duration::from_secs(6);
 /// Backoff between attempts to heal the store after a failed write.
 pub const STORE_HEAL_BACKOFF: Backoff =
     Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
 /// Attempts to heal the store once a session has ended, before giving up.
 pub const FINAL_HEAL_ATTEMPTS: u32 = 3;
+/// A code WhatsApp invalidated is replaced at once, but never sooner than
+/// this after the previous one was issued: a peer that keeps invalidating
+/// codes must not get a request storm back.
+pub const MIN_EVENT_REFRESH_GAP: Duration = Duration::from_secs(5);
+/// "Refresh Kode" pressed again within this long of a new code returns that
+/// code instead of asking WhatsApp for yet another (double clicks, retries).
+pub const MANUAL_REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
+/// How long a refresh or cancel waits for the session to answer. A refresh
+/// still in progress then answers with the current state (`starting`).
+pub const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Commands waiting for a session task; callers beyond this get a 503.
 const COMMAND_QUEUE: usize = 16;
 /// Most sessions open at once. Each holds a WhatsApp connection (about
@@ -286,6 +302,9 @@ pub enum SessionError {
     AtCapacity,
 }
 
+/// Where a session sends its answer to a command.
+pub type Reply = oneshot::Sender<Result<PairState, SessionError>>;
+
 /// A request to a session task.
 #[derive(Debug)]
 pub enum Command {
@@ -308,6 +327,8 @@ pub enum StepOutcome {
         /// Delay before the next attempt.
         after: Duration,
     },
+    /// The code shown was invalidated; a new one is scheduled.
+    Invalidated,
     /// Nothing visible changed (an informational event, a store heal).
     Idle,
     /// The session ended with this status.
@@ -337,7 +358,11 @@ pub struct Session {
     stopping: watch::Receiver<bool>,
     deadline: Instant,
     next_request: Option<Instant>,
+    /// When the live code was issued.
+    last_issued: Option<Instant>,
     failures: u32,
+    /// Jitter source for the retry backoff.
+    rng: StdRng,
     store_heal_at: Option<Instant>,
     store_failures: u32,
 }
@@ -370,7 +395,9 @@ impl Session {
             commands,
             stopping,
             next_request: Some(now),
+            last_issued: None,
             failures: 0,
+            rng: StdRng::from_os_rng(),
             store_heal_at: None,
             store_failures: 0,
         };
@@ -389,6 +416,8 @@ impl Session {
 
     /// Runs steps until the session ends, then releases the link client.
     pub async fn run(mut self) {
+        // The first state is stored too: a reader sees `starting`, not nothing.
+        self.write_store().await;
         loop {
             if self.step().await.is_terminal() {
                 break;
@@ -399,6 +428,11 @@ impl Session {
 
     /// Releases the link client and makes a last effort to heal the store.
     pub async fn close(&mut self) {
+        // One immediate retry first: releasing the link can take seconds,
+        // and a shutdown may not leave time for more.
+        if self.store_heal_at.is_some() {
+            self.write_store().await;
+        }
         if let Some(link) = self.link.take() {
             link.handle.shutdown().await;
         }
@@ -422,28 +456,24 @@ impl Session {
             .min()
             .unwrap_or(self.deadline);
         tokio::select! {
+            // Link events first: a link that already happened must win over
+            // a cancel or a stop queued behind it.
             biased;
+            event = next_link_event(&mut self.link) => self.on_link_event(event).await,
+            () = stop_requested(&mut self.stopping) => self.interrupted().await,
             command = self.commands.recv() => match command {
                 Some(Command::Refresh(reply)) => {
-                    let outcome = self.request_code().await;
-                    let answer = match &outcome {
-                        StepOutcome::Ended(status) => Err(ended(*status)),
-                        _ => Ok(self.state.clone()),
-                    };
-                    let _ = reply.send(answer);
-                    outcome
+                    if let Some(current) = self.refresh_not_needed() {
+                        let _ = reply.send(Ok(current));
+                        return StepOutcome::Idle;
+                    }
+                    self.request_code(vec![reply]).await
                 }
-                Some(Command::Cancel(reply)) => {
-                    let outcome = self.finish(Status::Cancelled, Reason::Cancelled, None).await;
-                    let _ = reply.send(Ok(self.state.clone()));
-                    outcome
-                }
+                Some(Command::Cancel(reply)) => self.cancel(reply, Vec::new()).await,
                 // Every sender gone means the registry is gone: treat it as
                 // a shutdown rather than run unobserved.
                 None => self.interrupted().await,
             },
-            () = stop_requested(&mut self.stopping) => self.interrupted().await,
-            event = next_link_event(&mut self.link) => self.on_link_event(event).await,
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
                 if now >= self.deadline {
@@ -454,7 +484,7 @@ impl Session {
                     )
                     .await
                 } else if self.next_request.is_some_and(|at| at <= now) {
-                    self.request_code().await
+                    self.request_code(Vec::new()).await
                 } else {
                     self.write_store().await;
                     StepOutcome::Idle
@@ -463,31 +493,84 @@ impl Session {
         }
     }
 
-    /// Asks for a code (opening the link client first if needed). A
-    /// shutdown does not wait for WhatsApp's answer.
-    async fn request_code(&mut self) -> StepOutcome {
+    /// The current state when a manual refresh should not reach WhatsApp:
+    /// while waiting out WhatsApp's own backoff, or right after a new code.
+    fn refresh_not_needed(&self) -> Option<PairState> {
+        let now = Instant::now();
+        let backing_off = self.state.status == Status::Starting
+            && self.state.whatsapp_status.is_some()
+            && self.next_request.is_some_and(|at| at > now);
+        let just_issued = self.state.status == Status::Pending
+            && self
+                .last_issued
+                .is_some_and(|at| now.duration_since(at) < MANUAL_REFRESH_DEBOUNCE);
+        (backing_off || just_issued).then(|| self.state.clone())
+    }
+
+    async fn cancel(&mut self, reply: Reply, waiting: Vec<Reply>) -> StepOutcome {
+        let outcome = self
+            .finish(Status::Cancelled, Reason::Cancelled, None)
+            .await;
+        let _ = reply.send(Ok(self.state.clone()));
+        self.answer(waiting, &outcome);
+        outcome
+    }
+
+    /// Answers refreshes that waited for `outcome`.
+    fn answer(&self, waiting: Vec<Reply>, outcome: &StepOutcome) {
+        for reply in waiting {
+            let answer = match outcome {
+                StepOutcome::Ended(status) => Err(ended(*status)),
+                _ => Ok(self.state.clone()),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Asks for a code (opening the link client first if needed), then
+    /// answers the refreshes in `waiting`. While WhatsApp is being asked, a
+    /// stop or a cancel interrupts and further refreshes join this request.
+    async fn request_code(&mut self, mut waiting: Vec<Reply>) -> StepOutcome {
         self.next_request = None;
         let mut link = self.link.take();
+        let linker = Arc::clone(&self.linker);
+        let phone = self.phone.clone();
         let mut stopping = self.stopping.clone();
-        let attempt = async {
-            if link.is_none() {
-                link = Some(self.linker.open(&self.phone).await?);
+        let result = {
+            let attempt = async {
+                if link.is_none() {
+                    link = Some(linker.open(&phone).await?);
+                }
+                match &link {
+                    Some(link) => link.handle.request_code().await,
+                    None => Err(LinkError::Closed),
+                }
+            };
+            tokio::pin!(attempt);
+            loop {
+                tokio::select! {
+                    result = &mut attempt => break Ok(result),
+                    () = stop_requested(&mut stopping) => break Err(None),
+                    command = self.commands.recv() => match command {
+                        Some(Command::Refresh(reply)) => waiting.push(reply),
+                        Some(Command::Cancel(reply)) => break Err(Some(reply)),
+                        None => break Err(None),
+                    },
+                }
             }
-            match &link {
-                Some(link) => link.handle.request_code().await,
-                None => Err(LinkError::Closed),
-            }
-        };
-        let result = tokio::select! {
-            result = attempt => Some(result),
-            () = stop_requested(&mut stopping) => None,
         };
         self.link = link;
-        let issued = match result {
-            None => return self.interrupted().await,
-            Some(Ok(issued)) => issued,
-            Some(Err(e)) => return self.request_failed(e).await,
+        let outcome = match result {
+            Err(None) => self.interrupted().await,
+            Err(Some(cancel)) => return self.cancel(cancel, waiting).await,
+            Ok(Ok(issued)) => self.code_issued(issued).await,
+            Ok(Err(e)) => self.request_failed(e).await,
         };
+        self.answer(waiting, &outcome);
+        outcome
+    }
+
+    async fn code_issued(&mut self, issued: IssuedCode) -> StepOutcome {
         self.failures = 0;
         let refresh_in = self
             .settings
@@ -495,6 +578,7 @@ impl Session {
             .min(issued.valid_for.saturating_sub(REFRESH_MARGIN))
             .max(MIN_REFRESH_INTERVAL);
         self.next_request = Some(Instant::now() + refresh_in);
+        self.last_issued = Some(Instant::now());
         let now = OffsetDateTime::now_utc();
         let attempt = self.state.attempt + 1;
         let state = PairState {
@@ -555,7 +639,7 @@ impl Session {
         let delay = self.settings.backoff.delay_honouring(
             self.failures - 1,
             error.backoff(),
-            &mut rand::rng(),
+            &mut self.rng,
         );
         self.next_request = Some(Instant::now() + delay);
         let now = OffsetDateTime::now_utc();
@@ -603,7 +687,16 @@ impl Session {
                     event = "code_invalidated",
                     "WhatsApp invalidated the shown pairing; replacing it"
                 );
-                self.request_code().await
+                // The dead code leaves the store before its replacement is
+                // requested; the replacement comes as soon as allowed.
+                let earliest = self
+                    .last_issued
+                    .take()
+                    .map_or_else(Instant::now, |at| at + MIN_EVENT_REFRESH_GAP);
+                self.next_request = Some(earliest.max(Instant::now()));
+                let state = self.state.without_code(Status::Starting);
+                self.commit(state).await;
+                StepOutcome::Invalidated
             }
             LinkEvent::Refused { status, backoff } => {
                 self.request_failed(LinkError::Refused {
@@ -614,6 +707,18 @@ impl Session {
                 .await
             }
             LinkEvent::Linked(account) => self.linked(account).await,
+            LinkEvent::LinkedButNotSaved => {
+                self.finish(
+                    Status::Failed,
+                    Reason::Storage,
+                    Some(
+                        "the phone linked, but this server could not save the session; remove \
+                         the device in WhatsApp > Linked devices and pair again"
+                            .into(),
+                    ),
+                )
+                .await
+            }
             LinkEvent::Failed { reason } => {
                 self.finish(Status::Failed, Reason::LoggedOut, Some(reason))
                     .await
@@ -822,9 +927,22 @@ impl Sessions {
         let mut entries = self.entries();
         self.forget_old_outcomes(&mut entries);
         if let Some(entry) = entries.get(phone) {
-            let status = entry.state.borrow().status;
-            if !status.is_terminal() || status == Status::Linked {
+            let state = entry.state.borrow().clone();
+            let running = !entry.commands.is_closed();
+            if state.status == Status::Linked
+                || (!state.status.is_terminal() && running)
+                || self.holds_failure(&state)
+            {
                 return Ok((Joined::Existing, entry.state.clone()));
+            }
+            if !state.status.is_terminal() {
+                // Its task is gone without a final state (it panicked):
+                // replace it rather than serve its frozen state forever.
+                tracing::error!(phone = %phone, "session task died; starting a new one");
+            } else if entry.task.as_ref().is_some_and(|t| !t.is_finished()) {
+                // Still releasing its link client (and maybe healing the
+                // store): two clients on one device store would collide.
+                return Err(SessionError::Busy);
             }
         }
         if *self.stopping.borrow() {
@@ -856,6 +974,21 @@ impl Sessions {
             },
         );
         Ok((Joined::Created, state))
+    }
+
+    /// Whether a failed session's outcome should be served again instead of
+    /// asking WhatsApp once more: a refusal retrying cannot fix (403, 452)
+    /// for as long as the outcome is kept, and giving up for one backoff cap.
+    fn holds_failure(&self, state: &PairState) -> bool {
+        if state.status != Status::Failed {
+            return false;
+        }
+        let age = OffsetDateTime::now_utc() - state.updated_at;
+        match state.reason {
+            Some(Reason::WhatsappRefused) => true,
+            Some(Reason::GaveUp) => age < self.settings.backoff.cap,
+            _ => false,
+        }
     }
 
     /// Drops sessions that ended longer than `PAIR_OUTCOME_TTL_SECS` ago, so
@@ -891,25 +1024,34 @@ impl Sessions {
     async fn command(
         &self,
         phone: &PhoneNumber,
-        make: impl FnOnce(oneshot::Sender<Result<PairState, SessionError>>) -> Command,
+        make: impl FnOnce(Reply) -> Command,
     ) -> Result<PairState, SessionError> {
-        let commands = {
+        let (commands, states) = {
             let entries = self.entries();
             let entry = entries.get(phone).ok_or(SessionError::NotFound)?;
             let status = entry.state.borrow().status;
             if status.is_terminal() {
                 return Err(ended(status));
             }
-            entry.commands.clone()
+            (entry.commands.clone(), entry.state.clone())
         };
         let (reply, answer) = oneshot::channel();
-        commands.try_send(make(reply)).map_err(|e| match e {
+        let command = make(reply);
+        let is_refresh = matches!(command, Command::Refresh(_));
+        commands.try_send(command).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SessionError::Busy,
             mpsc::error::TrySendError::Closed(_) => SessionError::ShuttingDown,
         })?;
-        // The task answers every command it takes; a dropped reply means it
-        // ended in between.
-        answer.await.unwrap_or(Err(SessionError::ShuttingDown))
+        match tokio::time::timeout(COMMAND_REPLY_TIMEOUT, answer).await {
+            Ok(answer) => {
+                // The task answers every command it takes; a dropped reply
+                // means it ended in between.
+                answer.unwrap_or(Err(SessionError::ShuttingDown))
+            }
+            // A refresh still in progress: say where things stand.
+            Err(_) if is_refresh => Ok(states.borrow().clone()),
+            Err(_) => Err(SessionError::Busy),
+        }
     }
 
     /// Stops every session: open ones end as `failed`/`interrupted`. Waits
@@ -960,6 +1102,10 @@ mod tests {
         valid_for: Mutex<Option<Duration>>,
         /// Code requests never answer (WhatsApp silent).
         hang: AtomicBool,
+        /// Opening a link panics (a bug in the client library, say).
+        panic_on_open: AtomicBool,
+        /// Shutting a link down takes this long.
+        slow_shutdown: Mutex<Duration>,
         requests: AtomicU32,
         opens: AtomicU32,
         shutdowns: AtomicU32,
@@ -981,6 +1127,10 @@ mod tests {
     impl Linker for ScriptedLinker {
         async fn open(&self, _phone: &PhoneNumber) -> Result<LinkSession, LinkError> {
             self.0.opens.fetch_add(1, Ordering::SeqCst);
+            assert!(
+                !self.0.panic_on_open.load(Ordering::SeqCst),
+                "scripted panic in open"
+            );
             let (tx, rx) = mpsc::unbounded_channel();
             *self.0.events.lock().unwrap() = Some(tx);
             Ok(LinkSession {
@@ -1008,6 +1158,8 @@ mod tests {
             })
         }
         async fn shutdown(&self) {
+            let pause = *self.0.slow_shutdown.lock().unwrap();
+            tokio::time::sleep(pause).await;
             self.0.shutdowns.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -1137,17 +1289,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_invalidated_code_is_replaced_at_once() {
+    async fn an_invalidated_code_leaves_the_store_at_once_and_is_replaced() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let invalidated = Instant::now();
+
+        f.script
+            .emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
+        let first = f.session.step().await;
+        let stored_meanwhile = stored(&f.store).await.unwrap();
+        let second = f.session.step().await;
+
+        assert_eq!(first, StepOutcome::Invalidated);
+        assert_eq!(stored_meanwhile.status, Status::Starting);
+        assert!(stored_meanwhile.code.is_none(), "no dead code in the store");
+        assert_eq!(second, StepOutcome::CodeIssued { attempt: 2 });
+        assert_eq!(invalidated.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidations_right_after_a_code_wait_the_minimum_gap() {
         let mut f = fixture(settings());
         f.session.step().await;
         let issued = Instant::now();
 
         f.script
-            .emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
-        let outcome = f.session.step().await;
+            .emit(LinkEvent::CodeInvalidated(Invalidation::RefreshRequested));
+        f.session.step().await;
+        f.session.step().await;
 
-        assert_eq!(outcome, StepOutcome::CodeIssued { attempt: 2 });
-        assert_eq!(issued.elapsed(), Duration::ZERO);
+        assert_eq!(issued.elapsed(), MIN_EVENT_REFRESH_GAP);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1160,20 +1332,28 @@ mod tests {
         for _ in 0..6 {
             f.script.push(Err(LinkError::Timeout("test")));
         }
+        f.session.rng = StdRng::seed_from_u64(7);
+        let mut same_dice = StdRng::seed_from_u64(7);
+        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
 
         let mut delays = Vec::new();
         for _ in 0..6 {
-            let before = Instant::now();
             match f.session.step().await {
-                StepOutcome::Retrying { after } => delays.push((after, before)),
+                StepOutcome::Retrying { after } => delays.push(after),
                 other => panic!("expected a retry, got {other:?}"),
             }
         }
         let outcome = f.session.step().await;
 
+        // The n-th retry draws from [0, min(cap, base * 2^n)]: 1, 2, 4, 8, 8, 8 s.
+        let expected: Vec<Duration> = (0..6)
+            .map(|n| backoff.delay_honouring(n, None, &mut same_dice))
+            .collect();
+        assert_eq!(delays, expected);
         let ceilings = [1, 2, 4, 8, 8, 8].map(Duration::from_secs);
-        for (i, ((after, _), ceiling)) in delays.iter().zip(ceilings).enumerate() {
-            assert!(*after <= ceiling, "retry {i}: {after:?} > {ceiling:?}");
+        for (n, (delay, ceiling)) in delays.iter().zip(ceilings).enumerate() {
+            assert!(*delay <= ceiling, "retry {n}: {delay:?} > {ceiling:?}");
+            assert_eq!(backoff.ceiling(n as u32), ceiling);
         }
         assert_eq!(outcome, StepOutcome::CodeIssued { attempt: 1 });
         let state = f.states.borrow().clone();
@@ -1324,6 +1504,7 @@ mod tests {
     async fn refresh_command_issues_a_new_code_now() {
         let mut f = fixture(settings());
         f.session.step().await;
+        tokio::time::advance(MANUAL_REFRESH_DEBOUNCE).await;
         let (reply, answer) = oneshot::channel();
         f.commands.send(Command::Refresh(reply)).await.unwrap();
 
@@ -1332,6 +1513,81 @@ mod tests {
         let state = answer.await.unwrap().unwrap();
         assert_eq!(state.attempt, 2);
         assert_eq!(state.code.as_deref(), Some("CODE0002"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_right_after_a_new_code_returns_that_code() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        let (reply, answer) = oneshot::channel();
+        f.commands.send(Command::Refresh(reply)).await.unwrap();
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::Idle);
+        assert_eq!(
+            answer.await.unwrap().unwrap().code.as_deref(),
+            Some("CODE0001")
+        );
+        assert_eq!(f.script.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_while_waiting_out_whatsapps_backoff_does_not_ask_again() {
+        let mut f = fixture(settings());
+        f.script.push(Err(LinkError::Refused {
+            status: 429,
+            text: "rate-overlimit".into(),
+            backoff: Some(Duration::from_secs(90)),
+        }));
+        f.session.step().await;
+        let (reply, answer) = oneshot::channel();
+        f.commands.send(Command::Refresh(reply)).await.unwrap();
+
+        f.session.step().await;
+
+        let state = answer.await.unwrap().unwrap();
+        assert_eq!(state.status, Status::Starting);
+        assert_eq!(state.whatsapp_status, Some(429));
+        assert_eq!(f.script.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_interrupts_an_unanswered_code_request_and_joined_refreshes_learn_it() {
+        let mut f = fixture(settings());
+        f.script.hang.store(true, Ordering::SeqCst);
+        let (refresh, refreshed) = oneshot::channel();
+        let (cancel, cancelled) = oneshot::channel();
+
+        let (outcome, ()) = tokio::join!(f.session.step(), async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            f.commands.send(Command::Refresh(refresh)).await.unwrap();
+            f.commands.send(Command::Cancel(cancel)).await.unwrap();
+        });
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Cancelled));
+        assert_eq!(cancelled.await.unwrap().unwrap().status, Status::Cancelled);
+        assert_eq!(
+            refreshed.await.unwrap(),
+            Err(SessionError::Ended("cancelled"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_already_reported_wins_over_a_queued_cancel() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        let (cancel, _cancelled) = oneshot::channel();
+        f.commands.send(Command::Cancel(cancel)).await.unwrap();
+        f.script.emit(LinkEvent::Linked(LinkedAccount {
+            jid: "628123456789:1@s.whatsapp.net".into(),
+            lid: None,
+            platform: None,
+        }));
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Linked));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1427,6 +1683,80 @@ mod tests {
         assert_eq!(refused.err(), Some(SessionError::AtCapacity));
         assert_eq!(joined.unwrap().0, Joined::Existing);
         sessions.shutdown(Duration::from_secs(5)).await;
+    }
+
+    fn registry(script: &Arc<Script>) -> (Sessions, PhoneNumber) {
+        let sessions = Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(Arc::clone(script))),
+            Arc::new(MemoryStore::new()),
+        );
+        (sessions, PhoneNumber::parse("628123456789").unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_task_died_is_replaced_not_served_forever() {
+        let script = Arc::new(Script::default());
+        script.panic_on_open.store(true, Ordering::SeqCst);
+        let (sessions, phone) = registry(&script);
+        let (_, states) = sessions.start_or_join(&phone).unwrap();
+        while states.has_changed().is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        script.panic_on_open.store(false, Ordering::SeqCst);
+
+        let (joined, mut states) = sessions.start_or_join(&phone).unwrap();
+
+        assert_eq!(joined, Joined::Created);
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+        sessions.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_session_waits_until_the_cancelled_one_has_let_go_of_the_device() {
+        let script = Arc::new(Script::default());
+        *script.slow_shutdown.lock().unwrap() = Duration::from_secs(10);
+        let (sessions, phone) = registry(&script);
+        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+        sessions.cancel(&phone).await.unwrap();
+
+        let while_closing = sessions.start_or_join(&phone).map(|(j, _)| j);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let after = sessions.start_or_join(&phone).map(|(j, _)| j);
+
+        assert_eq!(while_closing, Err(SessionError::Busy));
+        assert_eq!(after, Ok(Joined::Created));
+        sessions.shutdown(Duration::from_secs(30)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_retrying_cannot_fix_is_served_again_without_asking_whatsapp() {
+        let script = Arc::new(Script::default());
+        script.push(Err(LinkError::Refused {
+            status: 452,
+            text: "feature-not-available".into(),
+            backoff: None,
+        }));
+        let (sessions, phone) = registry(&script);
+        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        states
+            .wait_for(|s| s.status == Status::Failed)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let (joined, states) = sessions.start_or_join(&phone).unwrap();
+
+        assert_eq!(joined, Joined::Existing);
+        assert_eq!(states.borrow().whatsapp_status, Some(452));
+        assert_eq!(script.requests.load(Ordering::SeqCst), 1);
     }
 
     async fn linked_registry(outcome_ttl: Duration) -> (Sessions, PhoneNumber) {

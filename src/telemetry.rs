@@ -32,7 +32,7 @@ pub use crate::phone::mask_phone;
 /// `Client/PairCode` is where the WhatsApp library logs the phone number
 /// and the pairing code in clear text. Matching is by prefix, so
 /// sub-targets such as `Client/PairCode/retry` are dropped too.
-pub const SECRET_TARGETS: &[&str] = &["Client/PairCode"];
+pub const SECRET_TARGETS: &[&str] = &["Client/PairCode", "Bot/PairCode"];
 
 /// Filter used by [`capture_subscriber`]: the most verbose one, so tests
 /// prove that secrets are dropped by the redaction itself, not by a level.

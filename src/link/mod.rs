@@ -129,7 +129,11 @@ pub enum LinkEvent {
         /// How long WhatsApp asked us to wait, if it said.
         backoff: Option<Duration>,
     },
-    /// The session cannot continue (logged out, client outdated, …).
+    /// The phone linked, but the device could not be saved on this server:
+    /// the link is useless here and the device should be removed from the
+    /// phone.
+    LinkedButNotSaved,
+    /// The session cannot continue (logged out, banned, client outdated, …).
     Failed {
         /// Human-readable reason, safe to log and show.
         reason: String,

@@ -124,9 +124,13 @@ impl Linker for WhatsAppLinker {
 /// State the library's event handler shares with the session.
 #[derive(Debug, Default)]
 struct Flags {
-    /// A `pair_with_code` call is in flight: its failure reaches the caller
-    /// as an `Err`, so the duplicate `PairingCodeError` event is dropped.
-    requesting: AtomicBool,
+    /// A code is live as far as the (ordered) event stream has told us:
+    /// set by `PairingCode`, cleared by anything that kills the code and
+    /// before each new request. The library reports a failed request both
+    /// as an `Err` and as a `PairingCodeError` event; only a
+    /// `PairingCodeError` while a code is live (its `companion_finish` was
+    /// refused) is news.
+    code_live: AtomicBool,
     /// The phone linked; later disconnects are the expected 515 dance.
     linked: AtomicBool,
     /// `shutdown` ran; nothing may be started again.
@@ -272,7 +276,7 @@ impl WhatsAppSession {
         // same number would make the phone's entry of the older one fail.
         client.cancel_pair_code().await;
         let started = tokio::time::Instant::now();
-        self.flags.requesting.store(true, Ordering::Release);
+        self.flags.code_live.store(false, Ordering::Release);
         let result = tokio::time::timeout(
             self.settings
                 .code_request_timeout
@@ -284,7 +288,6 @@ impl WhatsAppSession {
             }),
         )
         .await;
-        self.flags.requesting.store(false, Ordering::Release);
         match result {
             Err(_) => Err(LinkError::Timeout(
                 "WhatsApp did not answer the code request",
@@ -381,16 +384,25 @@ async fn on_event(
         // The receiver is gone only after shutdown; nothing to tell then.
         let _ = events.send(e);
     };
+    let code_died = |why: Invalidation| {
+        flags.code_live.store(false, Ordering::Release);
+        send(LinkEvent::CodeInvalidated(why));
+    };
     match event {
-        Event::PairingCode(issued) => send(LinkEvent::CodeIssued(IssuedCode {
-            code: PairingCode::new(issued.code.clone()),
-            valid_for: issued.timeout,
-        })),
-        Event::PairingQrCode(_) => send(LinkEvent::QrRotated),
-        Event::PairingCodeRefresh(_) if !linked => {
-            send(LinkEvent::CodeInvalidated(Invalidation::RefreshRequested))
+        Event::PairingCode(issued) => {
+            flags.code_live.store(true, Ordering::Release);
+            send(LinkEvent::CodeIssued(IssuedCode {
+                code: PairingCode::new(issued.code.clone()),
+                valid_for: issued.timeout,
+            }));
         }
-        Event::PairingCodeError(error) if !linked && !flags.requesting.load(Ordering::Acquire) => {
+        Event::PairingQrCode(_) => send(LinkEvent::QrRotated),
+        Event::PairingCodeRefresh(_) if !linked => code_died(Invalidation::RefreshRequested),
+        // Claims the live code in the guard: only the first refusal of a
+        // live code is news (see `Flags::code_live`).
+        Event::PairingCodeError(error)
+            if !linked && flags.code_live.swap(false, Ordering::AcqRel) =>
+        {
             send(LinkEvent::Refused {
                 status: error
                     .rejection
@@ -399,23 +411,22 @@ async fn on_event(
                 backoff: error.backoff,
             });
         }
-        Event::Disconnected(_) if !linked => {
-            send(LinkEvent::CodeInvalidated(Invalidation::Disconnected))
-        }
+        Event::Disconnected(_) if !linked => code_died(Invalidation::Disconnected),
         Event::PairingQrCodesExhausted(exhausted) if exhausted.disconnected && !linked => {
-            send(LinkEvent::CodeInvalidated(Invalidation::ClientStopped))
+            code_died(Invalidation::ClientStopped)
         }
-        Event::PairError(_) if !linked => {
-            send(LinkEvent::CodeInvalidated(Invalidation::PairingRejected))
+        // The library stops its own run loop (no reconnect, no
+        // `Disconnected`) after these; the code went with it.
+        Event::StreamReplaced(_) | Event::ConnectFailure(_) if !linked => {
+            code_died(Invalidation::ClientStopped)
         }
+        Event::PairError(_) if !linked => code_died(Invalidation::PairingRejected),
         Event::PairSuccess(success) => {
             flags.linked.store(true, Ordering::Release);
             // The identity must be on disk before anyone is told "linked".
             if let Err(e) = client.persistence_manager().flush().await {
                 tracing::error!(phone = %phone, error = %e, "could not flush the linked device");
-                send(LinkEvent::Failed {
-                    reason: "the link completed but the session could not be saved".into(),
-                });
+                send(LinkEvent::LinkedButNotSaved);
                 return;
             }
             let non_empty = |s: String| (!s.is_empty()).then_some(s);
@@ -430,6 +441,12 @@ async fn on_event(
         }),
         Event::ClientOutdated(_) => send(LinkEvent::Failed {
             reason: "WhatsApp says this client version is outdated; set WA_VERSION".into(),
+        }),
+        Event::TemporaryBan(ban) => send(LinkEvent::Failed {
+            reason: format!(
+                "WhatsApp temporarily banned this client for {} s",
+                ban.expire.num_seconds()
+            ),
         }),
         _ => {}
     }

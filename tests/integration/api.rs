@@ -200,6 +200,9 @@ async fn refresh_issues_a_new_code_and_is_refused_once_linked() {
     let app = TestApp::spawn().await;
     let first = json(app.post_pair(PHONE).await).await;
     let refresh_url = format!("{}/pair/{PHONE}/refresh", app.base);
+    // A refresh right after a new code is a double click: it returns that code.
+    let debounced = json(app.http.post(&refresh_url).send().await.unwrap()).await;
+    tokio::time::sleep(wa_pair::session::MANUAL_REFRESH_DEBOUNCE).await;
 
     let refreshed = app.http.post(&refresh_url).send().await.unwrap();
     let refreshed_status = refreshed.status();
@@ -211,6 +214,7 @@ async fn refresh_issues_a_new_code_and_is_refused_once_linked() {
     app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
     let after_link = app.http.post(&refresh_url).send().await.unwrap();
 
+    assert_eq!(debounced["code"], first["code"]);
     assert_eq!(refreshed_status, StatusCode::OK);
     assert_eq!(refreshed["attempt"], 2);
     assert_ne!(refreshed["code"], first["code"]);
@@ -373,7 +377,7 @@ async fn request_ids_are_propagated_or_generated() {
 }
 
 #[tokio::test]
-async fn an_upstash_backed_pair_writes_one_set_with_the_code_and_a_600_second_ttl() {
+async fn an_upstash_backed_pair_writes_one_set_per_state_change_with_a_600_second_ttl() {
     // Arrange
     let upstash = MockServer::start().await;
     Mock::given(method("POST"))
@@ -387,17 +391,28 @@ async fn an_upstash_backed_pair_writes_one_set_with_the_code_and_a_600_second_tt
     // Act
     let body = json(app.post_pair(PHONE).await).await;
 
-    // Assert
+    // Assert: `starting`, then `pending` with the code; nothing else.
     let requests = upstash.received_requests().await.unwrap();
-    assert_eq!(requests.len(), 1, "one Upstash command per state change");
-    let request = &requests[0];
-    assert_eq!(request.headers["authorization"], "Bearer token");
-    let command: Vec<String> = serde_json::from_slice(&request.body).unwrap();
-    assert_eq!(command[0], "SET");
-    assert_eq!(command[1], "wa:pair:628123456789");
-    assert_eq!(command[3..], ["EX", "600"]);
-    let stored: Value = serde_json::from_str(&command[2]).unwrap();
-    assert_eq!(stored, body);
+    let commands: Vec<Vec<String>> = requests
+        .iter()
+        .map(|r| {
+            assert_eq!(r.headers["authorization"], "Bearer token");
+            serde_json::from_slice(&r.body).unwrap()
+        })
+        .collect();
+    assert_eq!(commands.len(), 2, "one Upstash command per state change");
+    let states: Vec<Value> = commands
+        .iter()
+        .map(|command| {
+            assert_eq!(command[0], "SET");
+            assert_eq!(command[1], "wa:pair:628123456789");
+            assert_eq!(command[3..], ["EX", "600"]);
+            serde_json::from_str(&command[2]).unwrap()
+        })
+        .collect();
+    assert_eq!(states[0]["status"], "starting");
+    assert!(states[0]["code"].is_null());
+    assert_eq!(states[1], body);
 }
 
 #[tokio::test]
