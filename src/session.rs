@@ -213,6 +213,22 @@ impl PairState {
         }
     }
 
+    /// This state as a process that does not run the session sees it: the
+    /// process that ran it is gone (a restart or crash), and so are its code
+    /// and its connection to WhatsApp.
+    pub fn orphaned(&self) -> Self {
+        if self.status.is_terminal() {
+            return self.clone();
+        }
+        Self {
+            reason: Some(Reason::Interrupted),
+            message: Some(
+                "the service restarted before the phone linked; request a new code".into(),
+            ),
+            ..self.without_code(Status::Failed)
+        }
+    }
+
     /// The same session without a live code (and without stale details).
     fn without_code(&self, status: Status) -> Self {
         Self {

@@ -82,9 +82,13 @@ pub enum ApiError {
     /// Sandbox: no code has been requested for this phone.
     #[error("no pairing code was requested for this phone; POST /pair first")]
     NoCodeRequested,
-    /// Sandbox: the companion did not answer.
-    #[error("the link client did not answer the fake phone: {0}")]
-    CompanionUnavailable(String),
+    /// Sandbox: the link client that asked for the code is gone (the
+    /// session was cancelled, linked or replaced).
+    #[error("the link client that asked for this code is gone; POST /pair for a new one")]
+    CompanionGone,
+    /// Sandbox: the link client did not answer the fake phone.
+    #[error("the link client did not answer the fake phone")]
+    CompanionUnavailable,
 }
 
 #[derive(Serialize)]
@@ -107,9 +111,10 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound | Self::SessionNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::AlreadyLinked | Self::SessionEnded(_) | Self::NoCodeRequested => {
-                StatusCode::CONFLICT
-            }
+            Self::AlreadyLinked
+            | Self::SessionEnded(_)
+            | Self::NoCodeRequested
+            | Self::CompanionGone => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::WhatsAppForbidden => StatusCode::FORBIDDEN,
             Self::WhatsAppUnavailable(_)
@@ -117,7 +122,7 @@ impl ApiError {
             | Self::ShuttingDown
             | Self::Busy
             | Self::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
-            Self::CompanionUnavailable(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::CompanionUnavailable => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -144,7 +149,8 @@ impl ApiError {
             Self::Internal => "internal",
             Self::WrongCode => "wrong_code",
             Self::NoCodeRequested => "no_code_requested",
-            Self::CompanionUnavailable(_) => "companion_unavailable",
+            Self::CompanionGone => "companion_gone",
+            Self::CompanionUnavailable => "companion_unavailable",
         }
     }
 
@@ -153,6 +159,7 @@ impl ApiError {
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Busy | Self::ShuttingDown => Some(Duration::from_secs(1)),
             Self::AtCapacity => Some(Duration::from_secs(60)),
+            Self::StoreUnavailable | Self::WhatsAppUnavailable(_) => Some(Duration::from_secs(5)),
             _ => None,
         }
     }

@@ -16,6 +16,9 @@ use super::{ApiError, AppState};
 use crate::phone::PhoneNumber;
 use crate::session::{Joined, PairState, Reason, Status};
 
+/// How long `GET /pair/{phone}` waits for the store when this process has
+/// no session for the phone: a poll must not hang on a slow store.
+pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// `Retry-After` for a session still connecting with nothing to report yet.
 pub const STARTING_RETRY_AFTER: Duration = Duration::from_secs(2);
 
@@ -68,14 +71,21 @@ async fn show(
         return Ok(Json(state));
     }
     let key = app.sessions.settings().key(&phone);
-    match app.sessions.store().get(&key).await {
-        Ok(Some(json)) => serde_json::from_str(&json).map(Json).map_err(|e| {
-            tracing::error!(phone = %phone, error = %e, "stored state does not parse");
-            ApiError::Internal
-        }),
-        Ok(None) => Err(ApiError::SessionNotFound),
-        Err(e) => {
+    let read = tokio::time::timeout(STORE_READ_TIMEOUT, app.sessions.store().get(&key)).await;
+    match read {
+        Ok(Ok(Some(json))) => serde_json::from_str::<PairState>(&json)
+            .map(|state| Json(state.orphaned()))
+            .map_err(|e| {
+                tracing::error!(phone = %phone, error = %e, "stored state does not parse");
+                ApiError::Internal
+            }),
+        Ok(Ok(None)) => Err(ApiError::SessionNotFound),
+        Ok(Err(e)) => {
             tracing::warn!(phone = %phone, error = %e, "store read failed");
+            Err(ApiError::StoreUnavailable)
+        }
+        Err(_) => {
+            tracing::warn!(phone = %phone, "store read timed out");
             Err(ApiError::StoreUnavailable)
         }
     }

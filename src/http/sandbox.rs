@@ -42,7 +42,11 @@ async fn enter_code(
         Ok(linked) => Ok(Json(json!({"linked": true, "jid": linked.jid}))),
         Err(EnterCodeError::WrongCode | EnterCodeError::MalformedCode) => Err(ApiError::WrongCode),
         Err(EnterCodeError::NoCodeRequested) => Err(ApiError::NoCodeRequested),
-        Err(other) => Err(ApiError::CompanionUnavailable(other.to_string())),
+        Err(EnterCodeError::CompanionGone) => Err(ApiError::CompanionGone),
+        Err(other) => {
+            tracing::warn!(phone = %phone, error = %other, "the fake phone could not link");
+            Err(ApiError::CompanionUnavailable)
+        }
     }
 }
 

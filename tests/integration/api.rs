@@ -478,3 +478,68 @@ async fn pair_answers_202_starting_with_retry_after_while_whatsapp_is_silent() {
         "a stop does not wait for WhatsApp: {took:?}"
     );
 }
+
+#[tokio::test]
+async fn a_pending_state_left_by_another_process_reads_as_interrupted() {
+    // Arrange: what a crashed process leaves behind.
+    let store = Arc::new(MemoryStore::new());
+    let left_behind = json!({
+        "phone": PHONE, "status": "pending", "code": "ABCD1234", "code_display": "ABCD-1234",
+        "issued_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T00:03:00Z",
+        "refresh_at": "2026-01-01T00:02:45Z", "attempt": 1, "updated_at": "2026-01-01T00:00:00Z"
+    });
+    store
+        .set(
+            "wa:pair:628123456789",
+            &left_behind.to_string(),
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    let app = TestApp::spawn_with(store, |_| {}).await;
+
+    // Act
+    let state = app.get_json(&format!("/pair/{PHONE}")).await;
+
+    // Assert
+    assert_eq!(state["status"], "failed");
+    assert_eq!(state["reason"], "interrupted");
+    assert!(state["code"].is_null(), "a dead code is not shown");
+}
+
+#[tokio::test]
+async fn whatsapp_forbidden_answers_403() {
+    let app = TestApp::spawn().await;
+    app.fake()
+        .push_fault(Some(PHONE), Fault::Refuse { code: 403 });
+
+    let response = app.post_pair(PHONE).await;
+
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(json(response).await["error"], "whatsapp_forbidden");
+}
+
+#[tokio::test]
+async fn a_dropped_whatsapp_connection_replaces_the_code_in_the_store() {
+    // Arrange
+    let store = Arc::new(MemoryStore::new());
+    let app = TestApp::spawn_with(store.clone(), |_| {}).await;
+    let first = json(app.post_pair(PHONE).await).await;
+
+    // Act
+    assert!(app.fake().drop_connection(PHONE));
+    let replaced = app
+        .wait_for_state(PHONE, |s| s["attempt"] == 2 && s["status"] == "pending")
+        .await;
+
+    // Assert
+    assert_ne!(replaced["code"], first["code"]);
+    let stored: Value =
+        serde_json::from_str(&store.get("wa:pair:628123456789").await.unwrap().unwrap()).unwrap();
+    assert_eq!(stored, replaced);
+    let linked = app
+        .fake()
+        .enter_code(PHONE, replaced["code"].as_str().unwrap())
+        .await;
+    assert!(linked.is_ok(), "{linked:?}");
+}

@@ -46,6 +46,21 @@ async fn a_full_flow_logs_neither_codes_nor_the_phone_number() {
     );
     assert!(logs.contains("phone linked"));
     assert!(logs.contains("6281****6789"), "phones appear masked");
+    let request_line = logs
+        .lines()
+        .find(|l| l.contains("request completed") && l.contains(r#""route":"/pair""#))
+        .expect("a request line for POST /pair");
+    for field in [
+        r#""method":"POST""#,
+        r#""status":201"#,
+        "request_id",
+        "latency_ms",
+    ] {
+        assert!(
+            request_line.contains(field),
+            "{field} missing in {request_line}"
+        );
+    }
     for code in &codes {
         assert!(!logs.contains(code.as_str()), "code {code} leaked");
         let display = format!("{}-{}", &code[..4], &code[4..]);
