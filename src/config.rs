@@ -29,7 +29,7 @@ pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Json;
 /// Default [`Config::rust_log`]: our own lifecycle events at `info`, the
 /// WhatsApp client library only when something goes wrong (its `info` is a
 /// running commentary of every connection step).
-pub const DEFAULT_RUST_LOG: &str = "info,whatsapp_rust=warn,wacore=warn";
+pub const DEFAULT_RUST_LOG: &str = "info,whatsapp_rust=warn,wacore=warn,Client=warn";
 
 /// Default [`Config::data_dir`]: relative to the working directory, so local
 /// runs keep their state next to the checkout.
