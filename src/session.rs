@@ -3,11 +3,19 @@
 //!
 //! ```text
 //! starting -> pending(code) -> linked
-//! pending  -> pending            (refresh: a new code)
+//! pending  -> pending            (refresh: a new code, before the old one dies)
+//! pending  -> starting           (WhatsApp invalidated the code; a new one follows)
+//! starting -> starting           (a request failed; retry after backoff)
 //! starting|pending -> failed     (refused for good, gave up, logged out, interrupted)
-//! pending  -> expired            (PAIR_SESSION_MAX_SECS without a link)
-//! any      -> cancelled          (DELETE)
+//! starting|pending -> expired    (PAIR_SESSION_MAX_SECS without a link)
+//! starting|pending -> cancelled  (DELETE)
 //! ```
+//!
+//! A code is replaced at `min(PAIR_REFRESH_SECS, WhatsApp's validity - 15 s)`
+//! after it was issued, so the store never shows a code WhatsApp no longer
+//! accepts; the only overlap is the moment of the swap itself (the library
+//! withdraws the old code just before it asks for the new one, typically
+//! tens of milliseconds).
 //!
 //! Every change is written to the store first (bounded in time: a slow or
 //! dead store never holds a code back) and then published on a `watch`
