@@ -11,9 +11,18 @@ const PHONE: &str = "628123456789";
 /// captured at `filter`.
 async fn flow_logs(filter: &str) -> (String, Vec<String>) {
     let (subscriber, logs) = capture_subscriber_with_filter(filter);
-    // On a current-thread runtime every task this flow spawns is polled on
-    // this thread, so the thread-local default sees all of them.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // nextest runs each test in its own process: there the capture can be
+    // global and also sees logs from blocking threads. Under `cargo test`
+    // (shared process) it is thread-local; on a current-thread runtime every
+    // task this flow spawns is polled on this thread, so it sees those.
+    let own_process = std::env::var("NEXTEST_EXECUTION_MODE").as_deref() == Ok("process-per-test");
+    let _guard = if own_process {
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("first subscriber in this process");
+        None
+    } else {
+        Some(tracing::subscriber::set_default(subscriber))
+    };
     let codes = async {
         let app = TestApp::spawn().await;
         let first: serde_json::Value = app.post_pair(PHONE).await.json().await.unwrap();
