@@ -428,16 +428,6 @@ impl Session {
         (session, commands_tx, state_rx)
     }
 
-    /// The latest state.
-    pub fn state(&self) -> &PairState {
-        &self.state
-    }
-
-    /// When the next code request is due, if one is scheduled.
-    pub fn next_request(&self) -> Option<Instant> {
-        self.next_request
-    }
-
     /// Runs steps until the session ends, then releases the link client.
     pub async fn run(mut self) {
         // The first state is stored too: a reader sees `starting`, not nothing.

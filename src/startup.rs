@@ -131,11 +131,6 @@ impl App {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// The session registry.
-    pub fn sessions(&self) -> Arc<Sessions> {
-        Arc::clone(&self.sessions)
-    }
-
     /// Serves until `shutdown` completes, then stops accepting, interrupts
     /// the sessions (pending ones are stored as `failed`/`interrupted`),
     /// lets in-flight requests finish, and returns within the grace period.
@@ -187,17 +182,8 @@ impl App {
 /// outage must not keep the service (and the codes it can still hand out)
 /// down; `/readyz` reports it from then on.
 async fn check_store(store: &dyn PairingStore) {
-    match tokio::time::timeout(STARTUP_STORE_CHECK, store.ping()).await {
-        Ok(Ok(())) => tracing::info!(store = store.kind(), "store reachable"),
-        Ok(Err(crate::store::StoreError::Unauthorized)) => tracing::error!(
-            store = store.kind(),
-            "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN"
-        ),
-        Ok(Err(e)) => tracing::warn!(store = store.kind(), error = %e, "store not reachable yet"),
-        Err(_) => tracing::warn!(
-            store = store.kind(),
-            "store did not answer within {STARTUP_STORE_CHECK:?}"
-        ),
+    if crate::store::probe(store, STARTUP_STORE_CHECK).await {
+        tracing::info!(store = store.kind(), "store reachable");
     }
 }
 

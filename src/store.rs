@@ -740,6 +740,33 @@ fn mask_key(key: &str) -> String {
     }
 }
 
+/// Asks `store` whether it answers within `timeout`, logging why not.
+/// Shared by the startup check and `/readyz`, so both say the same thing
+/// (in particular the clear line for a rejected token).
+pub async fn probe(store: &dyn PairingStore, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, store.ping()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(StoreError::Unauthorized)) => {
+            tracing::error!(
+                store = store.kind(),
+                "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN"
+            );
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(store = store.kind(), error = %e, "store not reachable");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                store = store.kind(),
+                "store did not answer within {timeout:?}"
+            );
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

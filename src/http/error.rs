@@ -191,12 +191,17 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status(), Json(body)).into_response();
         if let Some(after) = self.retry_after() {
-            let secs = after.as_secs().max(1).to_string();
-            if let Ok(value) = HeaderValue::from_str(&secs) {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
+            set_retry_after(&mut response, after);
         }
         response
+    }
+}
+
+/// Sets `Retry-After` in whole seconds, at least 1.
+pub(super) fn set_retry_after(response: &mut Response, after: Duration) {
+    let secs = after.as_secs().max(1).to_string();
+    if let Ok(value) = HeaderValue::from_str(&secs) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
     }
 }
 

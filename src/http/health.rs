@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
-use crate::store::StoreError;
+use crate::store;
 
 /// Readiness gives the store this long to answer: probes must be quick.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,25 +29,9 @@ async fn healthz() -> Json<Value> {
 /// Readiness: the store answers.
 async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     let store = app.sessions.store();
-    match tokio::time::timeout(READY_TIMEOUT, store.ping()).await {
-        Ok(Ok(())) => Ok(Json(json!({"status": "ready", "store": store.kind()}))),
-        Ok(Err(StoreError::Unauthorized)) => {
-            tracing::error!(
-                store = store.kind(),
-                "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN"
-            );
-            Err(ApiError::StoreUnavailable)
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(store = store.kind(), error = %e, "store not ready");
-            Err(ApiError::StoreUnavailable)
-        }
-        Err(_) => {
-            tracing::warn!(
-                store = store.kind(),
-                "store did not answer within {READY_TIMEOUT:?}"
-            );
-            Err(ApiError::StoreUnavailable)
-        }
+    if store::probe(store.as_ref(), READY_TIMEOUT).await {
+        Ok(Json(json!({"status": "ready", "store": store.kind()})))
+    } else {
+        Err(ApiError::StoreUnavailable)
     }
 }

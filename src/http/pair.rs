@@ -4,13 +4,14 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use time::OffsetDateTime;
 
+use super::error::set_retry_after;
 use super::extract::{ApiJson, PhonePath};
 use super::{ApiError, AppState};
 use crate::phone::PhoneNumber;
@@ -136,9 +137,7 @@ fn answer(state: PairState, with_code: StatusCode) -> Result<Response, ApiError>
                 });
             }
             let mut response = (StatusCode::ACCEPTED, Json(state)).into_response();
-            if let Ok(value) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
+            set_retry_after(&mut response, retry_after);
             Ok(response)
         }
         Status::Failed => Err(failure(&state)),

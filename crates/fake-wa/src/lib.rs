@@ -347,14 +347,8 @@ impl FakeWhatsApp {
         if let Some(entry) = self.shared.lock().phones.get_mut(phone) {
             entry.finish_waiter = Some(finish_tx);
         }
-        let notification = NodeBuilder::new("notification")
-            .attrs([
-                ("from", SERVER_JID.to_string()),
-                ("type", "link_code_companion_reg".to_string()),
-                ("id", self.shared.next_stanza_id()),
-                ("t", primary::now_secs().to_string()),
-            ])
-            .children([NodeBuilder::new("link_code_companion_reg")
+        let notification = self.shared.link_code_notification(
+            NodeBuilder::new("link_code_companion_reg")
                 .attr("stage", "primary_hello")
                 .children([
                     NodeBuilder::new("link_code_pairing_wrapped_primary_ephemeral_pub")
@@ -367,8 +361,8 @@ impl FakeWhatsApp {
                         .bytes(pairing.pairing_ref.clone())
                         .build(),
                 ])
-                .build()])
-            .build();
+                .build(),
+        );
         connection
             .send(Command::Send(notification))
             .map_err(|_| EnterCodeError::CompanionGone)?;
@@ -506,20 +500,14 @@ impl FakeWhatsApp {
         let Some(connection) = state.connections.get(&id) else {
             return false;
         };
-        let node = NodeBuilder::new("notification")
-            .attrs([
-                ("from", SERVER_JID.to_string()),
-                ("type", "link_code_companion_reg".to_string()),
-                ("id", self.shared.next_stanza_id()),
-                ("t", primary::now_secs().to_string()),
-            ])
-            .children([NodeBuilder::new("link_code_companion_reg")
+        let node = self.shared.link_code_notification(
+            NodeBuilder::new("link_code_companion_reg")
                 .attr("stage", "refresh_code")
                 .children([NodeBuilder::new("link_code_pairing_ref")
                     .bytes(pairing.pairing_ref.clone())
                     .build()])
-                .build()])
-            .build();
+                .build(),
+        );
         connection.commands.send(Command::Send(node)).is_ok()
     }
 
@@ -543,6 +531,19 @@ impl Shared {
         // A panic while holding the lock cannot leave the maps half-written
         // in a way that matters to a test double; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A `link_code_companion_reg` notification from the server carrying `stage`.
+    fn link_code_notification(&self, stage: Node) -> Node {
+        NodeBuilder::new("notification")
+            .attrs([
+                ("from", SERVER_JID.to_string()),
+                ("type", "link_code_companion_reg".to_string()),
+                ("id", self.next_stanza_id()),
+                ("t", primary::now_secs().to_string()),
+            ])
+            .children([stage])
+            .build()
     }
 
     fn next_stanza_id(&self) -> String {

@@ -279,17 +279,8 @@ mod tests {
         let wrapped = PairCodeUtils::encrypt_ephemeral_pub(&public_bytes(&c.ephemeral), CODE);
 
         let hello = PrimaryHello::new("ABCD1235", &wrapped).unwrap();
-        // The companion still decrypts with the code it displays.
-        let primary_ephemeral =
-            PairCodeUtils::decrypt_primary_ephemeral_pub(&hello.wrapped_primary_ephemeral, CODE)
-                .unwrap();
-        let (bundle, _) = PairCodeUtils::prepare_key_bundle(
-            &c.ephemeral,
-            &primary_ephemeral,
-            &public_bytes(&primary),
-            &c.identity,
-        )
-        .unwrap();
+        // The companion still uses the code it displays.
+        let (bundle, _) = companion_finish(&c, &hello, &primary);
 
         assert_eq!(
             hello.open_bundle(&primary, &bundle, &public_bytes(&c.identity)),
