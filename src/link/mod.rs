@@ -16,6 +16,7 @@
 //! 4. [`LinkHandle::shutdown`] ends it; nothing keeps running afterwards.
 
 pub mod http_client;
+pub mod tasks;
 pub mod whatsapp;
 
 use std::fmt;

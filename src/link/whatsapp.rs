@@ -13,6 +13,13 @@
 //! keep them online. The credentials stay in `DATA_DIR` for whatever runs
 //! the account next.
 //!
+//! Ending a session releases everything its client held: the client runs on
+//! its own [`ClientRuntime`], whose [`TaskScope`] ends every library task at
+//! shutdown (some would otherwise keep the client alive for minutes), and
+//! shutdown returns only once the client is gone and its SQLite files are
+//! closed. A device that never linked is of no use to anyone: its files are
+//! deleted. A linked device's files stay, closed.
+//!
 //! The library logs the phone number and the pairing code in clear under the
 //! `Client/PairCode` target; `telemetry` filters that target out.
 
@@ -36,6 +43,7 @@ use whatsapp_rust_sqlite_storage::SqliteStore;
 use whatsapp_rust_tokio_transport::TokioWebSocketTransportFactory;
 
 use super::http_client::ReqwestHttpClient;
+use super::tasks::{ClientRuntime, TaskScope};
 use super::{
     Invalidation, IssuedCode, LinkError, LinkEvent, LinkHandle, LinkSession, LinkedAccount, Linker,
     PairingCode,
@@ -56,9 +64,16 @@ pub const POST_LINK_LOGIN_WAIT: Duration = Duration::from_secs(5);
 /// Poll interval while waiting for that login; the library offers no event
 /// for "logged in but not fully synced".
 const LOGIN_POLL: Duration = Duration::from_millis(100);
-/// How long a shutdown waits for the client's run loop to finish after
-/// disconnecting (it flushes the device store first).
+/// How long a shutdown waits for the client to disconnect and its run loop
+/// to finish (it flushes the device store first). Past this the client's
+/// tasks are cancelled anyway: a stuck client is stopped, never detached.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// After the client's tasks are cancelled, how long to wait for the last
+/// references to the client to go (each task lets go at its next poll, which
+/// takes microseconds unless a blocking SQLite call is in flight).
+pub const RELEASE_WAIT: Duration = Duration::from_secs(2);
+/// Poll interval while waiting for that release.
+const RELEASE_POLL: Duration = Duration::from_millis(5);
 /// Events are rare (a handful per code); the ordered mailbox only needs to
 /// absorb a burst while our handler is busy.
 const EVENT_MAILBOX: usize = 64;
@@ -151,17 +166,49 @@ struct Running {
     client: Arc<Client>,
     /// Completes when the client's run loop has ended.
     run_loop: JoinHandle<()>,
+    /// Owns every task the client spawned.
+    tasks: TaskScope,
 }
 
 impl Running {
+    /// Disconnects the client, ends all its tasks and waits (bounded) until
+    /// nothing refers to it any more, so its device store is closed.
     async fn stop(self) {
-        self.client.disconnect().await;
-        if tokio::time::timeout(SHUTDOWN_WAIT, self.run_loop)
-            .await
-            .is_err()
-        {
-            tracing::warn!("link client did not stop within {SHUTDOWN_WAIT:?}");
+        let Running {
+            client,
+            mut run_loop,
+            tasks,
+        } = self;
+        let graceful = tokio::time::timeout(SHUTDOWN_WAIT, async {
+            client.disconnect().await;
+            let _ = (&mut run_loop).await;
+        })
+        .await;
+        tasks.close();
+        if graceful.is_err() {
+            tracing::warn!("link client did not stop within {SHUTDOWN_WAIT:?}; cancelling it");
+            run_loop.abort();
+            let _ = run_loop.await;
         }
+        let weak = Arc::downgrade(&client);
+        drop(client);
+        release(weak, tasks).await;
+    }
+}
+
+/// Waits (bounded) until no task of `tasks` is left and `client` is gone.
+async fn release(client: std::sync::Weak<Client>, tasks: TaskScope) {
+    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+    while client.strong_count() > 0 || tasks.live_tasks() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                references = client.strong_count(),
+                tasks = tasks.live_tasks(),
+                "link client still referenced {RELEASE_WAIT:?} after it was stopped"
+            );
+            return;
+        }
+        tokio::time::sleep(RELEASE_POLL).await;
     }
 }
 
@@ -194,8 +241,8 @@ impl WhatsAppSession {
             .map_err(|e| {
                 LinkError::Storage(format!("creating {:?}: {e}", self.settings.data_dir))
             })?;
-        let path = WhatsAppLinker::store_path(&self.settings.data_dir, &self.phone);
-        let mut bot = self.build_bot(&path).await?;
+        let path = self.store_path();
+        let (mut bot, mut tasks) = self.build_bot(&path).await?;
         if !self.flags.linked.load(Ordering::Acquire)
             && bot
                 .client()
@@ -206,21 +253,33 @@ impl WhatsAppSession {
             // An earlier link of this number left a registered device here.
             // A new link needs a new device; keep the old credentials aside
             // rather than destroy them.
+            let client = Arc::downgrade(&bot.client());
             drop(bot);
+            tasks.close();
+            release(client, tasks).await;
             let kept = set_aside(&path).await?;
             tracing::warn!(
                 phone = %self.phone,
                 kept = %kept.display(),
                 "phone already had a linked device here; kept it aside and pairing a new one"
             );
-            bot = self.build_bot(&path).await?;
+            (bot, tasks) = self.build_bot(&path).await?;
         }
         let client = bot.client();
         let run_loop = tokio::spawn(bot.spawn());
-        Ok(Running { client, run_loop })
+        Ok(Running {
+            client,
+            run_loop,
+            tasks,
+        })
     }
 
-    async fn build_bot(&self, path: &Path) -> Result<Bot, LinkError> {
+    fn store_path(&self) -> PathBuf {
+        WhatsAppLinker::store_path(&self.settings.data_dir, &self.phone)
+    }
+
+    /// A bot on its own [`ClientRuntime`], with the scope that owns its tasks.
+    async fn build_bot(&self, path: &Path) -> Result<(Bot, TaskScope), LinkError> {
         let path_str = path
             .to_str()
             .ok_or_else(|| LinkError::Storage(format!("non UTF-8 path {path:?}")))?;
@@ -234,8 +293,10 @@ impl WhatsAppSession {
         let events = self.events.clone();
         let flags = Arc::clone(&self.flags);
         let phone = self.phone.clone();
+        let (runtime, tasks) = ClientRuntime::new();
         let mut builder = Bot::builder()
             .with_backend(backend)
+            .with_runtime(runtime)
             .with_transport_factory(transport)
             .with_http_client(self.http.clone())
             // WhatsApp rejects a pair-code companion whose display is not an
@@ -260,10 +321,13 @@ impl WhatsAppSession {
         if let Some(version) = self.settings.version {
             builder = builder.with_version(version);
         }
-        builder
-            .build()
-            .await
-            .map_err(|e| LinkError::Storage(e.to_string()))
+        match builder.build().await {
+            Ok(bot) => Ok((bot, tasks)),
+            Err(e) => {
+                tasks.close();
+                Err(LinkError::Storage(e.to_string()))
+            }
+        }
     }
 
     async fn request_code(&self) -> Result<IssuedCode, LinkError> {
@@ -303,12 +367,16 @@ impl WhatsAppSession {
     async fn shutdown(&self) {
         let mut running = self.running.lock().await;
         self.flags.closed.store(true, Ordering::Release);
+        let linked = self.flags.linked.load(Ordering::Acquire);
         if let Some(current) = running.take() {
-            if self.flags.linked.load(Ordering::Acquire) {
+            if linked {
                 // Let WhatsApp see the new device come online once.
                 await_post_link_login(&current.client, &self.phone).await;
             }
             current.stop().await;
+        }
+        if !linked {
+            remove_device_files(&self.store_path()).await;
         }
     }
 }
@@ -317,11 +385,38 @@ impl Drop for WhatsAppSession {
     fn drop(&mut self) {
         // Dropped without `shutdown` (a caller that gave up half-way through
         // `open`, say): stop the client in the background rather than leave
-        // its connection and run loop behind.
-        if let Some(running) = self.running.get_mut().take()
+        // its connection, tasks and files behind.
+        let running = self.running.get_mut().take();
+        let linked = self.flags.linked.load(Ordering::Acquire);
+        if (running.is_some() || !linked)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(running.stop());
+            let path = self.store_path();
+            runtime.spawn(async move {
+                if let Some(running) = running {
+                    running.stop().await;
+                }
+                if !linked {
+                    remove_device_files(&path).await;
+                }
+            });
+        }
+    }
+}
+
+/// Deletes an unlinked device's store: `path` and SQLite's side files.
+async fn remove_device_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        match tokio::fs::remove_file(&file).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // The path holds the phone number: name only the kind of file.
+            Err(e) => tracing::warn!(
+                file = if suffix.is_empty() { "db" } else { suffix },
+                error = %e,
+                "could not delete an unlinked device's file"
+            ),
         }
     }
 }

@@ -8,7 +8,7 @@ use wa_pair::link::{Invalidation, LinkError, LinkEvent, Linker};
 use whatsapp_rust::store::persistence_manager::PersistenceManager;
 use whatsapp_rust_sqlite_storage::SqliteStore;
 
-use crate::helpers::{FLOW_TIMEOUT, LinkHarness, next_event, phone};
+use crate::helpers::{FLOW_TIMEOUT, LinkHarness, fds_into, files_in, next_event, open_fds, phone};
 
 #[tokio::test]
 async fn code_links_when_typed_on_the_phone_and_the_device_is_persisted() {
@@ -249,4 +249,93 @@ async fn an_unanswered_code_request_times_out_and_the_next_one_succeeds() {
     assert!(waited < Duration::from_secs(10), "{waited:?}");
     assert!(next.is_ok(), "{next:?}");
     session.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_device_store_and_deletes_an_unlinked_devices_files() {
+    // Arrange: one session first, so lazily opened process-wide resources
+    // (the shared r2d2 thread pool, reqwest's pool) are in the baseline.
+    let harness = LinkHarness::start().await;
+    let linker = harness.linker();
+    let warm = linker.open(&phone(7)).await.expect("session opens");
+    warm.handle.request_code().await.expect("code issued");
+    warm.handle.shutdown().await;
+    let baseline = open_fds();
+
+    // Act
+    for n in 0..10 {
+        let session = linker.open(&phone(200 + n)).await.expect("session opens");
+        session.handle.request_code().await.expect("code issued");
+        session.handle.shutdown().await;
+    }
+
+    // Assert: nothing waits for a timer; shutdown has released it all.
+    assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
+    assert_eq!(
+        fds_into(harness.data_dir.path()),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert_eq!(files_in(harness.data_dir.path()), Vec::<String>::new());
+    let now = open_fds();
+    assert!(
+        now <= baseline + 2,
+        "open fds grew from {baseline} to {now} over ten ended sessions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_a_linked_devices_files_but_closes_them() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let phone = phone(8);
+    let mut session = harness.linker().open(&phone).await.expect("session opens");
+    let issued = session.handle.request_code().await.expect("code issued");
+    harness
+        .fake
+        .enter_code(phone.as_str(), issued.code.expose())
+        .await
+        .expect("the code links");
+    next_event(&mut session.events, |e| matches!(e, LinkEvent::Linked(_))).await;
+
+    // Act
+    session.handle.shutdown().await;
+
+    // Assert
+    let db = format!("{}.db", phone.as_str());
+    assert!(
+        files_in(harness.data_dir.path()).contains(&db),
+        "the linked device's store stays"
+    );
+    assert_eq!(
+        fds_into(harness.data_dir.path()),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_dropped_without_shutdown_still_releases_its_client() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let session = harness
+        .linker()
+        .open(&phone(9))
+        .await
+        .expect("session opens");
+    session.handle.request_code().await.expect("code issued");
+
+    // Act
+    drop(session);
+
+    // Assert
+    let deadline = std::time::Instant::now() + FLOW_TIMEOUT;
+    while !(fds_into(harness.data_dir.path()).is_empty()
+        && files_in(harness.data_dir.path()).is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
 }
