@@ -1,0 +1,222 @@
+//! What a session looks like from outside: its [`Status`], the [`Reason`] it
+//! ended and the [`PairState`] that is stored and returned by the API.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::phone::PhoneNumber;
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// No code yet (connecting, or retrying after a failure).
+    Starting,
+    /// A live code is shown.
+    Pending,
+    /// The phone linked. Final.
+    Linked,
+    /// Refused for good, gave up, logged out or interrupted. Final.
+    Failed,
+    /// Not linked within the session's maximum lifetime. Final.
+    Expired,
+    /// Cancelled through the API. Final.
+    Cancelled,
+}
+
+impl Status {
+    /// Whether the session has ended.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Starting | Self::Pending)
+    }
+
+    /// The snake-case name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Pending => "pending",
+            Self::Linked => "linked",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Why a session ended (or why it is waiting), as a stable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The service shut down while the session was open.
+    Interrupted,
+    /// Too many consecutive failures.
+    GaveUp,
+    /// WhatsApp refused in a way retrying cannot fix (403, 452).
+    WhatsappRefused,
+    /// The link client reported the device logged out or unusable.
+    LoggedOut,
+    /// The session reached its maximum lifetime.
+    MaxLifetime,
+    /// Cancelled through the API.
+    Cancelled,
+    /// Device storage failed.
+    Storage,
+}
+
+/// The state of one phone's pairing, exactly as stored under
+/// `wa:pair:{phone}` and returned by the API.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairState {
+    /// The phone number, digits only.
+    pub phone: PhoneNumber,
+    /// Where the session is.
+    pub status: Status,
+    /// The live code (`ABCD1234`), while pending.
+    pub code: Option<String>,
+    /// The live code as people type it (`ABCD-1234`).
+    pub code_display: Option<String>,
+    /// When the live code was issued.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub issued_at: Option<OffsetDateTime>,
+    /// When WhatsApp stops accepting the live code.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub expires_at: Option<OffsetDateTime>,
+    /// When the service replaces the live code.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub refresh_at: Option<OffsetDateTime>,
+    /// How many codes this session has issued.
+    pub attempt: u32,
+    /// When this state was produced.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Why the session ended (or is waiting).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<Reason>,
+    /// Human-readable detail for `reason`, safe to show.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+    /// When the next attempt runs, while retrying.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        with = "time::serde::rfc3339::option"
+    )]
+    pub retry_at: Option<OffsetDateTime>,
+    /// WhatsApp's status code for the last refusal, if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub whatsapp_status: Option<u16>,
+    /// The linked device's JID.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub jid: Option<String>,
+}
+
+impl fmt::Debug for PairState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the code: Debug output ends up in logs.
+        f.debug_struct("PairState")
+            .field("phone", &self.phone)
+            .field("status", &self.status)
+            .field("code", &self.code.as_ref().map(|_| "[redacted]"))
+            .field("attempt", &self.attempt)
+            .field("reason", &self.reason)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PairState {
+    /// The state of a session that has just started.
+    pub fn starting(phone: PhoneNumber) -> Self {
+        Self {
+            phone,
+            status: Status::Starting,
+            code: None,
+            code_display: None,
+            issued_at: None,
+            expires_at: None,
+            refresh_at: None,
+            attempt: 0,
+            updated_at: OffsetDateTime::now_utc(),
+            reason: None,
+            message: None,
+            retry_at: None,
+            whatsapp_status: None,
+            jid: None,
+        }
+    }
+
+    /// This state as a process that does not run the session sees it: the
+    /// process that ran it is gone (a restart or crash), and so are its code
+    /// and its connection to WhatsApp.
+    pub fn orphaned(&self) -> Self {
+        if self.status.is_terminal() {
+            return self.clone();
+        }
+        Self {
+            reason: Some(Reason::Interrupted),
+            message: Some(
+                "the service restarted before the phone linked; request a new code".into(),
+            ),
+            ..self.without_code(Status::Failed)
+        }
+    }
+
+    /// The same session without a live code (and without stale details).
+    pub(super) fn without_code(&self, status: Status) -> Self {
+        Self {
+            status,
+            code: None,
+            code_display: None,
+            issued_at: None,
+            expires_at: None,
+            refresh_at: None,
+            updated_at: OffsetDateTime::now_utc(),
+            reason: None,
+            message: None,
+            retry_at: None,
+            whatsapp_status: None,
+            ..self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_of_a_state_never_shows_the_code() {
+        let mut state = PairState::starting(PhoneNumber::parse("628123456789").unwrap());
+        state.code = Some("SECRET12".into());
+
+        let printed = format!("{state:?}");
+
+        assert!(!printed.contains("SECRET12"), "{printed}");
+        assert!(!printed.contains("628123456789"), "{printed}");
+    }
+
+    #[test]
+    fn stored_json_matches_the_documented_contract() {
+        let mut state = PairState::starting(PhoneNumber::parse("628123456789").unwrap());
+        state.status = Status::Pending;
+        state.code = Some("ABCD1234".into());
+        state.code_display = Some("ABCD-1234".into());
+        state.issued_at = Some(OffsetDateTime::UNIX_EPOCH);
+        state.attempt = 1;
+
+        let json: serde_json::Value = serde_json::to_value(&state).unwrap();
+
+        assert_eq!(json["phone"], "628123456789");
+        assert_eq!(json["status"], "pending");
+        assert_eq!(json["code"], "ABCD1234");
+        assert_eq!(json["code_display"], "ABCD-1234");
+        assert_eq!(json["issued_at"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["attempt"], 1);
+        for key in ["expires_at", "refresh_at", "updated_at"] {
+            assert!(json.get(key).is_some(), "{key} present");
+        }
+        let back: PairState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, state);
+    }
+}

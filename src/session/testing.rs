@@ -1,0 +1,132 @@
+//! Test doubles shared by the session tests: a scripted linker and a store
+//! that can be switched off.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use super::SessionSettings;
+use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, LinkSession, Linker, PairingCode};
+use crate::phone::PhoneNumber;
+use crate::retry::Backoff;
+use crate::store::{MemoryStore, PairingStore, StoreError};
+
+/// WhatsApp's own code validity.
+pub(super) const VALIDITY: Duration = Duration::from_secs(180);
+
+#[derive(Default)]
+pub(super) struct Script {
+    pub(super) results: Mutex<VecDeque<Result<IssuedCode, LinkError>>>,
+    pub(super) events: Mutex<Option<mpsc::UnboundedSender<LinkEvent>>>,
+    pub(super) valid_for: Mutex<Option<Duration>>,
+    /// Code requests never answer (WhatsApp silent).
+    pub(super) hang: AtomicBool,
+    /// Opening a link panics (a bug in the client library, say).
+    pub(super) panic_on_open: AtomicBool,
+    /// Shutting a link down takes this long.
+    pub(super) slow_shutdown: Mutex<Duration>,
+    pub(super) requests: AtomicU32,
+    pub(super) opens: AtomicU32,
+    pub(super) shutdowns: AtomicU32,
+}
+
+impl Script {
+    pub(super) fn push(&self, result: Result<IssuedCode, LinkError>) {
+        self.results.lock().unwrap().push_back(result);
+    }
+    pub(super) fn emit(&self, event: LinkEvent) {
+        let events = self.events.lock().unwrap();
+        events.as_ref().expect("session open").send(event).unwrap();
+    }
+}
+
+pub(super) struct ScriptedLinker(pub(super) Arc<Script>);
+
+#[async_trait]
+impl Linker for ScriptedLinker {
+    async fn open(&self, _phone: &PhoneNumber) -> Result<LinkSession, LinkError> {
+        self.0.opens.fetch_add(1, Ordering::SeqCst);
+        assert!(
+            !self.0.panic_on_open.load(Ordering::SeqCst),
+            "scripted panic in open"
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.0.events.lock().unwrap() = Some(tx);
+        Ok(LinkSession {
+            handle: Box::new(ScriptedHandle(Arc::clone(&self.0))),
+            events: rx,
+        })
+    }
+}
+
+pub(super) struct ScriptedHandle(Arc<Script>);
+
+#[async_trait]
+impl LinkHandle for ScriptedHandle {
+    async fn request_code(&self) -> Result<IssuedCode, LinkError> {
+        let n = self.0.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.0.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if let Some(result) = self.0.results.lock().unwrap().pop_front() {
+            return result;
+        }
+        Ok(IssuedCode {
+            code: PairingCode::new(format!("CODE{n:04}")),
+            valid_for: self.0.valid_for.lock().unwrap().unwrap_or(VALIDITY),
+        })
+    }
+    async fn shutdown(&self) {
+        let pause = *self.0.slow_shutdown.lock().unwrap();
+        tokio::time::sleep(pause).await;
+        self.0.shutdowns.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A store that can be switched off.
+#[derive(Default)]
+pub(super) struct FlakyStore {
+    pub(super) inner: MemoryStore,
+    pub(super) down: AtomicBool,
+}
+
+#[async_trait]
+impl PairingStore for FlakyStore {
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Server {
+                status: 503,
+                message: "down".into(),
+            });
+        }
+        self.inner.set(key, value, ttl).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+}
+
+pub(super) fn settings() -> SessionSettings {
+    SessionSettings {
+        code_ttl: Duration::from_secs(600),
+        refresh_every: Duration::from_secs(480),
+        session_max: Duration::from_secs(1800),
+        outcome_ttl: Duration::from_secs(86_400),
+        backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+        max_attempts: 10,
+        key_prefix: "wa:pair:".into(),
+    }
+}
