@@ -46,7 +46,7 @@ async fn create(
     ApiJson(request): ApiJson<PairRequest>,
 ) -> Result<Response, ApiError> {
     let phone = PhoneNumber::parse(&request.phone).map_err(ApiError::InvalidPhone)?;
-    let (joined, mut states) = app.sessions.start_or_join(&phone)?;
+    let (joined, mut states) = app.sessions.start_or_join(&phone).await?;
     // Something worth answering: a code, an outcome, or a failed attempt.
     let _ = tokio::time::timeout(
         app.code_wait,
@@ -54,6 +54,12 @@ async fn create(
     )
     .await;
     let state = states.borrow().clone();
+    if matches!(state.status, Status::Cancelled | Status::Expired) {
+        // Ended while this request waited for its first code (a DELETE
+        // landed meanwhile): the caller asked to pair and nothing is
+        // pairing, so that is an error, not a success.
+        return Err(ApiError::SessionEnded(state.status.as_str()));
+    }
     let created = if joined == Joined::Created {
         StatusCode::CREATED
     } else {

@@ -192,12 +192,13 @@ impl LinkError {
     ///
     /// WhatsApp uses 400 for throttling as well as bad input, so 400 counts
     /// as retryable; 403 (forbidden) and 452 (feature not available for the
-    /// account) do not, and neither does a closed session or broken storage.
+    /// account) do not, and neither does a closed session. Storage failures
+    /// are ours (a full disk, a store still held): retrying can fix them.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Refused { status, .. } => !matches!(status, 403 | 452),
-            Self::Timeout(_) | Self::Disconnected | Self::Client(_) => true,
-            Self::Storage(_) | Self::Closed => false,
+            Self::Timeout(_) | Self::Disconnected | Self::Client(_) | Self::Storage(_) => true,
+            Self::Closed => false,
         }
     }
 }
@@ -273,5 +274,9 @@ mod tests {
         assert!(!refused(452).is_retryable());
         assert!(!refused(403).is_retryable());
         assert!(!LinkError::Closed.is_retryable());
+        assert!(
+            LinkError::Storage("disk full".into()).is_retryable(),
+            "ours, not WhatsApp's"
+        );
     }
 }

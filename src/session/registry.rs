@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::SessionError;
 use super::state::{PairState, Reason, Status};
-use super::task::{Command, Reply, Session, SessionSettings, ended};
+use super::task::{Command, Reply, Session, SessionSettings, ended, outcome_error};
 use crate::link::Linker;
 use crate::phone::PhoneNumber;
 use crate::store::PairingStore;
@@ -34,10 +34,107 @@ pub enum Joined {
     Existing,
 }
 
-struct Entry {
+/// How long a new session for a phone waits for the previous session of the
+/// same phone to let go of its device store (its link client shuts down in
+/// well under a second unless WhatsApp is slow to say goodbye). Past this the
+/// caller gets `busy` with a `Retry-After`.
+pub const PREVIOUS_SESSION_WAIT: Duration = Duration::from_secs(8);
+/// Fewest ended sessions kept before the registry checks for aged-out ones;
+/// the check then runs each time the count doubles, so its cost is spread
+/// over the insertions that made it necessary.
+const OUTCOMES_PRUNE_MIN: usize = 64;
+
+/// A session whose task is running (it may have ended and still be
+/// releasing its link client).
+struct Live {
+    /// Tells this session apart from a later one for the same phone.
+    id: u64,
     commands: mpsc::Sender<Command>,
     state: watch::Receiver<PairState>,
+    /// Taken by [`Sessions::shutdown`] to wait for the task.
     task: Option<JoinHandle<()>>,
+    /// Closed when the task has ended and released everything it held.
+    released: watch::Receiver<()>,
+}
+
+/// What the registry knows: running sessions and recent outcomes.
+#[derive(Default)]
+struct Registry {
+    live: HashMap<PhoneNumber, Live>,
+    /// Final states of sessions whose tasks are gone, kept for
+    /// `PAIR_OUTCOME_TTL_SECS` (a linked phone is joined, not re-linked; a
+    /// refusal is served again without asking WhatsApp).
+    outcomes: HashMap<PhoneNumber, PairState>,
+    /// Outcome count at which the next insertion prunes aged-out ones.
+    prune_at: usize,
+    next_id: u64,
+}
+
+impl Registry {
+    /// `phone`'s outcome, unless it has aged out.
+    fn outcome(&self, phone: &PhoneNumber, ttl: Duration) -> Option<&PairState> {
+        self.outcomes
+            .get(phone)
+            .filter(|state| OffsetDateTime::now_utc() - state.updated_at < ttl)
+    }
+
+    fn keep_outcome(&mut self, state: PairState, ttl: Duration) {
+        if self.outcomes.len() >= self.prune_at {
+            let now = OffsetDateTime::now_utc();
+            self.outcomes.retain(|_, kept| now - kept.updated_at < ttl);
+            self.prune_at = (self.outcomes.len() * 2).max(OUTCOMES_PRUNE_MIN);
+        }
+        self.outcomes.insert(state.phone.clone(), state);
+    }
+}
+
+/// Owned by a session's task; when the task ends (or unwinds), moves the
+/// session from the running ones to the outcomes and wakes whoever waits
+/// for its device store.
+struct Departure {
+    registry: Arc<std::sync::Mutex<Registry>>,
+    phone: PhoneNumber,
+    id: u64,
+    state: watch::Receiver<PairState>,
+    outcome_ttl: Duration,
+    /// Dropped last: closes every [`Live::released`].
+    _released: watch::Sender<()>,
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        let last = self.state.borrow().clone();
+        let mut registry = lock(&self.registry);
+        if registry
+            .live
+            .get(&self.phone)
+            .is_some_and(|live| live.id == self.id)
+        {
+            registry.live.remove(&self.phone);
+        }
+        if last.status.is_terminal() {
+            registry.keep_outcome(last, self.outcome_ttl);
+        } else {
+            // The task unwound (a bug): forget it so the next POST starts
+            // afresh rather than serve its frozen state.
+            tracing::error!(phone = %self.phone, "session task died; its session is forgotten");
+        }
+    }
+}
+
+fn lock(registry: &std::sync::Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    // The registry stays consistent even if a holder panicked: every
+    // mutation is a single insert or remove.
+    registry.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one look at the registry found for a phone.
+enum Look {
+    /// A session to answer from: joined, or just started.
+    Session(Joined, watch::Receiver<PairState>),
+    /// An ended session still holding the phone's device store: wait for
+    /// this to close, then look again.
+    WaitFor(watch::Receiver<()>),
 }
 
 /// All sessions of the process, one per phone (single-flight).
@@ -45,8 +142,17 @@ pub struct Sessions {
     settings: Arc<SessionSettings>,
     linker: Arc<dyn Linker>,
     store: Arc<dyn PairingStore>,
-    entries: std::sync::Mutex<HashMap<PhoneNumber, Entry>>,
+    registry: Arc<std::sync::Mutex<Registry>>,
     stopping: watch::Sender<bool>,
+}
+
+/// How many entries the registry holds, for soak tests and diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryCounts {
+    /// Sessions whose task is running (ending ones included).
+    pub live: usize,
+    /// Outcomes kept for `PAIR_OUTCOME_TTL_SECS`.
+    pub outcomes: usize,
 }
 
 impl Sessions {
@@ -60,7 +166,7 @@ impl Sessions {
             settings: Arc::new(settings),
             linker,
             store,
-            entries: std::sync::Mutex::new(HashMap::new()),
+            registry: Arc::default(),
             stopping: watch::Sender::new(false),
         }
     }
@@ -75,50 +181,68 @@ impl Sessions {
         &self.settings
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<PhoneNumber, Entry>> {
-        // The map stays consistent even if a holder panicked: every
-        // mutation is a single insert or remove.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    /// How many sessions and outcomes are held right now.
+    pub fn counts(&self) -> RegistryCounts {
+        let registry = lock(&self.registry);
+        RegistryCounts {
+            live: registry.live.len(),
+            outcomes: registry.outcomes.len(),
+        }
     }
 
     /// Joins `phone`'s live (or linked) session, or starts a new one.
-    /// Concurrent callers for one phone get one session.
-    pub fn start_or_join(
+    /// Concurrent callers for one phone get one session. A session that has
+    /// just ended still holds the phone's device store for a moment; the
+    /// new one waits for it (at most [`PREVIOUS_SESSION_WAIT`]).
+    pub async fn start_or_join(
         &self,
         phone: &PhoneNumber,
     ) -> Result<(Joined, watch::Receiver<PairState>), SessionError> {
-        let mut entries = self.entries();
-        self.forget_old_outcomes(&mut entries);
-        if let Some(entry) = entries.get(phone) {
-            let state = entry.state.borrow().clone();
-            let running = !entry.commands.is_closed();
-            if state.status == Status::Linked
-                || (!state.status.is_terminal() && running)
-                || self.holds_failure(&state)
-            {
-                return Ok((Joined::Existing, entry.state.clone()));
-            }
-            if !state.status.is_terminal() {
-                // Its task is gone without a final state (it panicked):
-                // replace it rather than serve its frozen state forever.
-                tracing::error!(phone = %phone, "session task died; starting a new one");
-            } else if entry.task.as_ref().is_some_and(|t| !t.is_finished()) {
-                // Still releasing its link client (and maybe healing the
-                // store): two clients on one device store would collide.
+        let deadline = tokio::time::Instant::now() + PREVIOUS_SESSION_WAIT;
+        loop {
+            let mut released = match self.try_start_or_join(phone)? {
+                Look::Session(joined, state) => return Ok((joined, state)),
+                Look::WaitFor(released) => released,
+            };
+            // `Err` means the sender is gone: released, look again.
+            let wait = tokio::time::timeout_at(deadline, released.changed()).await;
+            if wait.is_err() {
+                tracing::warn!(phone = %phone, "previous session still releasing its link client");
                 return Err(SessionError::Busy);
             }
+        }
+    }
+
+    /// One look under the lock: the session to join, a new one, or what to
+    /// wait for before a new one can start.
+    fn try_start_or_join(&self, phone: &PhoneNumber) -> Result<Look, SessionError> {
+        let mut registry = lock(&self.registry);
+        if let Some(live) = registry.live.get(phone) {
+            let state = live.state.borrow().clone();
+            if !state.status.is_terminal()
+                || state.status == Status::Linked
+                || self.holds_failure(&state)
+            {
+                return Ok(Look::Session(Joined::Existing, live.state.clone()));
+            }
+            return Ok(Look::WaitFor(live.released.clone()));
+        }
+        if let Some(outcome) = registry.outcome(phone, self.settings.outcome_ttl)
+            && (outcome.status == Status::Linked || self.holds_failure(outcome))
+        {
+            let (_, state) = watch::channel(outcome.clone());
+            return Ok(Look::Session(Joined::Existing, state));
         }
         if *self.stopping.borrow() {
             return Err(SessionError::ShuttingDown);
         }
-        let open = entries
-            .values()
-            .filter(|e| !e.state.borrow().status.is_terminal())
-            .count();
+        let open = registry.live.len();
         if open >= MAX_OPEN_SESSIONS {
             tracing::warn!(open, "session limit reached; refusing a new session");
             return Err(SessionError::AtCapacity);
         }
+        registry.next_id += 1;
+        let id = registry.next_id;
         let (session, commands, state) = Session::new(
             phone.clone(),
             Arc::clone(&self.settings),
@@ -126,17 +250,31 @@ impl Sessions {
             Arc::clone(&self.store),
             self.stopping.subscribe(),
         );
+        let (released_tx, released) = watch::channel(());
+        let departure = Departure {
+            registry: Arc::clone(&self.registry),
+            phone: phone.clone(),
+            id,
+            state: state.clone(),
+            outcome_ttl: self.settings.outcome_ttl,
+            _released: released_tx,
+        };
         tracing::info!(phone = %phone, event = "session_started", "pairing session started");
-        let task = tokio::spawn(session.run());
-        entries.insert(
+        let task = tokio::spawn(async move {
+            let _departure = departure;
+            session.run().await;
+        });
+        registry.live.insert(
             phone.clone(),
-            Entry {
+            Live {
+                id,
                 commands,
                 state: state.clone(),
                 task: Some(task),
+                released,
             },
         );
-        Ok((Joined::Created, state))
+        Ok(Look::Session(Joined::Created, state))
     }
 
     /// Whether a failed session's outcome should be served again instead of
@@ -154,24 +292,14 @@ impl Sessions {
         }
     }
 
-    /// Drops sessions that ended longer than `PAIR_OUTCOME_TTL_SECS` ago, so
-    /// memory follows the live sessions and a number can be linked again
-    /// once its outcome has aged out (the store forgets it at the same time).
-    fn forget_old_outcomes(&self, entries: &mut HashMap<PhoneNumber, Entry>) {
-        let now = OffsetDateTime::now_utc();
-        let ttl = self.settings.outcome_ttl;
-        entries.retain(|_, entry| {
-            let state = entry.state.borrow();
-            let ended_long_ago = state.status.is_terminal() && now - state.updated_at >= ttl;
-            !ended_long_ago
-        });
-    }
-
-    /// The current state of `phone`'s session, if this process has one.
+    /// The current state of `phone`'s session (or its recent outcome), if
+    /// this process has one.
     pub fn get(&self, phone: &PhoneNumber) -> Option<PairState> {
-        self.entries()
-            .get(phone)
-            .map(|entry| entry.state.borrow().clone())
+        let registry = lock(&self.registry);
+        match registry.live.get(phone) {
+            Some(live) => Some(live.state.borrow().clone()),
+            None => registry.outcome(phone, self.settings.outcome_ttl).cloned(),
+        }
     }
 
     /// A new code now for `phone`'s session.
@@ -190,30 +318,48 @@ impl Sessions {
         make: impl FnOnce(Reply) -> Command,
     ) -> Result<PairState, SessionError> {
         let (commands, states) = {
-            let entries = self.entries();
-            let entry = entries.get(phone).ok_or(SessionError::NotFound)?;
-            let status = entry.state.borrow().status;
+            let registry = lock(&self.registry);
+            let Some(live) = registry.live.get(phone) else {
+                return Err(registry
+                    .outcome(phone, self.settings.outcome_ttl)
+                    .map_or(SessionError::NotFound, |outcome| ended(outcome.status)));
+            };
+            let status = live.state.borrow().status;
             if status.is_terminal() {
                 return Err(ended(status));
             }
-            (entry.commands.clone(), entry.state.clone())
+            (live.commands.clone(), live.state.clone())
         };
         let (reply, answer) = oneshot::channel();
         let command = make(reply);
         let is_refresh = matches!(command, Command::Refresh(_));
         commands.try_send(command).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SessionError::Busy,
-            mpsc::error::TrySendError::Closed(_) => SessionError::ShuttingDown,
+            // The session ended between the look-up and the send.
+            mpsc::error::TrySendError::Closed(_) => self.ended_meanwhile(&states),
         })?;
         match tokio::time::timeout(COMMAND_REPLY_TIMEOUT, answer).await {
-            Ok(answer) => {
-                // The task answers every command it takes; a dropped reply
-                // means it ended in between.
-                answer.unwrap_or(Err(SessionError::ShuttingDown))
-            }
+            Ok(Ok(answer)) => answer,
+            // The task answers every command it takes, and the ones still
+            // queued when it ends; a dropped reply means it unwound.
+            Ok(Err(_)) => Err(self.ended_meanwhile(&states)),
             // A refresh still in progress: say where things stand.
             Err(_) if is_refresh => Ok(states.borrow().clone()),
             Err(_) => Err(SessionError::Busy),
+        }
+    }
+
+    /// What a command that found its session gone is told: the session's
+    /// real outcome, `shutting_down` only when the service is stopping.
+    fn ended_meanwhile(&self, states: &watch::Receiver<PairState>) -> SessionError {
+        let last = states.borrow();
+        if last.status.is_terminal() {
+            outcome_error(&last)
+        } else if *self.stopping.borrow() {
+            SessionError::ShuttingDown
+        } else {
+            // The task unwound without a final state (a bug, logged there).
+            SessionError::Busy
         }
     }
 
@@ -222,11 +368,12 @@ impl Sessions {
     pub async fn shutdown(&self, grace: Duration) {
         // Under the lock, so no session can start after the flag is seen.
         let tasks: Vec<JoinHandle<()>> = {
-            let mut entries = self.entries();
+            let mut registry = lock(&self.registry);
             self.stopping.send_replace(true);
-            entries
+            registry
+                .live
                 .values_mut()
-                .filter_map(|entry| entry.task.take())
+                .filter_map(|live| live.task.take())
                 .collect()
         };
         let count = tasks.len();
@@ -259,10 +406,11 @@ mod tests {
         );
         let phone = PhoneNumber::parse("628123456789").unwrap();
 
-        let joins: Vec<Joined> = (0..50)
-            .map(|_| sessions.start_or_join(&phone).unwrap().0)
-            .collect();
-        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        let mut joins: Vec<Joined> = Vec::new();
+        for _ in 0..50 {
+            joins.push(sessions.start_or_join(&phone).await.unwrap().0);
+        }
+        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
         states
             .wait_for(|s| s.status == Status::Pending)
             .await
@@ -290,10 +438,10 @@ mod tests {
             .collect();
 
         for phone in &phones[..MAX_OPEN_SESSIONS] {
-            sessions.start_or_join(phone).unwrap();
+            sessions.start_or_join(phone).await.unwrap();
         }
-        let refused = sessions.start_or_join(&phones[MAX_OPEN_SESSIONS]);
-        let joined = sessions.start_or_join(&phones[0]);
+        let refused = sessions.start_or_join(&phones[MAX_OPEN_SESSIONS]).await;
+        let joined = sessions.start_or_join(&phones[0]).await;
 
         assert_eq!(refused.err(), Some(SessionError::AtCapacity));
         assert_eq!(joined.unwrap().0, Joined::Existing);
@@ -314,13 +462,13 @@ mod tests {
         let script = Arc::new(Script::default());
         script.panic_on_open.store(true, Ordering::SeqCst);
         let (sessions, phone) = registry(&script);
-        let (_, states) = sessions.start_or_join(&phone).unwrap();
+        let (_, states) = sessions.start_or_join(&phone).await.unwrap();
         while states.has_changed().is_ok() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         script.panic_on_open.store(false, Ordering::SeqCst);
 
-        let (joined, mut states) = sessions.start_or_join(&phone).unwrap();
+        let (joined, mut states) = sessions.start_or_join(&phone).await.unwrap();
 
         assert_eq!(joined, Joined::Created);
         states
@@ -332,23 +480,152 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_new_session_waits_until_the_cancelled_one_has_let_go_of_the_device() {
+        // Arrange
         let script = Arc::new(Script::default());
-        *script.slow_shutdown.lock().unwrap() = Duration::from_secs(10);
+        *script.slow_shutdown.lock().unwrap() = Duration::from_secs(3);
         let (sessions, phone) = registry(&script);
-        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+        sessions.cancel(&phone).await.unwrap();
+        let started = tokio::time::Instant::now();
+
+        // Act
+        let joined = sessions.start_or_join(&phone).await.map(|(j, _)| j);
+
+        // Assert
+        assert_eq!(joined, Ok(Joined::Created));
+        assert!(started.elapsed() >= Duration::from_secs(3), "it waited");
+        assert_eq!(
+            script.shutdowns.load(Ordering::SeqCst),
+            1,
+            "the old one let go first"
+        );
+        sessions.shutdown(Duration::from_secs(30)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_session_says_busy_when_the_previous_one_cannot_let_go_in_time() {
+        // Arrange
+        let script = Arc::new(Script::default());
+        *script.slow_shutdown.lock().unwrap() = PREVIOUS_SESSION_WAIT * 2;
+        let (sessions, phone) = registry(&script);
+        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
         states
             .wait_for(|s| s.status == Status::Pending)
             .await
             .unwrap();
         sessions.cancel(&phone).await.unwrap();
 
-        let while_closing = sessions.start_or_join(&phone).map(|(j, _)| j);
-        tokio::time::sleep(Duration::from_secs(11)).await;
-        let after = sessions.start_or_join(&phone).map(|(j, _)| j);
+        // Act
+        let while_closing = sessions.start_or_join(&phone).await.map(|(j, _)| j);
+        tokio::time::sleep(PREVIOUS_SESSION_WAIT * 2).await;
+        let after = sessions.start_or_join(&phone).await.map(|(j, _)| j);
 
+        // Assert
         assert_eq!(while_closing, Err(SessionError::Busy));
         assert_eq!(after, Ok(Joined::Created));
         sessions.shutdown(Duration::from_secs(30)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_to_a_session_that_just_ended_gets_its_outcome_not_shutting_down() {
+        // Arrange: the cancel's store write is slow, so a refresh queues
+        // behind it and is still waiting when the session ends.
+        let script = Arc::new(Script::default());
+        *script.slow_shutdown.lock().unwrap() = Duration::from_secs(2);
+        let sessions = Arc::new(registry(&script).0);
+        let phone = PhoneNumber::parse("628123456789").unwrap();
+        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+
+        // Act
+        let (cancelled, refreshed, cancelled_again) = tokio::join!(
+            sessions.cancel(&phone),
+            sessions.refresh(&phone),
+            sessions.cancel(&phone)
+        );
+        let later = sessions.refresh(&phone).await;
+
+        // Assert
+        assert_eq!(cancelled.unwrap().status, Status::Cancelled);
+        assert_eq!(refreshed, Err(SessionError::Ended("cancelled")));
+        assert_eq!(cancelled_again, Err(SessionError::Ended("cancelled")));
+        assert_eq!(later, Err(SessionError::Ended("cancelled")));
+        sessions.shutdown(Duration::from_secs(30)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_session_leaves_only_its_outcome_and_that_ages_out() {
+        // Arrange
+        let script = Arc::new(Script::default());
+        let sessions = Sessions::new(
+            SessionSettings {
+                outcome_ttl: Duration::from_secs(60),
+                ..settings()
+            },
+            Arc::new(ScriptedLinker(Arc::clone(&script))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phones: Vec<PhoneNumber> = (0..(OUTCOMES_PRUNE_MIN as u32 * 2))
+            .map(|n| PhoneNumber::parse(&format!("62812{n:08}")).unwrap())
+            .collect();
+
+        // Act
+        for phone in &phones {
+            let (_, mut states) = sessions.start_or_join(phone).await.unwrap();
+            states
+                .wait_for(|s| s.status == Status::Pending)
+                .await
+                .unwrap();
+            sessions.cancel(phone).await.unwrap();
+        }
+        until_released(&sessions).await;
+        let after_cancels = sessions.counts();
+        // Outcome timestamps are wall-clock: age them by waiting for real.
+        tokio::time::resume();
+        let sessions = Sessions {
+            settings: Arc::new(SessionSettings {
+                outcome_ttl: Duration::from_millis(1),
+                ..settings()
+            }),
+            ..sessions
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        let (_, mut states) = sessions.start_or_join(&phones[0]).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+        sessions.cancel(&phones[0]).await.unwrap();
+        until_released(&sessions).await;
+
+        // Assert
+        assert_eq!(after_cancels.live, 0, "no task, channel or client is left");
+        assert_eq!(after_cancels.outcomes, phones.len());
+        assert!(
+            sessions.counts().outcomes < OUTCOMES_PRUNE_MIN,
+            "aged-out outcomes are pruned: {:?}",
+            sessions.counts()
+        );
+        assert_eq!(
+            script.opens.load(Ordering::SeqCst),
+            script.shutdowns.load(Ordering::SeqCst),
+            "every link client opened was shut down"
+        );
+        sessions.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// Waits until no session task is left.
+    async fn until_released(sessions: &Sessions) {
+        while sessions.counts().live > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -360,14 +637,14 @@ mod tests {
             backoff: None,
         }));
         let (sessions, phone) = registry(&script);
-        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
         states
             .wait_for(|s| s.status == Status::Failed)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
 
-        let (joined, states) = sessions.start_or_join(&phone).unwrap();
+        let (joined, states) = sessions.start_or_join(&phone).await.unwrap();
 
         assert_eq!(joined, Joined::Existing);
         assert_eq!(states.borrow().whatsapp_status, Some(452));
@@ -385,7 +662,7 @@ mod tests {
             Arc::new(MemoryStore::new()),
         );
         let phone = PhoneNumber::parse("628123456789").unwrap();
-        let (_, mut states) = sessions.start_or_join(&phone).unwrap();
+        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
         states
             .wait_for(|s| s.status == Status::Pending)
             .await
@@ -406,7 +683,7 @@ mod tests {
     async fn a_linked_phone_is_joined_not_relinked_while_its_outcome_is_fresh() {
         let (sessions, phone) = linked_registry(Duration::from_secs(86_400)).await;
 
-        let (joined, states) = sessions.start_or_join(&phone).unwrap();
+        let (joined, states) = sessions.start_or_join(&phone).await.unwrap();
 
         assert_eq!(joined, Joined::Existing);
         assert_eq!(states.borrow().status, Status::Linked);
@@ -415,8 +692,9 @@ mod tests {
     #[tokio::test]
     async fn an_aged_out_outcome_is_forgotten_and_the_phone_can_link_again() {
         let (sessions, phone) = linked_registry(Duration::ZERO).await;
+        until_released(&sessions).await;
 
-        let (joined, _) = sessions.start_or_join(&phone).unwrap();
+        let (joined, _) = sessions.start_or_join(&phone).await.unwrap();
 
         assert_eq!(joined, Joined::Created);
         sessions.shutdown(Duration::from_secs(5)).await;

@@ -205,7 +205,19 @@ impl Session {
                 break;
             }
         }
+        self.refuse_late_commands();
         self.close().await;
+    }
+
+    /// Answers the commands still queued with the session's outcome and
+    /// takes no more: releasing the link client can take a moment, and a
+    /// caller should learn the outcome, not wait for it.
+    fn refuse_late_commands(&mut self) {
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            let (Command::Refresh(reply) | Command::Cancel(reply)) = command;
+            let _ = reply.send(Err(outcome_error(&self.state)));
+        }
     }
 
     /// Releases the link client and makes a last effort to heal the store.
@@ -302,7 +314,7 @@ impl Session {
     fn answer(&self, waiting: Vec<Reply>, outcome: &StepOutcome) {
         for reply in waiting {
             let answer = match outcome {
-                StepOutcome::Ended(status) => Err(ended(*status)),
+                StepOutcome::Ended(_) => Err(outcome_error(&self.state)),
                 _ => Ok(self.state.clone()),
             };
             let _ = reply.send(answer);
@@ -387,12 +399,18 @@ impl Session {
     }
 
     async fn request_failed(&mut self, error: LinkError) -> StepOutcome {
+        if let LinkError::Storage(cause) = &error {
+            // Ours, not WhatsApp's: retried like any transient failure.
+            tracing::error!(
+                phone = %self.phone,
+                cause = %cause,
+                event = "storage_failed",
+                "device storage failed; retrying"
+            );
+        }
         if !error.is_retryable() {
             tracing::warn!(phone = %self.phone, error = %error, "code request refused for good");
-            let reason = match error {
-                LinkError::Storage(_) => Reason::Storage,
-                _ => Reason::WhatsappRefused,
-            };
+            let reason = Reason::WhatsappRefused;
             let failed = PairState {
                 whatsapp_status: error.status(),
                 ..self.state.clone()
@@ -615,6 +633,16 @@ async fn next_link_event(link: &mut Option<LinkSession>) -> Option<LinkEvent> {
     match link {
         Some(link) => link.events.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What a command to an ended session is told: `shutting_down` when the
+/// service stopped it, else the session's outcome.
+pub(super) fn outcome_error(state: &PairState) -> SessionError {
+    if state.reason == Some(Reason::Interrupted) {
+        SessionError::ShuttingDown
+    } else {
+        ended(state.status)
     }
 }
 
@@ -870,6 +898,23 @@ mod tests {
         assert!(matches!(outcomes[1], StepOutcome::Retrying { .. }));
         assert_eq!(outcomes[2], StepOutcome::Ended(Status::Failed));
         assert_eq!(f.states.borrow().reason, Some(Reason::GaveUp));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storage_failure_is_ours_retried_and_never_filed_as_a_whatsapp_refusal() {
+        let mut f = fixture(settings());
+        f.script
+            .push(Err(LinkError::Storage("migration error".into())));
+
+        let failed = f.session.step().await;
+        let retried = f.session.step().await;
+
+        assert!(matches!(failed, StepOutcome::Retrying { .. }), "{failed:?}");
+        assert_eq!(retried, StepOutcome::CodeIssued { attempt: 1 });
+        let state = f.states.borrow().clone();
+        assert_eq!(state.status, Status::Pending);
+        assert_eq!(state.reason, None);
+        assert_eq!(state.whatsapp_status, None);
     }
 
     #[tokio::test(start_paused = true)]

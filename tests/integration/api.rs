@@ -543,3 +543,45 @@ async fn a_dropped_whatsapp_connection_replaces_the_code_in_the_store() {
         .await;
     assert!(linked.is_ok(), "{linked:?}");
 }
+
+#[tokio::test]
+async fn pair_answers_409_session_ended_when_a_delete_lands_while_it_waits_for_the_first_code() {
+    // Arrange: WhatsApp stays silent, so the POST is still waiting.
+    let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.code_wait = Duration::from_secs(20);
+    })
+    .await;
+    app.fake().push_fault(Some(PHONE), Fault::NeverAnswer);
+    let post = {
+        let http = app.http.clone();
+        let url = format!("{}/pair", app.base);
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({ "phone": PHONE }))
+                .send()
+                .await
+                .expect("request sent")
+        })
+    };
+    app.wait_for_state(PHONE, |s| s["status"] == "starting")
+        .await;
+
+    // Act
+    let deleted = app
+        .http
+        .delete(format!("{}/pair/{PHONE}", app.base))
+        .send()
+        .await
+        .expect("request sent");
+    let posted = post.await.expect("POST task");
+
+    // Assert
+    assert_eq!(deleted.status(), StatusCode::OK);
+    assert_eq!(posted.status(), StatusCode::CONFLICT);
+    let body = json(posted).await;
+    assert_eq!(body["error"], "session_ended");
+    assert!(
+        body["message"].as_str().unwrap().contains("cancelled"),
+        "{body}"
+    );
+}
