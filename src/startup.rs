@@ -124,6 +124,11 @@ impl App {
         })
     }
 
+    /// The registry of pairing sessions (for soak tests and diagnostics).
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener

@@ -40,7 +40,10 @@ mod task;
 #[cfg(test)]
 mod testing;
 
-pub use registry::{COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, Sessions};
+pub use registry::{
+    COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, PREVIOUS_SESSION_WAIT, RegistryCounts,
+    Sessions,
+};
 pub use state::{PairState, Reason, Status};
 pub use task::{
     Command, FINAL_HEAL_ATTEMPTS, MANUAL_REFRESH_DEBOUNCE, MIN_EVENT_REFRESH_GAP,

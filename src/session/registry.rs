@@ -1,7 +1,7 @@
 //! All sessions of the process, one per phone (single-flight): start or
 //! join, commands, shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,10 +39,6 @@ pub enum Joined {
 /// well under a second unless WhatsApp is slow to say goodbye). Past this the
 /// caller gets `busy` with a `Retry-After`.
 pub const PREVIOUS_SESSION_WAIT: Duration = Duration::from_secs(8);
-/// Fewest ended sessions kept before the registry checks for aged-out ones;
-/// the check then runs each time the count doubles, so its cost is spread
-/// over the insertions that made it necessary.
-const OUTCOMES_PRUNE_MIN: usize = 64;
 
 /// A session whose task is running (it may have ended and still be
 /// releasing its link client).
@@ -65,8 +61,9 @@ struct Registry {
     /// `PAIR_OUTCOME_TTL_SECS` (a linked phone is joined, not re-linked; a
     /// refusal is served again without asking WhatsApp).
     outcomes: HashMap<PhoneNumber, PairState>,
-    /// Outcome count at which the next insertion prunes aged-out ones.
-    prune_at: usize,
+    /// The outcomes in the order they were kept, oldest first, so aged-out
+    /// ones are found without scanning them all.
+    ageing: VecDeque<(PhoneNumber, OffsetDateTime)>,
     next_id: u64,
 }
 
@@ -79,12 +76,30 @@ impl Registry {
     }
 
     fn keep_outcome(&mut self, state: PairState, ttl: Duration) {
-        if self.outcomes.len() >= self.prune_at {
-            let now = OffsetDateTime::now_utc();
-            self.outcomes.retain(|_, kept| now - kept.updated_at < ttl);
-            self.prune_at = (self.outcomes.len() * 2).max(OUTCOMES_PRUNE_MIN);
-        }
+        self.forget_aged(ttl);
+        self.ageing
+            .push_back((state.phone.clone(), state.updated_at));
         self.outcomes.insert(state.phone.clone(), state);
+    }
+
+    /// Drops the outcomes older than `ttl` (the store forgets them at the
+    /// same time). Each outcome is looked at once, when it is the oldest.
+    fn forget_aged(&mut self, ttl: Duration) {
+        let now = OffsetDateTime::now_utc();
+        while let Some((phone, kept_at)) = self.ageing.front() {
+            if now - *kept_at < ttl {
+                break;
+            }
+            // A newer outcome for the same phone has its own place in line.
+            if self
+                .outcomes
+                .get(phone)
+                .is_some_and(|state| state.updated_at == *kept_at)
+            {
+                self.outcomes.remove(phone);
+            }
+            self.ageing.pop_front();
+        }
     }
 }
 
@@ -183,7 +198,8 @@ impl Sessions {
 
     /// How many sessions and outcomes are held right now.
     pub fn counts(&self) -> RegistryCounts {
-        let registry = lock(&self.registry);
+        let mut registry = lock(&self.registry);
+        registry.forget_aged(self.settings.outcome_ttl);
         RegistryCounts {
             live: registry.live.len(),
             outcomes: registry.outcomes.len(),
@@ -217,6 +233,7 @@ impl Sessions {
     /// wait for before a new one can start.
     fn try_start_or_join(&self, phone: &PhoneNumber) -> Result<Look, SessionError> {
         let mut registry = lock(&self.registry);
+        registry.forget_aged(self.settings.outcome_ttl);
         if let Some(live) = registry.live.get(phone) {
             let state = live.state.borrow().clone();
             if !state.status.is_terminal()
@@ -572,7 +589,7 @@ mod tests {
             Arc::new(ScriptedLinker(Arc::clone(&script))),
             Arc::new(MemoryStore::new()),
         );
-        let phones: Vec<PhoneNumber> = (0..(OUTCOMES_PRUNE_MIN as u32 * 2))
+        let phones: Vec<PhoneNumber> = (0..100)
             .map(|n| PhoneNumber::parse(&format!("62812{n:08}")).unwrap())
             .collect();
 
@@ -587,9 +604,9 @@ mod tests {
         }
         until_released(&sessions).await;
         let after_cancels = sessions.counts();
-        // Outcome timestamps are wall-clock: age them by waiting for real.
-        tokio::time::resume();
-        let sessions = Sessions {
+        // Outcome timestamps are wall-clock: age them for real, by reading
+        // the same registry with a 1 ms TTL once 5 ms have passed.
+        let aged = Sessions {
             settings: Arc::new(SessionSettings {
                 outcome_ttl: Duration::from_millis(1),
                 ..settings()
@@ -597,28 +614,17 @@ mod tests {
             ..sessions
         };
         std::thread::sleep(Duration::from_millis(5));
-        let (_, mut states) = sessions.start_or_join(&phones[0]).await.unwrap();
-        states
-            .wait_for(|s| s.status == Status::Pending)
-            .await
-            .unwrap();
-        sessions.cancel(&phones[0]).await.unwrap();
-        until_released(&sessions).await;
+        let after_ageing = aged.counts();
 
         // Assert
         assert_eq!(after_cancels.live, 0, "no task, channel or client is left");
         assert_eq!(after_cancels.outcomes, phones.len());
-        assert!(
-            sessions.counts().outcomes < OUTCOMES_PRUNE_MIN,
-            "aged-out outcomes are pruned: {:?}",
-            sessions.counts()
-        );
+        assert_eq!(after_ageing.outcomes, 0, "aged-out outcomes are forgotten");
         assert_eq!(
             script.opens.load(Ordering::SeqCst),
             script.shutdowns.load(Ordering::SeqCst),
             "every link client opened was shut down"
         );
-        sessions.shutdown(Duration::from_secs(5)).await;
     }
 
     /// Waits until no session task is left.

@@ -96,6 +96,8 @@ pub struct TestApp {
     pub base: String,
     pub http: reqwest::Client,
     pub config: wa_pair::config::Config,
+    /// The service's session registry, to count what it holds.
+    pub sessions: std::sync::Arc<wa_pair::session::Sessions>,
     fake: Option<std::sync::Arc<FakeWhatsApp>>,
     _data_dir: TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -157,6 +159,7 @@ impl TestApp {
         fake: Option<std::sync::Arc<FakeWhatsApp>>,
     ) -> Self {
         let base = format!("http://{}", app.local_addr());
+        let sessions = std::sync::Arc::clone(app.sessions());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.serve(async move {
             let _ = stopped.await;
@@ -165,11 +168,17 @@ impl TestApp {
             base,
             http: reqwest::Client::new(),
             config,
+            sessions,
             fake,
             _data_dir: data_dir,
             stop: Some(stop),
             server: Some(server),
         }
+    }
+
+    /// The directory holding the device stores.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data_dir.path()
     }
 
     /// The fake WhatsApp the test drives (not in sandbox mode, where the

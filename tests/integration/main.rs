@@ -8,4 +8,5 @@ mod link_client;
 mod log_redaction;
 #[cfg(feature = "sandbox")]
 mod sandbox;
+mod soak;
 mod upstash_contract;

@@ -1,0 +1,195 @@
+//! Soak: hundreds of sessions that end every way a session can end, against
+//! the real link client and the fake WhatsApp, and afterwards nothing is
+//! left of them: open file descriptors, tasks, registry entries and device
+//! files are back where they started.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fake_wa::Fault;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::Value;
+use wa_pair::store::MemoryStore;
+
+use crate::helpers::{FLOW_TIMEOUT, TestApp, files_in, open_fds};
+
+/// Sessions per way of ending; six ways (the last, shutdown, fewer).
+const CYCLES_PER_WAY: u32 = 40;
+/// Sessions in flight at once.
+const CONCURRENCY: usize = 8;
+/// Open at the final shutdown.
+const AT_SHUTDOWN: u32 = 10;
+/// Slack for descriptors the runtime opens lazily (a blocking thread's
+/// eventfd, say): the bound.
+const FD_SLACK: usize = 5;
+/// Outcomes are kept this long in the soak, so their ageing is seen too.
+const OUTCOME_TTL: Duration = Duration::from_secs(4);
+
+/// How a soak session ends.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    Cancelled,
+    Linked,
+    Expired,
+    Refused,
+    GaveUp,
+}
+
+const WAYS: [Way; 5] = [
+    Way::Cancelled,
+    Way::Linked,
+    Way::Expired,
+    Way::Refused,
+    Way::GaveUp,
+];
+
+fn phone(n: u32) -> String {
+    format!("62813{n:08}")
+}
+
+async fn body(response: reqwest::Response) -> Value {
+    response.json().await.expect("JSON body")
+}
+
+/// Runs one session for `phone` to its end by `way`.
+async fn cycle(app: &TestApp, way: Way, phone: &str) {
+    match way {
+        Way::Cancelled => {
+            let posted = app.post_pair(phone).await;
+            assert_eq!(posted.status(), StatusCode::CREATED, "{way:?}");
+            let deleted = app
+                .http
+                .delete(format!("{}/pair/{phone}", app.base))
+                .send()
+                .await
+                .expect("request sent");
+            assert_eq!(body(deleted).await["status"], "cancelled");
+        }
+        Way::Linked => {
+            let posted = body(app.post_pair(phone).await).await;
+            let code = posted["code"].as_str().expect("a code");
+            app.fake()
+                .enter_code(phone, code)
+                .await
+                .expect("the code links");
+            app.wait_for_state(phone, |s| s["status"] == "linked").await;
+        }
+        Way::Expired => {
+            let posted = app.post_pair(phone).await;
+            assert_eq!(posted.status(), StatusCode::CREATED, "{way:?}");
+            app.wait_for_state(phone, |s| s["status"] == "expired")
+                .await;
+        }
+        Way::Refused => {
+            app.fake()
+                .push_fault(Some(phone), Fault::Refuse { code: 452 });
+            let posted = app.post_pair(phone).await;
+            assert_eq!(posted.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        }
+        Way::GaveUp => {
+            for _ in 0..2 {
+                app.fake()
+                    .push_fault(Some(phone), Fault::Refuse { code: 500 });
+            }
+            app.post_pair(phone).await;
+            app.wait_for_state(phone, |s| s["reason"] == "gave_up")
+                .await;
+        }
+    }
+}
+
+/// Waits until no session task is left in the service.
+async fn until_released(app: &TestApp) {
+    tokio::time::timeout(FLOW_TIMEOUT, async {
+        while app.sessions.counts().live > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every session task ended");
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_behind() {
+    // Arrange: expiry in seconds, gave-up after two quick failures, and a
+    // client that keeps no idle connections (they would count as fds).
+    let mut app = TestApp::spawn_with(std::sync::Arc::new(MemoryStore::new()), |config| {
+        config.session_max = Duration::from_secs(3);
+        config.outcome_ttl = OUTCOME_TTL;
+        config.max_attempts = 2;
+        config.backoff_base = Duration::from_millis(10);
+        config.backoff_cap = Duration::from_millis(50);
+    })
+    .await;
+    app.http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    // One of each first: lazily created process-wide parts (the SQLite
+    // pools' shared thread pool, blocking threads) belong in the baseline.
+    for (n, way) in WAYS.iter().enumerate() {
+        cycle(&app, *way, &phone(900 + n as u32)).await;
+    }
+    until_released(&app).await;
+    let fds_before = open_fds();
+    let tasks_before = alive_tasks();
+
+    // Act
+    let plan: Vec<(Way, String)> = (0..CYCLES_PER_WAY)
+        .flat_map(|n| {
+            WAYS.iter()
+                .enumerate()
+                .map(move |(w, way)| (*way, phone(n * WAYS.len() as u32 + w as u32)))
+        })
+        .collect();
+    futures::stream::iter(plan.iter())
+        .for_each_concurrent(CONCURRENCY, |(way, phone)| cycle(&app, *way, phone))
+        .await;
+    for n in 0..AT_SHUTDOWN {
+        let posted = app.post_pair(&phone(5_000 + n)).await;
+        assert_eq!(posted.status(), StatusCode::CREATED);
+    }
+    app.shutdown().await;
+    until_released(&app).await;
+
+    // Assert
+    let fds_after = open_fds();
+    assert!(
+        fds_after <= fds_before + FD_SLACK,
+        "open fds went from {fds_before} to {fds_after}"
+    );
+    let tasks_after = alive_tasks();
+    assert!(
+        tasks_after <= tasks_before,
+        "tokio tasks went from {tasks_before} to {tasks_after}"
+    );
+    let linked: BTreeSet<String> = plan
+        .iter()
+        .filter(|(way, _)| matches!(way, Way::Linked))
+        .map(|(_, phone)| phone.clone())
+        .chain(std::iter::once(phone(901)))
+        .collect();
+    let stray: Vec<String> = files_in(app.data_dir())
+        .into_iter()
+        .filter(|file| !linked.iter().any(|phone| file.starts_with(phone.as_str())))
+        .collect();
+    assert_eq!(
+        stray,
+        Vec::<String>::new(),
+        "only linked devices keep files"
+    );
+    assert_eq!(app.sessions.counts().live, 0);
+    tokio::time::sleep(OUTCOME_TTL).await;
+    assert_eq!(
+        app.sessions.counts().outcomes,
+        0,
+        "outcomes are forgotten once their TTL has passed"
+    );
+}
