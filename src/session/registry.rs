@@ -427,11 +427,7 @@ mod tests {
         for _ in 0..50 {
             joins.push(sessions.start_or_join(&phone).await.unwrap().0);
         }
-        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
-        states
-            .wait_for(|s| s.status == Status::Pending)
-            .await
-            .unwrap();
+        until_pending(&sessions, &phone).await;
 
         assert_eq!(joins.iter().filter(|j| **j == Joined::Created).count(), 1);
         assert_eq!(script.opens.load(Ordering::SeqCst), 1);
@@ -501,11 +497,7 @@ mod tests {
         let script = Arc::new(Script::default());
         *script.slow_shutdown.lock().unwrap() = Duration::from_secs(3);
         let (sessions, phone) = registry(&script);
-        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
-        states
-            .wait_for(|s| s.status == Status::Pending)
-            .await
-            .unwrap();
+        until_pending(&sessions, &phone).await;
         sessions.cancel(&phone).await.unwrap();
         let started = tokio::time::Instant::now();
 
@@ -529,11 +521,7 @@ mod tests {
         let script = Arc::new(Script::default());
         *script.slow_shutdown.lock().unwrap() = PREVIOUS_SESSION_WAIT * 2;
         let (sessions, phone) = registry(&script);
-        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
-        states
-            .wait_for(|s| s.status == Status::Pending)
-            .await
-            .unwrap();
+        until_pending(&sessions, &phone).await;
         sessions.cancel(&phone).await.unwrap();
 
         // Act
@@ -555,11 +543,7 @@ mod tests {
         *script.slow_shutdown.lock().unwrap() = Duration::from_secs(2);
         let sessions = Arc::new(registry(&script).0);
         let phone = PhoneNumber::parse("628123456789").unwrap();
-        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
-        states
-            .wait_for(|s| s.status == Status::Pending)
-            .await
-            .unwrap();
+        until_pending(&sessions, &phone).await;
 
         // Act
         let (cancelled, refreshed, cancelled_again) = tokio::join!(
@@ -595,11 +579,7 @@ mod tests {
 
         // Act
         for phone in &phones {
-            let (_, mut states) = sessions.start_or_join(phone).await.unwrap();
-            states
-                .wait_for(|s| s.status == Status::Pending)
-                .await
-                .unwrap();
+            until_pending(&sessions, phone).await;
             sessions.cancel(phone).await.unwrap();
         }
         until_released(&sessions).await;
@@ -625,6 +605,16 @@ mod tests {
             script.shutdowns.load(Ordering::SeqCst),
             "every link client opened was shut down"
         );
+    }
+
+    /// Starts (or joins) `phone`'s session and waits for its first code.
+    async fn until_pending(sessions: &Sessions, phone: &PhoneNumber) -> watch::Receiver<PairState> {
+        let (_, mut states) = sessions.start_or_join(phone).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+        states
     }
 
     /// Waits until no session task is left.
@@ -668,11 +658,7 @@ mod tests {
             Arc::new(MemoryStore::new()),
         );
         let phone = PhoneNumber::parse("628123456789").unwrap();
-        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
-        states
-            .wait_for(|s| s.status == Status::Pending)
-            .await
-            .unwrap();
+        let mut states = until_pending(&sessions, &phone).await;
         script.emit(LinkEvent::Linked(LinkedAccount {
             jid: "628123456789:1@s.whatsapp.net".into(),
             lid: None,
