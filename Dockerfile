@@ -13,6 +13,11 @@ FROM rust:1.95-slim-bookworm AS builder
 
 WORKDIR /build
 
+# make: the bundled jemalloc (the binary's allocator) builds with it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
+
 # 1. Dependencies only. Copy the manifests (the root package and the
 #    `crates/fake-wa` workspace member, which cargo needs to load the
 #    workspace even though the release binary does not use it), give every
@@ -23,6 +28,7 @@ COPY crates/fake-wa/Cargo.toml crates/fake-wa/Cargo.toml
 RUN mkdir -p src crates/fake-wa/src benches \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > benches/pairing.rs \
+    && echo 'fn main() {}' > benches/soak.rs \
     && : > src/lib.rs \
     && : > crates/fake-wa/src/lib.rs \
     && cargo build --release --locked --bin wa-pair \

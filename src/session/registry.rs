@@ -40,6 +40,10 @@ pub enum Joined {
 /// caller gets `busy` with a `Retry-After`.
 pub const PREVIOUS_SESSION_WAIT: Duration = Duration::from_secs(8);
 
+/// Below this many slots the outcome table is never shrunk: shrinking
+/// small tables would only make the next burst reallocate them.
+const OUTCOMES_SHRINK_FLOOR: usize = 64;
+
 /// A session whose task is running (it may have ended and still be
 /// releasing its link client).
 struct Live {
@@ -99,6 +103,13 @@ impl Registry {
                 self.outcomes.remove(phone);
             }
             self.ageing.pop_front();
+        }
+        // A burst of sessions must not leave its table behind once aged out.
+        if self.outcomes.capacity() > OUTCOMES_SHRINK_FLOOR
+            && self.outcomes.len() * 4 < self.outcomes.capacity()
+        {
+            self.outcomes.shrink_to_fit();
+            self.ageing.shrink_to_fit();
         }
     }
 }
