@@ -54,6 +54,12 @@ pub const DEFAULT_REFRESH_EVERY: Duration = Duration::from_secs(480);
 /// hand out a code on a slow connection, short enough for an HTTP client.
 pub const DEFAULT_CODE_WAIT: Duration = Duration::from_secs(20);
 
+/// Default [`Config::allow_unauthenticated`]: off, so a public address
+/// needs callers configured.
+pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
+/// Shortest API key accepted: 32 characters (e.g. 16 random bytes in hex)
+/// cannot be guessed by trying.
+pub const MIN_API_KEY_LEN: usize = 32;
 /// Default [`Config::session_max`]: 30 minutes, after which an unlinked
 /// pairing session is abandoned rather than holding a socket forever.
 pub const DEFAULT_SESSION_MAX: Duration = Duration::from_secs(1800);
@@ -106,6 +112,8 @@ const MAX_ATTEMPTS: &str = "PAIR_MAX_ATTEMPTS";
 const SHUTDOWN_GRACE: &str = "SHUTDOWN_GRACE_SECS";
 const SUPABASE_URL: &str = "SUPABASE_URL";
 const SUPABASE_KEY: &str = "SUPABASE_SERVICE_ROLE_KEY";
+const API_KEYS: &str = "API_KEYS";
+const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
 
 /// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
 pub const VARIABLES: &[&str] = &[
@@ -131,6 +139,8 @@ pub const VARIABLES: &[&str] = &[
     SHUTDOWN_GRACE,
     SUPABASE_URL,
     SUPABASE_KEY,
+    API_KEYS,
+    ALLOW_UNAUTHENTICATED,
 ];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
@@ -193,6 +203,14 @@ pub struct Config {
     /// Supabase service-role key, from `SUPABASE_SERVICE_ROLE_KEY`.
     /// Accepted now for a later integration; nothing uses it yet.
     pub supabase_service_role_key: Option<Secret>,
+    /// Keys of server callers, from `API_KEYS` (comma-separated, each at
+    /// least [`MIN_API_KEY_LEN`] characters; default: none). Sent as
+    /// `Authorization: Bearer <key>`.
+    pub api_keys: Vec<Secret>,
+    /// Serve the API to anyone, from `ALLOW_UNAUTHENTICATED` (default
+    /// `false`). Needed to listen on a non-loopback address with no
+    /// [`api_keys`](Self::api_keys).
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for Config {
@@ -219,6 +237,8 @@ impl Default for Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             supabase_url: None,
             supabase_service_role_key: None,
+            api_keys: Vec::new(),
+            allow_unauthenticated: DEFAULT_ALLOW_UNAUTHENTICATED,
         }
     }
 }
@@ -351,6 +371,13 @@ impl Config {
                 |v| url_with_scheme(v, &["http", "https"]),
             )?,
             supabase_service_role_key: vars.get(SUPABASE_KEY).map(Secret::new),
+            api_keys: api_keys(&vars)?,
+            allow_unauthenticated: vars.parse(
+                ALLOW_UNAUTHENTICATED,
+                DEFAULT_ALLOW_UNAUTHENTICATED,
+                "one of 1, 0, true, false, yes, no",
+                parse_bool,
+            )?,
         };
         config.check_consistency()?;
         Ok(config)
@@ -379,6 +406,19 @@ impl Config {
                      could expire before its replacement is fetched",
                     self.refresh_every.as_secs(),
                     self.code_ttl.as_secs()
+                ),
+            });
+        }
+        if !self.host.is_loopback() && self.api_keys.is_empty() && !self.allow_unauthenticated {
+            return Err(ConfigError::Conflict {
+                var: API_KEYS,
+                message: format!(
+                    "{HOST} is {}, reachable from other machines, and no caller is configured: \
+                     set {API_KEYS} (comma-separated keys of at least {MIN_API_KEY_LEN} \
+                     characters, e.g. from `openssl rand -hex 32`) so only your callers can \
+                     make WhatsApp notify phones, or set {ALLOW_UNAUTHENTICATED}=true to serve \
+                     anyone on purpose",
+                    self.host
                 ),
             });
         }
@@ -564,6 +604,35 @@ impl Vars {
     }
 }
 
+/// `API_KEYS`: comma-separated, blanks around keys ignored. A key too short
+/// to resist guessing is refused; the error says which one, never its value.
+fn api_keys(vars: &Vars) -> Result<Vec<Secret>, ConfigError> {
+    let Some(list) = vars.get(API_KEYS) else {
+        return Ok(Vec::new());
+    };
+    let keys: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .collect();
+    for (n, key) in keys.iter().enumerate() {
+        let chars = key.chars().count();
+        if chars < MIN_API_KEY_LEN || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::Conflict {
+                var: API_KEYS,
+                message: format!(
+                    "{API_KEYS}: key {} of {} has {chars} characters or contains blanks; each \
+                     key must be at least {MIN_API_KEY_LEN} printable characters without \
+                     blanks (e.g. from `openssl rand -hex 32`)",
+                    n + 1,
+                    keys.len()
+                ),
+            });
+        }
+    }
+    Ok(keys.into_iter().map(Secret::new).collect())
+}
+
 fn store_config(vars: &Vars) -> Result<StoreConfig, ConfigError> {
     let url = vars.parse_optional(
         UPSTASH_URL,
@@ -705,6 +774,65 @@ mod tests {
         assert_eq!(config.wa_version, None);
         assert_eq!(config.supabase_url, None);
         assert_eq!(config.supabase_service_role_key, None);
+        assert!(config.api_keys.is_empty());
+        assert!(!config.allow_unauthenticated);
+    }
+
+    #[test]
+    fn the_readme_and_env_example_document_every_variable() {
+        let readme = include_str!("../README.md");
+        let example = include_str!("../.env.example");
+
+        for var in VARIABLES {
+            assert!(
+                readme.contains(&format!("| `{var}` |")),
+                "the README's configuration table lacks {var}"
+            );
+            assert!(
+                example.lines().any(|line| line
+                    .trim_start_matches("# ")
+                    .starts_with(&format!("{var}="))),
+                ".env.example lacks {var}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_public_address_without_callers_is_refused_naming_what_to_set() {
+        let refused = config(&[(HOST, "0.0.0.0")]).unwrap_err();
+
+        let message = refused.to_string();
+        assert_eq!(refused.var(), Some(API_KEYS));
+        assert!(message.contains("API_KEYS"), "{message}");
+        assert!(message.contains("ALLOW_UNAUTHENTICATED=true"), "{message}");
+    }
+
+    #[test]
+    fn a_public_address_is_served_with_keys_or_when_explicitly_open() {
+        let key = "0123456789abcdef0123456789abcdef";
+
+        let with_keys = config(&[(HOST, "0.0.0.0"), (API_KEYS, key)]);
+        let open = config(&[(HOST, "0.0.0.0"), (ALLOW_UNAUTHENTICATED, "true")]);
+        let loopback = config(&[(HOST, "127.0.0.1")]);
+
+        assert!(with_keys.is_ok(), "{with_keys:?}");
+        assert!(open.is_ok(), "{open:?}");
+        assert!(loopback.is_ok(), "{loopback:?}");
+    }
+
+    #[test]
+    fn a_short_api_key_is_refused_without_printing_it() {
+        let short = "short-key-SECRET";
+
+        let refused = config(&[(
+            API_KEYS,
+            &format!("0123456789abcdef0123456789abcdef,{short}"),
+        )])
+        .unwrap_err();
+
+        let message = refused.to_string();
+        assert!(message.contains("key 2 of 2"), "{message}");
+        assert!(!message.contains("SECRET"), "{message}");
     }
 
     #[test]
@@ -733,6 +861,11 @@ mod tests {
             (SHUTDOWN_GRACE, "2"),
             (SUPABASE_URL, "https://project.supabase.co"),
             (SUPABASE_KEY, "service-role-key"),
+            (
+                API_KEYS,
+                " 0123456789abcdef0123456789abcdef , fedcba9876543210fedcba9876543210",
+            ),
+            (ALLOW_UNAUTHENTICATED, "false"),
         ];
 
         // Act
@@ -765,6 +898,11 @@ mod tests {
             shutdown_grace: Duration::from_secs(2),
             supabase_url: Some("https://project.supabase.co".to_owned()),
             supabase_service_role_key: Some(Secret::new("service-role-key")),
+            api_keys: vec![
+                Secret::new("0123456789abcdef0123456789abcdef"),
+                Secret::new("fedcba9876543210fedcba9876543210"),
+            ],
+            allow_unauthenticated: false,
         };
         assert_eq!(config, expected);
     }
@@ -1076,7 +1214,7 @@ mod tests {
     #[test]
     fn ipv6_host_gives_a_bracketed_listen_address() {
         // Arrange
-        let vars = [(HOST, "::"), (PORT, "9000")];
+        let vars = [(HOST, "::"), (PORT, "9000"), (ALLOW_UNAUTHENTICATED, "1")];
 
         // Act
         let addr = config(&vars).expect("valid").listen_addr();

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, StoreConfig};
+use crate::http::auth::Callers;
 use crate::http::{AppState, router};
 use crate::link::Linker;
 use crate::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
@@ -47,6 +48,21 @@ pub enum StartupError {
     /// Sandbox settings that must not run.
     #[error("{0}")]
     Sandbox(String),
+}
+
+/// Who may call the API, said once at every start.
+fn callers(config: &Config) -> Callers {
+    let callers = Callers::new(&config.api_keys);
+    if callers.required() {
+        tracing::info!(api_keys = config.api_keys.len(), "API callers need a key");
+    } else if !config.host.is_loopback() {
+        tracing::warn!(
+            host = %config.host,
+            "ALLOW_UNAUTHENTICATED=true: anyone who reaches this address can make WhatsApp \
+             notify any phone; set API_KEYS"
+        );
+    }
+    callers
 }
 
 /// A built service, bound and ready to serve.
@@ -108,6 +124,7 @@ impl App {
         let state = AppState {
             sessions: Arc::clone(&sessions),
             code_wait: config.code_wait,
+            callers: callers(config),
             #[cfg(feature = "sandbox")]
             sandbox: sandbox.0.clone(),
         };

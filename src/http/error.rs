@@ -33,6 +33,9 @@ pub enum ApiError {
     /// The route exists but not with this method.
     #[error("this method is not allowed on this path")]
     MethodNotAllowed,
+    /// No valid credentials (missing, malformed or unknown).
+    #[error("send `Authorization: Bearer <API key>`; see \"Securing the service\" in the README")]
+    Unauthorized,
     /// No pairing session for this phone.
     #[error("no pairing session for this phone; POST /pair to start one")]
     SessionNotFound,
@@ -107,6 +110,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound | Self::SessionNotFound => StatusCode::NOT_FOUND,
@@ -132,6 +136,7 @@ impl ApiError {
         match self {
             Self::InvalidPhone(_) => "invalid_phone",
             Self::InvalidJson(_) => "invalid_json",
+            Self::Unauthorized => "unauthorized",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::RouteNotFound | Self::SessionNotFound => "not_found",
@@ -192,6 +197,11 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), Json(body)).into_response();
         if let Some(after) = self.retry_after() {
             set_retry_after(&mut response, after);
+        }
+        if matches!(self, Self::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

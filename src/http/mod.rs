@@ -2,6 +2,7 @@
 //! contributes, plus request ids, one span per request and JSON for every
 //! error (including axum's own rejections and unknown routes).
 
+pub mod auth;
 mod error;
 mod extract;
 mod health;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// How long `POST /pair` waits for the first code before answering 202.
     pub code_wait: Duration,
+    /// Who may call the API.
+    pub callers: auth::Callers,
     /// The in-process fake WhatsApp, in sandbox mode.
     #[cfg(feature = "sandbox")]
     pub sandbox: Option<Arc<fake_wa::FakeWhatsApp>>,
@@ -45,7 +48,13 @@ pub struct AppState {
 /// The whole API as a router over `state`.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
-    let routes = Router::new().merge(pair::routes()).merge(health::routes());
+    // Only the API routes need a caller: health checks stay open, and an
+    // unknown route is a 404 whoever asks.
+    let api = pair::routes().route_layer(axum::middleware::from_fn_with_state(
+        state.callers.clone(),
+        auth::require_caller,
+    ));
+    let routes = Router::new().merge(api).merge(health::routes());
     #[cfg(feature = "sandbox")]
     let routes = match state.sandbox.is_some() {
         true => routes.merge(sandbox::routes()),

@@ -2,6 +2,7 @@
 //! the real link client, a fake WhatsApp, a fake Upstash or the HTTP API.
 
 mod api;
+mod auth;
 mod chaos;
 mod flow_logs;
 mod helpers;

@@ -1,0 +1,92 @@
+//! Callers: with `API_KEYS` set, the API answers only requests that carry
+//! one of them, while health checks stay open.
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wa_pair::config::Secret;
+use wa_pair::store::MemoryStore;
+
+use crate::helpers::TestApp;
+
+const KEY: &str = "0123456789abcdef0123456789abcdef";
+const PHONE: &str = "628123456789";
+
+async fn app_with_key() -> TestApp {
+    TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.api_keys = vec![Secret::new(KEY)];
+    })
+    .await
+}
+
+#[tokio::test]
+async fn api_routes_without_credentials_answer_401_with_www_authenticate() {
+    // Arrange
+    let app = app_with_key().await;
+    let url = |path: &str| format!("{}{path}", app.base);
+
+    // Act
+    let answers = [
+        app.http.post(url("/pair")).json(&json!({ "phone": PHONE })),
+        app.http.get(url(&format!("/pair/{PHONE}"))),
+        app.http.post(url(&format!("/pair/{PHONE}/refresh"))),
+        app.http.delete(url(&format!("/pair/{PHONE}"))),
+    ]
+    .map(|request| request.send());
+    let answers = futures::future::join_all(answers).await;
+
+    // Assert
+    for answer in answers {
+        let answer = answer.expect("request sent");
+        assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(answer.headers()["www-authenticate"], "Bearer");
+        let body: Value = answer.json().await.expect("JSON body");
+        assert_eq!(body["error"], "unauthorized");
+    }
+    assert!(
+        app.fake().record(PHONE).is_none(),
+        "WhatsApp was never asked for a code"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_key_is_refused_and_a_configured_key_pairs() {
+    // Arrange
+    let app = app_with_key().await;
+    let pair = |token: &str| {
+        app.http
+            .post(format!("{}/pair", app.base))
+            .bearer_auth(token)
+            .json(&json!({ "phone": PHONE }))
+            .send()
+    };
+
+    // Act
+    let unknown = pair("ffffffffffffffffffffffffffffffff")
+        .await
+        .expect("sent");
+    let known = pair(KEY).await.expect("sent");
+
+    // Assert
+    assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(known.status(), StatusCode::CREATED);
+    let body: Value = known.json().await.expect("JSON body");
+    assert_eq!(body["status"], "pending");
+}
+
+#[tokio::test]
+async fn health_checks_and_unknown_routes_need_no_credentials() {
+    // Arrange
+    let app = app_with_key().await;
+
+    // Act
+    let healthz = app.get("/healthz").await;
+    let readyz = app.get("/readyz").await;
+    let unknown = app.get("/nope").await;
+
+    // Assert
+    assert_eq!(healthz.status(), StatusCode::OK);
+    assert_eq!(readyz.status(), StatusCode::OK);
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+}
