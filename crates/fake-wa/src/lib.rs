@@ -367,10 +367,17 @@ impl FakeWhatsApp {
             .send(Command::Send(notification))
             .map_err(|_| EnterCodeError::CompanionGone)?;
 
-        let finish = match tokio::time::timeout(STAGE_TIMEOUT, finish_rx).await {
-            Ok(Ok(finish)) => finish,
-            Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
-            Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+        // A companion that disconnects will never answer: say so at once
+        // rather than after the stage timeout.
+        let finish = tokio::select! {
+            // An answer that came in before the close still counts.
+            biased;
+            waited = tokio::time::timeout(STAGE_TIMEOUT, finish_rx) => match waited {
+                Ok(Ok(finish)) => finish,
+                Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
+                Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+            },
+            () = connection.closed() => return Err(EnterCodeError::CompanionGone),
         };
 
         let adv_secret = match hello.open_bundle(
@@ -414,7 +421,7 @@ impl FakeWhatsApp {
             .attrs([
                 ("from", SERVER_JID.to_string()),
                 ("type", "set".to_string()),
-                ("id", iq_id),
+                ("id", iq_id.clone()),
                 ("xmlns", "md".to_string()),
             ])
             .children([NodeBuilder::new("pair-success")
@@ -431,10 +438,17 @@ impl FakeWhatsApp {
             .send(Command::Send(pair_success))
             .map_err(|_| EnterCodeError::CompanionGone)?;
 
-        let answer = match tokio::time::timeout(STAGE_TIMEOUT, answer_rx).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
-            Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+        let answer = tokio::select! {
+            biased;
+            waited = tokio::time::timeout(STAGE_TIMEOUT, answer_rx) => match waited {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
+                Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+            },
+            () = connection.closed() => {
+                self.shared.lock().pending_iqs.remove(&iq_id);
+                return Err(EnterCodeError::CompanionGone);
+            }
         };
         if attr(&answer, "type").as_deref() == Some("error") {
             let detail = answer
