@@ -114,6 +114,7 @@ const SUPABASE_URL: &str = "SUPABASE_URL";
 const SUPABASE_KEY: &str = "SUPABASE_SERVICE_ROLE_KEY";
 const API_KEYS: &str = "API_KEYS";
 const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
+const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
 
 /// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
 pub const VARIABLES: &[&str] = &[
@@ -141,6 +142,7 @@ pub const VARIABLES: &[&str] = &[
     SUPABASE_KEY,
     API_KEYS,
     ALLOW_UNAUTHENTICATED,
+    CORS_ALLOWED_ORIGINS,
 ];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
@@ -211,6 +213,10 @@ pub struct Config {
     /// `false`). Needed to listen on a non-loopback address with no
     /// [`api_keys`](Self::api_keys).
     pub allow_unauthenticated: bool,
+    /// Browser origins allowed to call the API, from `CORS_ALLOWED_ORIGINS`
+    /// (comma-separated exact origins such as `https://app.example.com`;
+    /// default: none, so browsers on other origins are refused).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -239,6 +245,7 @@ impl Default for Config {
             supabase_service_role_key: None,
             api_keys: Vec::new(),
             allow_unauthenticated: DEFAULT_ALLOW_UNAUTHENTICATED,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -377,6 +384,13 @@ impl Config {
                 DEFAULT_ALLOW_UNAUTHENTICATED,
                 "one of 1, 0, true, false, yes, no",
                 parse_bool,
+            )?,
+            cors_allowed_origins: vars.parse(
+                CORS_ALLOWED_ORIGINS,
+                Vec::new(),
+                "comma-separated origins such as https://app.example.com (scheme, host and \
+                 optional port; no path, no *)",
+                parse_origins,
             )?,
         };
         config.check_consistency()?;
@@ -701,6 +715,26 @@ fn parse_wa_version(value: &str) -> Option<String> {
 /// Returns the value unchanged if it is an absolute URL with a host and one
 /// of `schemes`; the original text is kept because `url` would normalise it
 /// (for example by adding a trailing `/`).
+/// Exact browser origins: `scheme://host[:port]`, nothing after it. `*` is
+/// refused: the API's callers are known pages, not the whole web.
+fn parse_origins(value: &str) -> Option<Vec<String>> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let parsed = url::Url::parse(origin).ok()?;
+            let exact = matches!(parsed.scheme(), "http" | "https")
+                && parsed.host_str().is_some()
+                && parsed.path() == "/"
+                && !origin.ends_with('/')
+                && parsed.query().is_none()
+                && parsed.username().is_empty();
+            exact.then(|| parsed.origin().ascii_serialization())
+        })
+        .collect()
+}
+
 fn url_with_scheme(value: &str, schemes: &[&str]) -> Option<String> {
     let parsed = url::Url::parse(value).ok()?;
     let acceptable =
@@ -821,6 +855,25 @@ mod tests {
     }
 
     #[test]
+    fn cors_origins_must_be_exact() {
+        for bad in [
+            "*",
+            "https://app.example.com/",
+            "https://app.example.com/page",
+            "app.example.com",
+            "ftp://x.example",
+        ] {
+            let refused = config(&[(CORS_ALLOWED_ORIGINS, bad)]);
+
+            assert_eq!(
+                refused.err().and_then(|e| e.var()),
+                Some(CORS_ALLOWED_ORIGINS),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn a_short_api_key_is_refused_without_printing_it() {
         let short = "short-key-SECRET";
 
@@ -866,6 +919,10 @@ mod tests {
                 " 0123456789abcdef0123456789abcdef , fedcba9876543210fedcba9876543210",
             ),
             (ALLOW_UNAUTHENTICATED, "false"),
+            (
+                CORS_ALLOWED_ORIGINS,
+                "https://app.example.com, http://localhost:5173",
+            ),
         ];
 
         // Act
@@ -903,6 +960,10 @@ mod tests {
                 Secret::new("fedcba9876543210fedcba9876543210"),
             ],
             allow_unauthenticated: false,
+            cors_allowed_origins: vec![
+                "https://app.example.com".to_owned(),
+                "http://localhost:5173".to_owned(),
+            ],
         };
         assert_eq!(config, expected);
     }

@@ -125,6 +125,7 @@ impl App {
             sessions: Arc::clone(&sessions),
             code_wait: config.code_wait,
             callers: callers(config),
+            cors_allowed_origins: config.cors_allowed_origins.clone().into(),
             #[cfg(feature = "sandbox")]
             sandbox: sandbox.0.clone(),
         };

@@ -3,6 +3,7 @@
 //! error (including axum's own rejections and unknown routes).
 
 pub mod auth;
+mod cors;
 mod error;
 mod extract;
 mod health;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub code_wait: Duration,
     /// Who may call the API.
     pub callers: auth::Callers,
+    /// Browser origins allowed to call the API (CORS).
+    pub cors_allowed_origins: Arc<[String]>,
     /// The in-process fake WhatsApp, in sandbox mode.
     #[cfg(feature = "sandbox")]
     pub sandbox: Option<Arc<fake_wa::FakeWhatsApp>>,
@@ -48,6 +51,7 @@ pub struct AppState {
 /// The whole API as a router over `state`.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    let cors = cors::layer(&state.cors_allowed_origins);
     // Only the API routes need a caller: health checks stay open, and an
     // unknown route is a 404 whoever asks.
     let api = pair::routes().route_layer(axum::middleware::from_fn_with_state(
@@ -77,6 +81,7 @@ pub fn router(state: AppState) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::new(request_id)),
         )
+        .layer(cors)
 }
 
 /// One span per request. Only the *matched* route goes in, never the raw

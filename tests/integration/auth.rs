@@ -90,3 +90,95 @@ async fn health_checks_and_unknown_routes_need_no_credentials() {
     assert_eq!(readyz.status(), StatusCode::OK);
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 }
+
+const FRONTEND: &str = "https://app.example.com";
+
+async fn app_with_key_and_origin() -> TestApp {
+    TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.api_keys = vec![Secret::new(KEY)];
+        config.cors_allowed_origins = vec![FRONTEND.to_owned()];
+    })
+    .await
+}
+
+fn preflight(app: &TestApp, origin: &str) -> reqwest::RequestBuilder {
+    app.http
+        .request(reqwest::Method::OPTIONS, format!("{}/pair", app.base))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+}
+
+#[tokio::test]
+async fn a_preflight_from_an_allowed_origin_is_answered_without_credentials() {
+    // Arrange
+    let app = app_with_key_and_origin().await;
+
+    // Act
+    let answer = preflight(&app, FRONTEND).send().await.expect("sent");
+
+    // Assert
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let headers = answer.headers();
+    assert_eq!(headers["access-control-allow-origin"], FRONTEND);
+    let methods = headers["access-control-allow-methods"].to_str().unwrap();
+    assert!(
+        methods.contains("POST") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("authorization"), "{allowed}");
+}
+
+#[tokio::test]
+async fn a_refused_origin_gets_no_cors_headers_and_errors_stay_readable_for_allowed_ones() {
+    // Arrange
+    let app = app_with_key_and_origin().await;
+
+    // Act
+    let refused = preflight(&app, "https://evil.example")
+        .send()
+        .await
+        .expect("sent");
+    let unauthorized = app
+        .http
+        .post(format!("{}/pair", app.base))
+        .header("origin", FRONTEND)
+        .json(&json!({ "phone": PHONE }))
+        .send()
+        .await
+        .expect("sent");
+
+    // Assert
+    assert!(
+        refused
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        unauthorized.headers()["access-control-allow-origin"],
+        FRONTEND
+    );
+}
+
+#[tokio::test]
+async fn with_no_origin_configured_no_origin_is_allowed() {
+    // Arrange
+    let app = app_with_key().await;
+
+    // Act
+    let answer = preflight(&app, FRONTEND).send().await.expect("sent");
+
+    // Assert
+    assert!(
+        answer
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}
