@@ -31,6 +31,10 @@ use crate::session::Sessions;
 pub const MAX_BODY_BYTES: usize = 1024;
 /// Header carrying the request id, taken from the client when present.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest request id taken from a client (a UUID is 36 characters); a
+/// longer or unprintable one is replaced, since it goes into every log line
+/// of the request.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -71,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(
             ServiceBuilder::new()
+                .map_request(drop_unfit_request_id)
                 .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
@@ -82,6 +87,23 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(request_id)),
         )
         .layer(cors)
+}
+
+/// Removes a client's request id that is too long or has characters other
+/// than letters, digits and `-_.:`, so a fresh one is generated instead.
+fn drop_unfit_request_id(mut request: Request) -> Request {
+    let fit = request.headers().get(REQUEST_ID_HEADER).is_none_or(|id| {
+        let id = id.as_bytes();
+        !id.is_empty()
+            && id.len() <= MAX_REQUEST_ID_LEN
+            && id
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if !fit {
+        request.headers_mut().remove(REQUEST_ID_HEADER);
+    }
+    request
 }
 
 /// One span per request. Only the *matched* route goes in, never the raw

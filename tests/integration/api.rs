@@ -377,6 +377,30 @@ async fn request_ids_are_propagated_or_generated() {
 }
 
 #[tokio::test]
+async fn an_overlong_or_unprintable_request_id_is_replaced_not_logged() {
+    let app = TestApp::spawn().await;
+    let with_id = |id: &str| {
+        app.http
+            .get(format!("{}/healthz", app.base))
+            .header("x-request-id", id)
+            .send()
+    };
+
+    let long = with_id(&"a".repeat(65)).await.unwrap();
+    let odd = with_id("req 1;<script>").await.unwrap();
+    let longest_kept = with_id(&"b".repeat(64)).await.unwrap();
+
+    for replaced in [&long, &odd] {
+        let id = replaced.headers()["x-request-id"].to_str().unwrap();
+        assert_eq!(id.len(), 36, "a fresh UUID: {id}");
+    }
+    assert_eq!(
+        longest_kept.headers()["x-request-id"],
+        "b".repeat(64).as_str()
+    );
+}
+
+#[tokio::test]
 async fn an_upstash_backed_pair_writes_one_set_per_state_change_with_a_600_second_ttl() {
     // Arrange
     let upstash = MockServer::start().await;
