@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use wa_pair::store::{MemoryStore, PairingStore};
 
-use crate::helpers::{FLOW_TIMEOUT, TestApp, open_fds};
+use crate::helpers::{FLOW_TIMEOUT, TestApp, open_fds, settled_fds};
 
 /// The seed of the request mix: a failure names it, and it replays.
 const SEED: u64 = 0x5EED_C4A0_5001;
@@ -245,7 +245,7 @@ async fn many_callers_on_a_few_numbers_get_only_documented_answers_and_break_not
         pairs_afresh(&app, phone).await;
     }
     settle(&app, &phones).await;
-    let fds_after = open_fds();
+    let fds_after = settled_fds(fds_before + 5, Duration::from_secs(5)).await;
     assert!(
         fds_after <= fds_before + 5,
         "open fds went from {fds_before} to {fds_after}"
@@ -321,7 +321,7 @@ fn random_short_sequences_on_one_number_keep_the_same_invariants() {
         pairs_afresh(&app, &phone).await;
         settle(&app, &[phone]).await;
     });
-    let fds_after = open_fds();
+    let fds_after = runtime.block_on(settled_fds(fds_before + 5, Duration::from_secs(5)));
     assert!(
         fds_after <= fds_before + 5,
         "open fds went from {fds_before} to {fds_after}"

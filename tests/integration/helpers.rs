@@ -285,3 +285,13 @@ pub fn files_in(dir: &std::path::Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Open file descriptors once at most `limit` are open, or after `patience`:
+/// sockets still closing get a moment before the count is read.
+pub async fn settled_fds(limit: usize, patience: Duration) -> usize {
+    let deadline = std::time::Instant::now() + patience;
+    while open_fds() > limit && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    open_fds()
+}

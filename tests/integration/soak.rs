@@ -23,6 +23,8 @@ const AT_SHUTDOWN: u32 = 10;
 /// Slack for descriptors the runtime opens lazily (a blocking thread's
 /// eventfd, say): the bound.
 const FD_SLACK: usize = 5;
+/// How long sockets that are closing may take before the counts are read.
+const SETTLE: Duration = Duration::from_secs(5);
 /// Outcomes are kept this long in the soak, so their ageing is seen too.
 const OUTCOME_TTL: Duration = Duration::from_secs(4);
 
@@ -159,7 +161,14 @@ async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_be
     app.shutdown().await;
     until_released(&app).await;
 
-    // Assert
+    // Assert: connections the fake WhatsApp and the HTTP server are still
+    // closing get a moment to finish.
+    let deadline = std::time::Instant::now() + SETTLE;
+    while (open_fds() > fds_before + FD_SLACK || alive_tasks() > tasks_before)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let fds_after = open_fds();
     assert!(
         fds_after <= fds_before + FD_SLACK,
