@@ -6,10 +6,13 @@
 //! - [`telemetry`]: tracing setup (JSON logs), redaction of codes and phones.
 //! - [`startup`]: builds the service from a [`config::Config`], serves it,
 //!   stops it gracefully.
-//! - [`http`]: the axum router, handlers and the JSON error type.
+//! - [`http`]: the axum router, handlers, callers (API keys), CORS and the
+//!   JSON error type.
 //! - [`phone`]: [`phone::PhoneNumber::parse`], the only way to get a phone.
-//! - [`session`]: one task per phone: state machine, refresh timer, backoff.
-//! - [`link`]: the `Linker` seam and the real `whatsapp-rust` link client.
+//! - [`session`]: one task per phone: state machine, refresh timer, backoff;
+//!   the registry of running sessions and recent outcomes.
+//! - [`link`]: the `Linker` seam and the real `whatsapp-rust` link client,
+//!   each on a runtime that owns (and at the end, stops) its tasks.
 //! - [`store`]: where states are kept: in memory or Upstash Redis (REST).
 //! - [`retry`]: exponential backoff with full jitter.
 
