@@ -385,7 +385,12 @@ impl Drop for WhatsAppSession {
     fn drop(&mut self) {
         // Dropped without `shutdown` (a caller that gave up half-way through
         // `open`, say): stop the client in the background rather than leave
-        // its connection, tasks and files behind.
+        // its connection, tasks and files behind. After a `shutdown` there is
+        // nothing left to do, and a late delete could hit the files of the
+        // number's next session.
+        if self.flags.closed.load(Ordering::Acquire) {
+            return;
+        }
         let running = self.running.get_mut().take();
         let linked = self.flags.linked.load(Ordering::Acquire);
         if (running.is_some() || !linked)

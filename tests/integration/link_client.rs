@@ -339,3 +339,23 @@ async fn a_session_dropped_without_shutdown_still_releases_its_client() {
     }
     assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_session_after_shutdown_leaves_the_next_sessions_files_alone() {
+    // Arrange: a session shut down, then the number's next device store
+    // appears before the old handle is dropped.
+    let harness = LinkHarness::start().await;
+    let phone = phone(10);
+    let session = harness.linker().open(&phone).await.expect("session opens");
+    session.handle.request_code().await.expect("code issued");
+    session.handle.shutdown().await;
+    let path = wa_pair::link::whatsapp::WhatsAppLinker::store_path(harness.data_dir.path(), &phone);
+    std::fs::write(&path, b"the next session's store").expect("file written");
+
+    // Act
+    drop(session);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Assert
+    assert!(path.exists(), "the next session's device store was deleted");
+}
