@@ -204,7 +204,7 @@ struct Sample {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> std::process::ExitCode {
     let cycles = std::env::var("SOAK_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -242,29 +242,21 @@ async fn main() {
         "soak: {cycles} sessions (8/10 cancelled, 1/10 linked, 1/10 expired), {CONCURRENCY} at a time, in {:.1} s",
         took.as_secs_f64()
     );
+    for (label, sample) in [
+        ("fresh process:", &fresh),
+        ("baseline (warm, idle):", &before),
+        ("right after the soak:", &peak),
+        ("after, idle:", &after),
+    ] {
+        println!(
+            "{label:<23} RSS {:6.1} MiB, {:4} fds, {:4} files",
+            mib(sample.rss_kib),
+            sample.fds,
+            sample.files.len()
+        );
+    }
     println!(
-        "fresh process:          RSS {:6.1} MiB, {:4} fds, {:4} files",
-        mib(fresh.rss_kib),
-        fresh.fds,
-        fresh.files.len()
-    );
-    println!(
-        "baseline (warm, idle):  RSS {:6.1} MiB, {:4} fds, {:4} files",
-        mib(before.rss_kib),
-        before.fds,
-        before.files.len()
-    );
-    println!(
-        "right after the soak:   RSS {:6.1} MiB, {:4} fds, {:4} files",
-        mib(peak.rss_kib),
-        peak.fds,
-        peak.files.len()
-    );
-    println!(
-        "after, idle:            RSS {:6.1} MiB, {:4} fds, {:4} files ({} linked devices, {} stray)",
-        mib(after.rss_kib),
-        after.fds,
-        after.files.len(),
+        "devices left: {} linked, {} stray",
         linked.len(),
         stray.len()
     );
@@ -282,7 +274,10 @@ async fn main() {
             "FAIL"
         }
     );
-    if !(rss_ok && fds_ok && files_ok) {
-        std::process::exit(1);
+    // Returned, not `process::exit`: the service's `Drop` must still stop it.
+    if rss_ok && fds_ok && files_ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }

@@ -184,20 +184,26 @@ impl Running {
             let _ = (&mut run_loop).await;
         })
         .await;
-        tasks.close();
         if graceful.is_err() {
             tracing::warn!("link client did not stop within {SHUTDOWN_WAIT:?}; cancelling it");
             run_loop.abort();
             let _ = run_loop.await;
         }
-        let weak = Arc::downgrade(&client);
-        drop(client);
-        release(weak, tasks).await;
+        release(client, tasks).await;
     }
 }
 
-/// Waits (bounded) until no task of `tasks` is left and `client` is gone.
-async fn release(client: std::sync::Weak<Client>, tasks: TaskScope) {
+/// Ends every task of `tasks`, lets go of `client` and waits (bounded)
+/// until no task is left and nothing else holds the client, so its device
+/// store is closed.
+async fn release(client: Arc<Client>, tasks: TaskScope) {
+    tasks.close();
+    // Shadowing would keep the `Arc` alive to the end of this function.
+    let client = {
+        let weak = Arc::downgrade(&client);
+        drop(client);
+        weak
+    };
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
     while client.strong_count() > 0 || tasks.live_tasks() > 0 {
         if tokio::time::Instant::now() >= deadline {
@@ -253,9 +259,8 @@ impl WhatsAppSession {
             // An earlier link of this number left a registered device here.
             // A new link needs a new device; keep the old credentials aside
             // rather than destroy them.
-            let client = Arc::downgrade(&bot.client());
+            let client = bot.client();
             drop(bot);
-            tasks.close();
             release(client, tasks).await;
             let kept = set_aside(&path).await?;
             tracing::warn!(

@@ -21,8 +21,8 @@ use crate::store::PairingStore;
 pub const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most sessions open at once. Each holds a WhatsApp connection (about
 /// 0.7 MiB, see the pairing benchmark); the cap keeps a flood of numbers
-/// (the API has no authentication) from exhausting memory or getting the
-/// server's address throttled by WhatsApp.
+/// from exhausting memory or getting the server's address throttled by
+/// WhatsApp.
 pub const MAX_OPEN_SESSIONS: usize = 1000;
 
 /// Whether a caller started a session or joined one.

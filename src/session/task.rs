@@ -410,7 +410,6 @@ impl Session {
         }
         if !error.is_retryable() {
             tracing::warn!(phone = %self.phone, error = %error, "code request refused for good");
-            let reason = Reason::WhatsappRefused;
             let failed = PairState {
                 whatsapp_status: error.status(),
                 ..self.state.clone()
@@ -418,7 +417,11 @@ impl Session {
             // One state change, one store write: carry the status into it.
             self.state = failed;
             return self
-                .finish(Status::Failed, reason, Some(refusal_message(&error)))
+                .finish(
+                    Status::Failed,
+                    Reason::WhatsappRefused,
+                    Some(refusal_message(&error)),
+                )
                 .await;
         }
         self.failures += 1;

@@ -251,12 +251,7 @@ async fn unknown_phone_and_unknown_route_are_404_json() {
 
     let phone = app.get(&format!("/pair/{PHONE}")).await;
     let route = app.get("/nope").await;
-    let delete = app
-        .http
-        .delete(format!("{}/pair/{PHONE}", app.base))
-        .send()
-        .await
-        .unwrap();
+    let delete = app.delete(&format!("/pair/{PHONE}")).await;
 
     assert_eq!(phone.status(), StatusCode::NOT_FOUND);
     assert_eq!(json(phone).await["error"], "not_found");
@@ -591,12 +586,7 @@ async fn pair_answers_409_session_ended_when_a_delete_lands_while_it_waits_for_t
         .await;
 
     // Act
-    let deleted = app
-        .http
-        .delete(format!("{}/pair/{PHONE}", app.base))
-        .send()
-        .await
-        .expect("request sent");
+    let deleted = app.delete(&format!("/pair/{PHONE}")).await;
     let posted = post.await.expect("POST task");
 
     // Assert

@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use wa_pair::store::{MemoryStore, PairingStore};
 
-use crate::helpers::{FLOW_TIMEOUT, TestApp, open_fds, settled_fds};
+use crate::helpers::{TestApp, open_fds, settled_fds};
 
 /// The seed of the request mix: a failure names it, and it replays.
 const SEED: u64 = 0x5EED_C4A0_5001;
@@ -125,16 +125,12 @@ async fn perform(app: &TestApp, op: Op, phone: &str) -> Option<(StatusCode, Valu
 /// Spawns the service for chaos: short outcomes, quick retries, and a client
 /// without idle connections (they would count as descriptors).
 async fn chaos_app(store: Arc<MemoryStore>) -> TestApp {
-    let mut app = TestApp::spawn_with(store, |config| {
+    TestApp::spawn_with(store, |config| {
         config.outcome_ttl = OUTCOME_TTL;
         config.code_wait = Duration::from_secs(5);
     })
-    .await;
-    app.http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("client");
-    app
+    .await
+    .without_idle_connections()
 }
 
 /// Ends whatever is still open for `phones` and waits for every session
@@ -143,13 +139,7 @@ async fn settle(app: &TestApp, phones: &[String]) {
     for phone in phones {
         let _ = perform(app, Op::Delete, phone).await;
     }
-    tokio::time::timeout(FLOW_TIMEOUT, async {
-        while app.sessions.counts().live > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("every session released");
+    app.until_released().await;
 }
 
 /// The store and `GET` agree on `phone`'s final state.

@@ -210,6 +210,36 @@ impl TestApp {
             .await
     }
 
+    /// `DELETE {path}`.
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.http
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Closes each HTTP connection after its answer: idle keep-alive
+    /// connections would count as open descriptors in leak checks.
+    pub fn without_idle_connections(mut self) -> Self {
+        self.http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client");
+        self
+    }
+
+    /// Waits until no session task is left in the service.
+    pub async fn until_released(&self) {
+        tokio::time::timeout(FLOW_TIMEOUT, async {
+            while self.sessions.counts().live > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every session task ended");
+    }
+
     /// `GET {path}`.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http

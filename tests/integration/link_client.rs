@@ -263,10 +263,13 @@ async fn shutdown_closes_the_device_store_and_deletes_an_unlinked_devices_files(
     let baseline = open_fds();
 
     // Act
+    let mut slowest = Duration::ZERO;
     for n in 0..10 {
         let session = linker.open(&phone(200 + n)).await.expect("session opens");
         session.handle.request_code().await.expect("code issued");
+        let started = std::time::Instant::now();
         session.handle.shutdown().await;
+        slowest = slowest.max(started.elapsed());
     }
 
     // Assert: nothing waits for a timer; shutdown has released it all.
@@ -276,6 +279,10 @@ async fn shutdown_closes_the_device_store_and_deletes_an_unlinked_devices_files(
         Vec::<std::path::PathBuf>::new()
     );
     assert_eq!(files_in(harness.data_dir.path()), Vec::<String>::new());
+    assert!(
+        slowest < wa_pair::link::whatsapp::RELEASE_WAIT,
+        "a shutdown waited out the release bound ({slowest:?}): something still held the client"
+    );
     let now = open_fds();
     assert!(
         now <= baseline + 2,

@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use wa_pair::store::MemoryStore;
 
-use crate::helpers::{FLOW_TIMEOUT, TestApp, files_in, open_fds};
+use crate::helpers::{TestApp, files_in, open_fds};
 
 /// Sessions per way of ending; six ways (the last, shutdown, fewer).
 const CYCLES_PER_WAY: u32 = 40;
@@ -60,12 +60,7 @@ async fn cycle(app: &TestApp, way: Way, phone: &str) {
         Way::Cancelled => {
             let posted = app.post_pair(phone).await;
             assert_eq!(posted.status(), StatusCode::CREATED, "{way:?}");
-            let deleted = app
-                .http
-                .delete(format!("{}/pair/{phone}", app.base))
-                .send()
-                .await
-                .expect("request sent");
+            let deleted = app.delete(&format!("/pair/{phone}")).await;
             assert_eq!(body(deleted).await["status"], "cancelled");
         }
         Way::Linked => {
@@ -101,17 +96,6 @@ async fn cycle(app: &TestApp, way: Way, phone: &str) {
     }
 }
 
-/// Waits until no session task is left in the service.
-async fn until_released(app: &TestApp) {
-    tokio::time::timeout(FLOW_TIMEOUT, async {
-        while app.sessions.counts().live > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("every session task ended");
-}
-
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
         .metrics()
@@ -129,17 +113,14 @@ async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_be
         config.backoff_base = Duration::from_millis(10);
         config.backoff_cap = Duration::from_millis(50);
     })
-    .await;
-    app.http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("client");
+    .await
+    .without_idle_connections();
     // One of each first: lazily created process-wide parts (the SQLite
     // pools' shared thread pool, blocking threads) belong in the baseline.
     for (n, way) in WAYS.iter().enumerate() {
         cycle(&app, *way, &phone(900 + n as u32)).await;
     }
-    until_released(&app).await;
+    app.until_released().await;
     let fds_before = open_fds();
     let tasks_before = alive_tasks();
 
@@ -159,7 +140,7 @@ async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_be
         assert_eq!(posted.status(), StatusCode::CREATED);
     }
     app.shutdown().await;
-    until_released(&app).await;
+    app.until_released().await;
 
     // Assert: connections the fake WhatsApp and the HTTP server are still
     // closing get a moment to finish.

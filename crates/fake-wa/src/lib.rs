@@ -367,18 +367,7 @@ impl FakeWhatsApp {
             .send(Command::Send(notification))
             .map_err(|_| EnterCodeError::CompanionGone)?;
 
-        // A companion that disconnects will never answer: say so at once
-        // rather than after the stage timeout.
-        let finish = tokio::select! {
-            // An answer that came in before the close still counts.
-            biased;
-            waited = tokio::time::timeout(STAGE_TIMEOUT, finish_rx) => match waited {
-                Ok(Ok(finish)) => finish,
-                Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
-                Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
-            },
-            () = connection.closed() => return Err(EnterCodeError::CompanionGone),
-        };
+        let finish = companion_answer(finish_rx, &connection).await?;
 
         let adv_secret = match hello.open_bundle(
             &identity,
@@ -438,18 +427,11 @@ impl FakeWhatsApp {
             .send(Command::Send(pair_success))
             .map_err(|_| EnterCodeError::CompanionGone)?;
 
-        let answer = tokio::select! {
-            biased;
-            waited = tokio::time::timeout(STAGE_TIMEOUT, answer_rx) => match waited {
-                Ok(Ok(answer)) => answer,
-                Ok(Err(_)) => return Err(EnterCodeError::CompanionGone),
-                Err(_) => return Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
-            },
-            () = connection.closed() => {
+        let answer = companion_answer(answer_rx, &connection)
+            .await
+            .inspect_err(|_| {
                 self.shared.lock().pending_iqs.remove(&iq_id);
-                return Err(EnterCodeError::CompanionGone);
-            }
-        };
+            })?;
         if attr(&answer, "type").as_deref() == Some("error") {
             let detail = answer
                 .get_optional_child_by_tag(&["error"])
@@ -656,6 +638,25 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
     shared.changed.notify_waiters();
     conn.close().await;
     result
+}
+
+/// Waits for the companion's answer on `answer`: at most [`STAGE_TIMEOUT`],
+/// and no longer than its connection lives (a companion that disconnects
+/// will never answer, so the phone hears it at once).
+async fn companion_answer<T>(
+    answer: oneshot::Receiver<T>,
+    connection: &mpsc::UnboundedSender<Command>,
+) -> Result<T, EnterCodeError> {
+    tokio::select! {
+        // An answer that came in before the close still counts.
+        biased;
+        waited = tokio::time::timeout(STAGE_TIMEOUT, answer) => match waited {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(EnterCodeError::CompanionGone),
+            Err(_) => Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+        },
+        () = connection.closed() => Err(EnterCodeError::CompanionGone),
+    }
 }
 
 /// Reacts to one node from a client; returns what to send back.
