@@ -112,6 +112,7 @@ const MAX_ATTEMPTS: &str = "PAIR_MAX_ATTEMPTS";
 const SHUTDOWN_GRACE: &str = "SHUTDOWN_GRACE_SECS";
 const SUPABASE_URL: &str = "SUPABASE_URL";
 const SUPABASE_KEY: &str = "SUPABASE_SERVICE_ROLE_KEY";
+const SUPABASE_JWT_SECRET: &str = "SUPABASE_JWT_SECRET";
 const API_KEYS: &str = "API_KEYS";
 const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
 const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
@@ -140,6 +141,7 @@ pub const VARIABLES: &[&str] = &[
     SHUTDOWN_GRACE,
     SUPABASE_URL,
     SUPABASE_KEY,
+    SUPABASE_JWT_SECRET,
     API_KEYS,
     ALLOW_UNAUTHENTICATED,
     CORS_ALLOWED_ORIGINS,
@@ -199,12 +201,18 @@ pub struct Config {
     pub max_attempts: u32,
     /// How long shutdown waits for in-flight work, from `SHUTDOWN_GRACE_SECS` (default `10`).
     pub shutdown_grace: Duration,
-    /// Supabase project URL, from `SUPABASE_URL`; an `http(s)://` URL.
-    /// Accepted now for a later integration; nothing uses it yet.
+    /// Supabase project URL, from `SUPABASE_URL`; an `http(s)://` URL. When
+    /// set, the project's signed-in users are callers: their access tokens
+    /// are verified against `${SUPABASE_URL}/auth/v1/.well-known/jwks.json`.
     pub supabase_url: Option<String>,
-    /// Supabase service-role key, from `SUPABASE_SERVICE_ROLE_KEY`.
-    /// Accepted now for a later integration; nothing uses it yet.
+    /// Supabase service-role key, from `SUPABASE_SERVICE_ROLE_KEY`. A caller
+    /// sending it is a server caller (edge functions have it as an
+    /// environment variable).
     pub supabase_service_role_key: Option<Secret>,
+    /// The project's legacy JWT secret, from `SUPABASE_JWT_SECRET`: verifies
+    /// HS256 access tokens of projects not yet on asymmetric signing keys.
+    /// Needs [`supabase_url`](Self::supabase_url).
+    pub supabase_jwt_secret: Option<Secret>,
     /// Keys of server callers, from `API_KEYS` (comma-separated, each at
     /// least [`MIN_API_KEY_LEN`] characters; default: none). Sent as
     /// `Authorization: Bearer <key>`.
@@ -243,6 +251,7 @@ impl Default for Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             supabase_url: None,
             supabase_service_role_key: None,
+            supabase_jwt_secret: None,
             api_keys: Vec::new(),
             allow_unauthenticated: DEFAULT_ALLOW_UNAUTHENTICATED,
             cors_allowed_origins: Vec::new(),
@@ -378,6 +387,7 @@ impl Config {
                 |v| url_with_scheme(v, &["http", "https"]),
             )?,
             supabase_service_role_key: vars.get(SUPABASE_KEY).map(Secret::new),
+            supabase_jwt_secret: vars.get(SUPABASE_JWT_SECRET).map(Secret::new),
             api_keys: api_keys(&vars)?,
             allow_unauthenticated: vars.parse(
                 ALLOW_UNAUTHENTICATED,
@@ -411,6 +421,15 @@ impl Config {
         Some((parts.next()??, parts.next()??, parts.next()??))
     }
 
+    /// Whether any caller is configured: API keys, the service-role key or
+    /// a Supabase project whose users may call.
+    #[must_use]
+    pub fn has_callers(&self) -> bool {
+        !self.api_keys.is_empty()
+            || self.supabase_service_role_key.is_some()
+            || self.supabase_url.is_some()
+    }
+
     fn check_consistency(&self) -> Result<(), ConfigError> {
         if self.refresh_every >= self.code_ttl {
             return Err(ConfigError::Conflict {
@@ -423,13 +442,23 @@ impl Config {
                 ),
             });
         }
-        if !self.host.is_loopback() && self.api_keys.is_empty() && !self.allow_unauthenticated {
+        if self.supabase_jwt_secret.is_some() && self.supabase_url.is_none() {
+            return Err(ConfigError::Conflict {
+                var: SUPABASE_JWT_SECRET,
+                message: format!(
+                    "{SUPABASE_JWT_SECRET} is set but {SUPABASE_URL} is not: tokens are only \
+                     accepted from a known project, so set {SUPABASE_URL} too"
+                ),
+            });
+        }
+        if !self.host.is_loopback() && !self.has_callers() && !self.allow_unauthenticated {
             return Err(ConfigError::Conflict {
                 var: API_KEYS,
                 message: format!(
                     "{HOST} is {}, reachable from other machines, and no caller is configured: \
                      set {API_KEYS} (comma-separated keys of at least {MIN_API_KEY_LEN} \
-                     characters, e.g. from `openssl rand -hex 32`) so only your callers can \
+                     characters, e.g. from `openssl rand -hex 32`) for server callers and/or \
+                     {SUPABASE_URL} for signed-in Supabase users, so only your callers can \
                      make WhatsApp notify phones, or set {ALLOW_UNAUTHENTICATED}=true to serve \
                      anyone on purpose",
                     self.host
@@ -838,7 +867,25 @@ mod tests {
         let message = refused.to_string();
         assert_eq!(refused.var(), Some(API_KEYS));
         assert!(message.contains("API_KEYS"), "{message}");
+        assert!(message.contains("SUPABASE_URL"), "{message}");
         assert!(message.contains("ALLOW_UNAUTHENTICATED=true"), "{message}");
+    }
+
+    #[test]
+    fn a_public_address_is_served_to_supabase_users_or_the_service_role() {
+        let users = config(&[(HOST, "0.0.0.0"), (SUPABASE_URL, "https://p.supabase.co")]);
+        let service = config(&[(HOST, "0.0.0.0"), (SUPABASE_KEY, "sb_secret_x")]);
+
+        assert!(users.is_ok(), "{users:?}");
+        assert!(service.is_ok(), "{service:?}");
+    }
+
+    #[test]
+    fn a_jwt_secret_without_its_project_is_refused() {
+        let refused = config(&[(SUPABASE_JWT_SECRET, "secret")]).unwrap_err();
+
+        assert_eq!(refused.var(), Some(SUPABASE_JWT_SECRET));
+        assert!(refused.to_string().contains("SUPABASE_URL"), "{refused}");
     }
 
     #[test]
@@ -914,6 +961,7 @@ mod tests {
             (SHUTDOWN_GRACE, "2"),
             (SUPABASE_URL, "https://project.supabase.co"),
             (SUPABASE_KEY, "service-role-key"),
+            (SUPABASE_JWT_SECRET, "jwt-secret"),
             (
                 API_KEYS,
                 " 0123456789abcdef0123456789abcdef , fedcba9876543210fedcba9876543210",
@@ -955,6 +1003,7 @@ mod tests {
             shutdown_grace: Duration::from_secs(2),
             supabase_url: Some("https://project.supabase.co".to_owned()),
             supabase_service_role_key: Some(Secret::new("service-role-key")),
+            supabase_jwt_secret: Some(Secret::new("jwt-secret")),
             api_keys: vec![
                 Secret::new("0123456789abcdef0123456789abcdef"),
                 Secret::new("fedcba9876543210fedcba9876543210"),

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, StoreConfig};
 use crate::http::auth::Callers;
+use crate::http::auth::supabase::SupabaseTokens;
 use crate::http::{AppState, router};
 use crate::link::Linker;
 use crate::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
@@ -52,14 +53,28 @@ pub enum StartupError {
 
 /// Who may call the API, said once at every start.
 fn callers(config: &Config) -> Callers {
-    let callers = Callers::new(&config.api_keys);
+    let tokens = config
+        .supabase_url
+        .as_deref()
+        .map(|url| SupabaseTokens::new(url, config.supabase_jwt_secret.as_ref()));
+    let callers = Callers::new(
+        &config.api_keys,
+        config.supabase_service_role_key.as_ref(),
+        tokens,
+    );
     if callers.required() {
-        tracing::info!(api_keys = config.api_keys.len(), "API callers need a key");
+        tracing::info!(
+            api_keys = config.api_keys.len(),
+            service_role_key = config.supabase_service_role_key.is_some(),
+            supabase_users = config.supabase_url.is_some(),
+            supabase_shared_secret = config.supabase_jwt_secret.is_some(),
+            "API callers need credentials"
+        );
     } else if !config.host.is_loopback() {
         tracing::warn!(
             host = %config.host,
             "ALLOW_UNAUTHENTICATED=true: anyone who reaches this address can make WhatsApp \
-             notify any phone; set API_KEYS"
+             notify any phone; set API_KEYS or SUPABASE_URL"
         );
     }
     callers

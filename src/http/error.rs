@@ -34,7 +34,9 @@ pub enum ApiError {
     #[error("this method is not allowed on this path")]
     MethodNotAllowed,
     /// No valid credentials (missing, malformed or unknown).
-    #[error("send `Authorization: Bearer <API key>`; see \"Securing the service\" in the README")]
+    #[error(
+        "send `Authorization: Bearer <API key or Supabase access token>`; see \"Securing the service\" in the README"
+    )]
     Unauthorized,
     /// No pairing session for this phone.
     #[error("no pairing session for this phone; POST /pair to start one")]

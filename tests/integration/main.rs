@@ -11,4 +11,5 @@ mod log_redaction;
 #[cfg(feature = "sandbox")]
 mod sandbox;
 mod soak;
+mod supabase_auth;
 mod upstash_contract;
