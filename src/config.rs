@@ -57,6 +57,10 @@ pub const DEFAULT_CODE_WAIT: Duration = Duration::from_secs(20);
 /// Default [`Config::allow_unauthenticated`]: off, so a public address
 /// needs callers configured.
 pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
+/// Default for `PAIR_SESSIONS_PER_USER`: a person links one or two numbers
+/// at a time; five leaves room for a retry on each without letting one
+/// account take the service-wide cap.
+pub const DEFAULT_SESSIONS_PER_USER: usize = 5;
 /// Shortest API key accepted: 32 characters (e.g. 16 random bytes in hex)
 /// cannot be guessed by trying.
 pub const MIN_API_KEY_LEN: usize = 32;
@@ -116,6 +120,7 @@ const SUPABASE_JWT_SECRET: &str = "SUPABASE_JWT_SECRET";
 const API_KEYS: &str = "API_KEYS";
 const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
 const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
+const SESSIONS_PER_USER: &str = "PAIR_SESSIONS_PER_USER";
 
 /// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
 pub const VARIABLES: &[&str] = &[
@@ -145,6 +150,7 @@ pub const VARIABLES: &[&str] = &[
     API_KEYS,
     ALLOW_UNAUTHENTICATED,
     CORS_ALLOWED_ORIGINS,
+    SESSIONS_PER_USER,
 ];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
@@ -225,6 +231,10 @@ pub struct Config {
     /// (comma-separated exact origins such as `https://app.example.com`;
     /// default: none, so browsers on other origins are refused).
     pub cors_allowed_origins: Vec<String>,
+    /// Most sessions one signed-in Supabase user may have open at once,
+    /// from `PAIR_SESSIONS_PER_USER` (default `5`); at least 1. Server
+    /// callers act for many users and are bounded by the service-wide cap.
+    pub sessions_per_user: usize,
 }
 
 impl Default for Config {
@@ -255,6 +265,7 @@ impl Default for Config {
             api_keys: Vec::new(),
             allow_unauthenticated: DEFAULT_ALLOW_UNAUTHENTICATED,
             cors_allowed_origins: Vec::new(),
+            sessions_per_user: DEFAULT_SESSIONS_PER_USER,
         }
     }
 }
@@ -401,6 +412,12 @@ impl Config {
                 "comma-separated origins such as https://app.example.com (scheme, host and \
                  optional port; no path, no *)",
                 parse_origins,
+            )?,
+            sessions_per_user: vars.parse(
+                SESSIONS_PER_USER,
+                DEFAULT_SESSIONS_PER_USER,
+                "a whole number from 1 to 1000",
+                |v| parse_unsigned::<usize>(v).filter(|n| (1..=1000).contains(n)),
             )?,
         };
         config.check_consistency()?;
@@ -971,6 +988,7 @@ mod tests {
                 CORS_ALLOWED_ORIGINS,
                 "https://app.example.com, http://localhost:5173",
             ),
+            (SESSIONS_PER_USER, "2"),
         ];
 
         // Act
@@ -1013,6 +1031,7 @@ mod tests {
                 "https://app.example.com".to_owned(),
                 "http://localhost:5173".to_owned(),
             ],
+            sessions_per_user: 2,
         };
         assert_eq!(config, expected);
     }

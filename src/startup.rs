@@ -140,6 +140,7 @@ impl App {
             sessions: Arc::clone(&sessions),
             code_wait: config.code_wait,
             callers: callers(config),
+            sessions_per_user: config.sessions_per_user,
             cors_allowed_origins: config.cors_allowed_origins.clone().into(),
             #[cfg(feature = "sandbox")]
             sandbox: sandbox.0.clone(),

@@ -38,6 +38,14 @@ pub enum ApiError {
         "send `Authorization: Bearer <API key or Supabase access token>`; see \"Securing the service\" in the README"
     )]
     Unauthorized,
+    /// Authenticated, but the session was started by another caller.
+    #[error("this pairing session was started by another account")]
+    Forbidden,
+    /// The caller has as many sessions open as it may.
+    #[error(
+        "you have {0} pairing sessions open already; finish or cancel one (DELETE /pair/{{phone}}) first"
+    )]
+    TooManySessions(usize),
     /// No pairing session for this phone.
     #[error("no pairing session for this phone; POST /pair to start one")]
     SessionNotFound,
@@ -113,6 +121,7 @@ impl ApiError {
             }
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound | Self::SessionNotFound => StatusCode::NOT_FOUND,
@@ -121,7 +130,7 @@ impl ApiError {
             | Self::SessionEnded(_)
             | Self::NoCodeRequested
             | Self::CompanionGone => StatusCode::CONFLICT,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::TooManySessions(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::WhatsAppForbidden => StatusCode::FORBIDDEN,
             Self::WhatsAppUnavailable(_)
             | Self::StoreUnavailable
@@ -139,6 +148,8 @@ impl ApiError {
             Self::InvalidPhone(_) => "invalid_phone",
             Self::InvalidJson(_) => "invalid_json",
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::TooManySessions(_) => "too_many_sessions",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::RouteNotFound | Self::SessionNotFound => "not_found",
@@ -165,7 +176,7 @@ impl ApiError {
         match self {
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Busy | Self::ShuttingDown => Some(Duration::from_secs(1)),
-            Self::AtCapacity => Some(Duration::from_secs(60)),
+            Self::AtCapacity | Self::TooManySessions(_) => Some(Duration::from_secs(60)),
             Self::StoreUnavailable | Self::WhatsAppUnavailable(_) => Some(Duration::from_secs(5)),
             _ => None,
         }
@@ -181,6 +192,8 @@ impl From<SessionError> for ApiError {
             SessionError::ShuttingDown => Self::ShuttingDown,
             SessionError::Busy => Self::Busy,
             SessionError::AtCapacity => Self::AtCapacity,
+            SessionError::Forbidden => Self::Forbidden,
+            SessionError::TooManySessions { limit } => Self::TooManySessions(limit),
         }
     }
 }

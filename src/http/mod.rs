@@ -45,6 +45,8 @@ pub struct AppState {
     pub code_wait: Duration,
     /// Who may call the API.
     pub callers: auth::Callers,
+    /// Most sessions one signed-in user may have open (`PAIR_SESSIONS_PER_USER`).
+    pub sessions_per_user: usize,
     /// Browser origins allowed to call the API (CORS).
     pub cors_allowed_origins: Arc<[String]>,
     /// The in-process fake WhatsApp, in sandbox mode.

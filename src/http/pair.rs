@@ -11,11 +11,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use time::OffsetDateTime;
 
+use super::auth::Caller;
 use super::error::set_retry_after;
 use super::extract::{ApiJson, PhonePath};
 use super::{ApiError, AppState};
 use crate::phone::PhoneNumber;
-use crate::session::{Joined, PairState, Reason, Status};
+use crate::session::{Actor, Joined, Owner, PairState, Reason, Status};
 
 /// How long `GET /pair/{phone}` waits for the store when this process has
 /// no session for the phone: a poll must not hang on a slow store.
@@ -39,14 +40,27 @@ pub struct PairRequest {
     phone: String,
 }
 
+/// What the registry knows of `caller`: users are held to their own
+/// sessions and `PAIR_SESSIONS_PER_USER` of them; server callers (and
+/// everyone, when no caller is configured) act on any.
+fn actor(app: &AppState, caller: &Caller) -> Actor {
+    match caller {
+        Caller::User { id } => Actor::restricted(Owner::user(id), app.sessions_per_user),
+        Caller::Server { key_id } => Actor::trusted(Owner::server(key_id)),
+        Caller::Anonymous => Actor::trusted(Owner::anonymous()),
+    }
+}
+
 /// Starts (or joins) the phone's session and answers with its first code,
 /// waiting up to `PAIR_CODE_WAIT_SECS` for it.
 async fn create(
     State(app): State<AppState>,
+    caller: Caller,
     ApiJson(request): ApiJson<PairRequest>,
 ) -> Result<Response, ApiError> {
     let phone = PhoneNumber::parse(&request.phone).map_err(ApiError::InvalidPhone)?;
-    let (joined, mut states) = app.sessions.start_or_join(&phone).await?;
+    let actor = actor(&app, &caller);
+    let (joined, mut states) = app.sessions.start_or_join(&phone, &actor).await?;
     // Something worth answering: a code, an outcome, or a failed attempt.
     let _ = tokio::time::timeout(
         app.code_wait,
@@ -69,13 +83,19 @@ async fn create(
 }
 
 /// The phone's current state: this process's session, else the store (a
-/// session from before a restart).
+/// session from before a restart). Stored states do not say who started
+/// them, so only callers who may see every session read those.
 async fn show(
     State(app): State<AppState>,
+    caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PairState>, ApiError> {
-    if let Some(state) = app.sessions.get(&phone) {
+    let actor = actor(&app, &caller);
+    if let Some(state) = app.sessions.get(&phone, &actor)? {
         return Ok(Json(state));
+    }
+    if !actor.sees_all {
+        return Err(ApiError::SessionNotFound);
     }
     let key = app.sessions.settings().key(&phone);
     let read = tokio::time::timeout(STORE_READ_TIMEOUT, app.sessions.store().get(&key)).await;
@@ -101,18 +121,22 @@ async fn show(
 /// A new code now ("Refresh Kode").
 async fn refresh(
     State(app): State<AppState>,
+    caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Response, ApiError> {
-    let state = app.sessions.refresh(&phone).await?;
+    let state = app.sessions.refresh(&phone, &actor(&app, &caller)).await?;
     answer(state, StatusCode::OK)
 }
 
 /// Cancels the phone's pending session.
 async fn cancel(
     State(app): State<AppState>,
+    caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PairState>, ApiError> {
-    Ok(Json(app.sessions.cancel(&phone).await?))
+    Ok(Json(
+        app.sessions.cancel(&phone, &actor(&app, &caller)).await?,
+    ))
 }
 
 /// Turns a session state into the answer for a request that wanted a code.

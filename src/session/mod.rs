@@ -33,13 +33,17 @@
 //! - [`task`]: one session's task ([`Session`]): steps, schedule, store writes.
 //! - [`registry`]: all sessions of the process ([`Sessions`]): start or join,
 //!   commands, shutdown.
+//! - [`access`]: who started a session ([`Owner`]) and who may touch it
+//!   ([`Actor`]).
 
+mod access;
 mod registry;
 mod state;
 mod task;
 #[cfg(test)]
 mod testing;
 
+pub use access::{Actor, Owner};
 pub use registry::{
     COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, PREVIOUS_SESSION_WAIT, RegistryCounts,
     Sessions,
@@ -72,4 +76,13 @@ pub enum SessionError {
     /// [`MAX_OPEN_SESSIONS`] sessions are open.
     #[error("too many pairing sessions are open")]
     AtCapacity,
+    /// The session was started by someone else.
+    #[error("this pairing session belongs to another caller")]
+    Forbidden,
+    /// The caller has as many sessions open as it may.
+    #[error("the caller has {limit} pairing sessions open already")]
+    TooManySessions {
+        /// The caller's limit.
+        limit: usize,
+    },
 }

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::SessionError;
+use super::access::{Actor, Owner};
 use super::state::{PairState, Reason, Status};
 use super::task::{Command, Reply, Session, SessionSettings, ended, outcome_error};
 use crate::link::Linker;
@@ -55,6 +56,14 @@ struct Live {
     task: Option<JoinHandle<()>>,
     /// Closed when the task has ended and released everything it held.
     released: watch::Receiver<()>,
+    /// Who started it.
+    owner: Owner,
+}
+
+/// The final state of a session whose task is gone, and who started it.
+struct Outcome {
+    state: PairState,
+    owner: Owner,
 }
 
 /// What the registry knows: running sessions and recent outcomes.
@@ -64,26 +73,45 @@ struct Registry {
     /// Final states of sessions whose tasks are gone, kept for
     /// `PAIR_OUTCOME_TTL_SECS` (a linked phone is joined, not re-linked; a
     /// refusal is served again without asking WhatsApp).
-    outcomes: HashMap<PhoneNumber, PairState>,
+    outcomes: HashMap<PhoneNumber, Outcome>,
     /// The outcomes in the order they were kept, oldest first, so aged-out
     /// ones are found without scanning them all.
     ageing: VecDeque<(PhoneNumber, OffsetDateTime)>,
+    /// How many running sessions each owner has (owners with none are not
+    /// listed), so a per-caller cap is checked without a scan.
+    open_by_owner: HashMap<Owner, usize>,
     next_id: u64,
 }
 
 impl Registry {
     /// `phone`'s outcome, unless it has aged out.
-    fn outcome(&self, phone: &PhoneNumber, ttl: Duration) -> Option<&PairState> {
+    fn outcome(&self, phone: &PhoneNumber, ttl: Duration) -> Option<&Outcome> {
         self.outcomes
             .get(phone)
-            .filter(|state| OffsetDateTime::now_utc() - state.updated_at < ttl)
+            .filter(|outcome| OffsetDateTime::now_utc() - outcome.state.updated_at < ttl)
     }
 
-    fn keep_outcome(&mut self, state: PairState, ttl: Duration) {
+    fn keep_outcome(&mut self, state: PairState, owner: Owner, ttl: Duration) {
         self.forget_aged(ttl);
         self.ageing
             .push_back((state.phone.clone(), state.updated_at));
-        self.outcomes.insert(state.phone.clone(), state);
+        self.outcomes
+            .insert(state.phone.clone(), Outcome { state, owner });
+    }
+
+    /// Counts a session `owner` just started.
+    fn opened_by(&mut self, owner: &Owner) {
+        *self.open_by_owner.entry(owner.clone()).or_default() += 1;
+    }
+
+    /// Uncounts a session of `owner` that is no longer running.
+    fn closed_by(&mut self, owner: &Owner) {
+        if let Some(open) = self.open_by_owner.get_mut(owner) {
+            *open -= 1;
+            if *open == 0 {
+                self.open_by_owner.remove(owner);
+            }
+        }
     }
 
     /// Drops the outcomes older than `ttl` (the store forgets them at the
@@ -98,7 +126,7 @@ impl Registry {
             if self
                 .outcomes
                 .get(phone)
-                .is_some_and(|state| state.updated_at == *kept_at)
+                .is_some_and(|outcome| outcome.state.updated_at == *kept_at)
             {
                 self.outcomes.remove(phone);
             }
@@ -123,6 +151,7 @@ struct Departure {
     id: u64,
     state: watch::Receiver<PairState>,
     outcome_ttl: Duration,
+    owner: Owner,
     /// Dropped last: closes every [`Live::released`].
     _released: watch::Sender<()>,
 }
@@ -138,8 +167,9 @@ impl Drop for Departure {
         {
             registry.live.remove(&self.phone);
         }
+        registry.closed_by(&self.owner);
         if last.status.is_terminal() {
-            registry.keep_outcome(last, self.outcome_ttl);
+            registry.keep_outcome(last, self.owner.clone(), self.outcome_ttl);
         } else {
             // The task unwound (a bug): forget it so the next POST starts
             // afresh rather than serve its frozen state.
@@ -221,13 +251,17 @@ impl Sessions {
     /// Concurrent callers for one phone get one session. A session that has
     /// just ended still holds the phone's device store for a moment; the
     /// new one waits for it (at most [`PREVIOUS_SESSION_WAIT`]).
+    ///
+    /// A restricted `actor` may only join its own sessions, and start one
+    /// only while it has fewer than its limit open.
     pub async fn start_or_join(
         &self,
         phone: &PhoneNumber,
+        actor: &Actor,
     ) -> Result<(Joined, watch::Receiver<PairState>), SessionError> {
         let deadline = tokio::time::Instant::now() + PREVIOUS_SESSION_WAIT;
         loop {
-            let mut released = match self.try_start_or_join(phone)? {
+            let mut released = match self.try_start_or_join(phone, actor)? {
                 Look::Session(joined, state) => return Ok((joined, state)),
                 Look::WaitFor(released) => released,
             };
@@ -242,10 +276,13 @@ impl Sessions {
 
     /// One look under the lock: the session to join, a new one, or what to
     /// wait for before a new one can start.
-    fn try_start_or_join(&self, phone: &PhoneNumber) -> Result<Look, SessionError> {
+    fn try_start_or_join(&self, phone: &PhoneNumber, actor: &Actor) -> Result<Look, SessionError> {
         let mut registry = lock(&self.registry);
         registry.forget_aged(self.settings.outcome_ttl);
         if let Some(live) = registry.live.get(phone) {
+            if !actor.may_touch(&live.owner) {
+                return Err(SessionError::Forbidden);
+            }
             let state = live.state.borrow().clone();
             if !state.status.is_terminal()
                 || state.status == Status::Linked
@@ -256,9 +293,12 @@ impl Sessions {
             return Ok(Look::WaitFor(live.released.clone()));
         }
         if let Some(outcome) = registry.outcome(phone, self.settings.outcome_ttl)
-            && (outcome.status == Status::Linked || self.holds_failure(outcome))
+            && (outcome.state.status == Status::Linked || self.holds_failure(&outcome.state))
         {
-            let (_, state) = watch::channel(outcome.clone());
+            if !actor.may_touch(&outcome.owner) {
+                return Err(SessionError::Forbidden);
+            }
+            let (_, state) = watch::channel(outcome.state.clone());
             return Ok(Look::Session(Joined::Existing, state));
         }
         if *self.stopping.borrow() {
@@ -268,6 +308,16 @@ impl Sessions {
         if open >= MAX_OPEN_SESSIONS {
             tracing::warn!(open, "session limit reached; refusing a new session");
             return Err(SessionError::AtCapacity);
+        }
+        if let Some(limit) = actor.open_limit {
+            let mine = registry.open_by_owner.get(&actor.owner).copied();
+            if mine.unwrap_or(0) >= limit {
+                tracing::warn!(
+                    limit,
+                    "caller's session limit reached; refusing a new session"
+                );
+                return Err(SessionError::TooManySessions { limit });
+            }
         }
         registry.next_id += 1;
         let id = registry.next_id;
@@ -285,6 +335,7 @@ impl Sessions {
             id,
             state: state.clone(),
             outcome_ttl: self.settings.outcome_ttl,
+            owner: actor.owner.clone(),
             _released: released_tx,
         };
         tracing::info!(phone = %phone, event = "session_started", "pairing session started");
@@ -300,8 +351,10 @@ impl Sessions {
                 state: state.clone(),
                 task: Some(task),
                 released,
+                owner: actor.owner.clone(),
             },
         );
+        registry.opened_by(&actor.owner);
         Ok(Look::Session(Joined::Created, state))
     }
 
@@ -321,37 +374,62 @@ impl Sessions {
     }
 
     /// The current state of `phone`'s session (or its recent outcome), if
-    /// this process has one.
-    pub fn get(&self, phone: &PhoneNumber) -> Option<PairState> {
+    /// this process has one; `Forbidden` if `actor` may not see it.
+    pub fn get(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<Option<PairState>, SessionError> {
         let registry = lock(&self.registry);
-        match registry.live.get(phone) {
-            Some(live) => Some(live.state.borrow().clone()),
-            None => registry.outcome(phone, self.settings.outcome_ttl).cloned(),
+        let (state, owner) = match registry.live.get(phone) {
+            Some(live) => (live.state.borrow().clone(), &live.owner),
+            None => match registry.outcome(phone, self.settings.outcome_ttl) {
+                Some(outcome) => (outcome.state.clone(), &outcome.owner),
+                None => return Ok(None),
+            },
+        };
+        if !actor.may_touch(owner) {
+            return Err(SessionError::Forbidden);
         }
+        Ok(Some(state))
     }
 
     /// A new code now for `phone`'s session.
-    pub async fn refresh(&self, phone: &PhoneNumber) -> Result<PairState, SessionError> {
-        self.command(phone, Command::Refresh).await
+    pub async fn refresh(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<PairState, SessionError> {
+        self.command(phone, actor, Command::Refresh).await
     }
 
     /// Cancels `phone`'s pending session.
-    pub async fn cancel(&self, phone: &PhoneNumber) -> Result<PairState, SessionError> {
-        self.command(phone, Command::Cancel).await
+    pub async fn cancel(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<PairState, SessionError> {
+        self.command(phone, actor, Command::Cancel).await
     }
 
     async fn command(
         &self,
         phone: &PhoneNumber,
+        actor: &Actor,
         make: impl FnOnce(Reply) -> Command,
     ) -> Result<PairState, SessionError> {
         let (commands, states) = {
             let registry = lock(&self.registry);
             let Some(live) = registry.live.get(phone) else {
-                return Err(registry
-                    .outcome(phone, self.settings.outcome_ttl)
-                    .map_or(SessionError::NotFound, |outcome| ended(outcome.status)));
+                return Err(match registry.outcome(phone, self.settings.outcome_ttl) {
+                    Some(outcome) if !actor.may_touch(&outcome.owner) => SessionError::Forbidden,
+                    Some(outcome) => ended(outcome.state.status),
+                    None => SessionError::NotFound,
+                });
             };
+            if !actor.may_touch(&live.owner) {
+                return Err(SessionError::Forbidden);
+            }
             let status = live.state.borrow().status;
             if status.is_terminal() {
                 return Err(ended(status));
@@ -436,7 +514,7 @@ mod tests {
 
         let mut joins: Vec<Joined> = Vec::new();
         for _ in 0..50 {
-            joins.push(sessions.start_or_join(&phone).await.unwrap().0);
+            joins.push(sessions.start_or_join(&phone, &anyone()).await.unwrap().0);
         }
         until_pending(&sessions, &phone).await;
 
@@ -445,7 +523,7 @@ mod tests {
         assert_eq!(script.requests.load(Ordering::SeqCst), 1);
         sessions.shutdown(Duration::from_secs(5)).await;
         assert_eq!(
-            sessions.get(&phone).unwrap().reason,
+            sessions.get(&phone, &anyone()).unwrap().unwrap().reason,
             Some(Reason::Interrupted)
         );
     }
@@ -462,10 +540,12 @@ mod tests {
             .collect();
 
         for phone in &phones[..MAX_OPEN_SESSIONS] {
-            sessions.start_or_join(phone).await.unwrap();
+            sessions.start_or_join(phone, &anyone()).await.unwrap();
         }
-        let refused = sessions.start_or_join(&phones[MAX_OPEN_SESSIONS]).await;
-        let joined = sessions.start_or_join(&phones[0]).await;
+        let refused = sessions
+            .start_or_join(&phones[MAX_OPEN_SESSIONS], &anyone())
+            .await;
+        let joined = sessions.start_or_join(&phones[0], &anyone()).await;
 
         assert_eq!(refused.err(), Some(SessionError::AtCapacity));
         assert_eq!(joined.unwrap().0, Joined::Existing);
@@ -486,13 +566,13 @@ mod tests {
         let script = Arc::new(Script::default());
         script.panic_on_open.store(true, Ordering::SeqCst);
         let (sessions, phone) = registry(&script);
-        let (_, states) = sessions.start_or_join(&phone).await.unwrap();
+        let (_, states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
         while states.has_changed().is_ok() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         script.panic_on_open.store(false, Ordering::SeqCst);
 
-        let (joined, mut states) = sessions.start_or_join(&phone).await.unwrap();
+        let (joined, mut states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
 
         assert_eq!(joined, Joined::Created);
         states
@@ -509,11 +589,14 @@ mod tests {
         *script.slow_shutdown.lock().unwrap() = Duration::from_secs(3);
         let (sessions, phone) = registry(&script);
         until_pending(&sessions, &phone).await;
-        sessions.cancel(&phone).await.unwrap();
+        sessions.cancel(&phone, &anyone()).await.unwrap();
         let started = tokio::time::Instant::now();
 
         // Act
-        let joined = sessions.start_or_join(&phone).await.map(|(j, _)| j);
+        let joined = sessions
+            .start_or_join(&phone, &anyone())
+            .await
+            .map(|(j, _)| j);
 
         // Assert
         assert_eq!(joined, Ok(Joined::Created));
@@ -533,12 +616,18 @@ mod tests {
         *script.slow_shutdown.lock().unwrap() = PREVIOUS_SESSION_WAIT * 2;
         let (sessions, phone) = registry(&script);
         until_pending(&sessions, &phone).await;
-        sessions.cancel(&phone).await.unwrap();
+        sessions.cancel(&phone, &anyone()).await.unwrap();
 
         // Act
-        let while_closing = sessions.start_or_join(&phone).await.map(|(j, _)| j);
+        let while_closing = sessions
+            .start_or_join(&phone, &anyone())
+            .await
+            .map(|(j, _)| j);
         tokio::time::sleep(PREVIOUS_SESSION_WAIT * 2).await;
-        let after = sessions.start_or_join(&phone).await.map(|(j, _)| j);
+        let after = sessions
+            .start_or_join(&phone, &anyone())
+            .await
+            .map(|(j, _)| j);
 
         // Assert
         assert_eq!(while_closing, Err(SessionError::Busy));
@@ -557,12 +646,13 @@ mod tests {
         until_pending(&sessions, &phone).await;
 
         // Act
+        let server = anyone();
         let (cancelled, refreshed, cancelled_again) = tokio::join!(
-            sessions.cancel(&phone),
-            sessions.refresh(&phone),
-            sessions.cancel(&phone)
+            sessions.cancel(&phone, &server),
+            sessions.refresh(&phone, &server),
+            sessions.cancel(&phone, &server)
         );
-        let later = sessions.refresh(&phone).await;
+        let later = sessions.refresh(&phone, &anyone()).await;
 
         // Assert
         assert_eq!(cancelled.unwrap().status, Status::Cancelled);
@@ -591,7 +681,7 @@ mod tests {
         // Act
         for phone in &phones {
             until_pending(&sessions, phone).await;
-            sessions.cancel(phone).await.unwrap();
+            sessions.cancel(phone, &anyone()).await.unwrap();
         }
         until_released(&sessions).await;
         let after_cancels = sessions.counts();
@@ -620,12 +710,96 @@ mod tests {
 
     /// Starts (or joins) `phone`'s session and waits for its first code.
     async fn until_pending(sessions: &Sessions, phone: &PhoneNumber) -> watch::Receiver<PairState> {
-        let (_, mut states) = sessions.start_or_join(phone).await.unwrap();
+        let (_, mut states) = sessions.start_or_join(phone, &anyone()).await.unwrap();
         states
             .wait_for(|s| s.status == Status::Pending)
             .await
             .unwrap();
         states
+    }
+
+    /// An actor that may do anything (a server caller).
+    fn anyone() -> Actor {
+        Actor::trusted(Owner::server("key-1"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_user_can_neither_see_nor_join_nor_command_another_users_session() {
+        let sessions = Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(Arc::new(Script::default()))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phone = PhoneNumber::parse("628123456789").unwrap();
+        let alice = Actor::restricted(Owner::user("alice"), 5);
+        let bob = Actor::restricted(Owner::user("bob"), 5);
+        let (_, mut states) = sessions.start_or_join(&phone, &alice).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+
+        let joined = sessions.start_or_join(&phone, &bob).await.map(|(j, _)| j);
+        let read = sessions.get(&phone, &bob);
+        let refreshed = sessions.refresh(&phone, &bob).await;
+        let cancelled = sessions.cancel(&phone, &bob).await;
+
+        assert_eq!(joined, Err(SessionError::Forbidden));
+        assert_eq!(read, Err(SessionError::Forbidden));
+        assert_eq!(refreshed, Err(SessionError::Forbidden));
+        assert_eq!(cancelled, Err(SessionError::Forbidden));
+        assert!(matches!(sessions.get(&phone, &alice), Ok(Some(_))));
+        assert!(matches!(sessions.get(&phone, &anyone()), Ok(Some(_))));
+        let ended = sessions.cancel(&phone, &alice).await.unwrap();
+        assert_eq!(ended.status, Status::Cancelled);
+        until_released(&sessions).await;
+        assert_eq!(
+            sessions.get(&phone, &bob),
+            Err(SessionError::Forbidden),
+            "the outcome keeps its owner too"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restricted_caller_opens_at_most_its_limit_and_others_are_not_held_back() {
+        let sessions = Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(Arc::new(Script::default()))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phones: Vec<PhoneNumber> = (0..4)
+            .map(|n| PhoneNumber::parse(&format!("62812{n:08}")).unwrap())
+            .collect();
+        let greedy = Actor::restricted(Owner::user("greedy"), 2);
+        let other = Actor::restricted(Owner::user("other"), 2);
+
+        sessions.start_or_join(&phones[0], &greedy).await.unwrap();
+        sessions.start_or_join(&phones[1], &greedy).await.unwrap();
+        let third = sessions
+            .start_or_join(&phones[2], &greedy)
+            .await
+            .map(|(j, _)| j);
+        let others = sessions
+            .start_or_join(&phones[3], &other)
+            .await
+            .map(|(j, _)| j);
+        sessions.cancel(&phones[0], &greedy).await.unwrap();
+        until_live(&sessions, 2).await;
+        let after_one_ended = sessions
+            .start_or_join(&phones[2], &greedy)
+            .await
+            .map(|(j, _)| j);
+
+        assert_eq!(third, Err(SessionError::TooManySessions { limit: 2 }));
+        assert_eq!(others, Ok(Joined::Created));
+        assert_eq!(after_one_ended, Ok(Joined::Created));
+    }
+
+    /// Waits until exactly `n` session tasks are left.
+    async fn until_live(sessions: &Sessions, n: usize) {
+        while sessions.counts().live != n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until no session task is left.
@@ -644,14 +818,14 @@ mod tests {
             backoff: None,
         }));
         let (sessions, phone) = registry(&script);
-        let (_, mut states) = sessions.start_or_join(&phone).await.unwrap();
+        let (_, mut states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
         states
             .wait_for(|s| s.status == Status::Failed)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
 
-        let (joined, states) = sessions.start_or_join(&phone).await.unwrap();
+        let (joined, states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
 
         assert_eq!(joined, Joined::Existing);
         assert_eq!(states.borrow().whatsapp_status, Some(452));
@@ -686,7 +860,7 @@ mod tests {
     async fn a_linked_phone_is_joined_not_relinked_while_its_outcome_is_fresh() {
         let (sessions, phone) = linked_registry(Duration::from_secs(86_400)).await;
 
-        let (joined, states) = sessions.start_or_join(&phone).await.unwrap();
+        let (joined, states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
 
         assert_eq!(joined, Joined::Existing);
         assert_eq!(states.borrow().status, Status::Linked);
@@ -697,7 +871,7 @@ mod tests {
         let (sessions, phone) = linked_registry(Duration::ZERO).await;
         until_released(&sessions).await;
 
-        let (joined, _) = sessions.start_or_join(&phone).await.unwrap();
+        let (joined, _) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
 
         assert_eq!(joined, Joined::Created);
         sessions.shutdown(Duration::from_secs(5)).await;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
 use reqwest::StatusCode;
@@ -316,4 +317,91 @@ async fn an_unreachable_jwks_refuses_in_bounded_time_instead_of_hanging() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_user_cannot_read_refresh_cancel_or_join_another_users_session() {
+    // Arrange
+    let key = SigningKey::es256("ec-1");
+    let project = Project::publishing(&[&key]).await;
+    let app = app_for(&project).await;
+    let alice = key.sign(&project.user_claims("alice"));
+    let bob = key.sign(&project.user_claims("bob"));
+    let phone = "628111111111";
+    let url = |path: &str| format!("{}{path}", app.base);
+    assert_eq!(
+        pair_as(&app, &alice, phone).await.status(),
+        StatusCode::CREATED
+    );
+
+    // Act
+    let read = app
+        .http
+        .get(url(&format!("/pair/{phone}")))
+        .bearer_auth(&bob);
+    let refresh = app
+        .http
+        .post(url(&format!("/pair/{phone}/refresh")))
+        .bearer_auth(&bob);
+    let cancel = app
+        .http
+        .delete(url(&format!("/pair/{phone}")))
+        .bearer_auth(&bob);
+    let mut answers = Vec::new();
+    for request in [read, refresh, cancel] {
+        answers.push(request.send().await.expect("sent"));
+    }
+    answers.push(pair_as(&app, &bob, phone).await);
+    let own_read = app
+        .http
+        .get(url(&format!("/pair/{phone}")))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("sent");
+
+    // Assert
+    for answer in answers {
+        assert_eq!(answer.status(), StatusCode::FORBIDDEN);
+        let body: Value = answer.json().await.expect("JSON");
+        assert_eq!(body["error"], "forbidden");
+    }
+    assert_eq!(own_read.status(), StatusCode::OK);
+    let state: Value = own_read.json().await.expect("JSON");
+    assert_eq!(state["status"], "pending", "bob's DELETE changed nothing");
+}
+
+#[tokio::test]
+async fn a_thousand_posts_from_one_user_cannot_lock_out_another_user() {
+    // Arrange
+    let key = SigningKey::es256("ec-1");
+    let project = Project::publishing(&[&key]).await;
+    let app = app_for(&project).await;
+    let greedy = key.sign(&project.user_claims("greedy"));
+    let other = key.sign(&project.user_claims("other"));
+
+    // Act
+    let answers: Vec<StatusCode> = futures::stream::iter(0..1000)
+        .map(|n| {
+            let (app, greedy) = (&app, &greedy);
+            async move { pair_as(app, greedy, &format!("6281{n:08}")).await.status() }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let others = pair_as(&app, &other, "628999999999").await;
+
+    // Assert
+    let created = answers
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(created, wa_pair::config::DEFAULT_SESSIONS_PER_USER);
+    assert_eq!(created + limited, 1000, "{answers:?}");
+    assert_eq!(others.status(), StatusCode::CREATED);
+    assert_eq!(app.sessions.counts().live, created + 1);
 }

@@ -187,6 +187,21 @@ fn digest_bytes(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        // Put there by `require_caller`; a route without it is a bug.
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            tracing::error!("route reached without the caller middleware");
+            ApiError::Internal
+        })
+    }
+}
+
 /// Middleware for the API routes: lets a request in with its [`Caller`] in
 /// the extensions, or answers 401.
 pub async fn require_caller(

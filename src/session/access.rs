@@ -1,0 +1,110 @@
+//! Who may do what with a session: every session remembers its [`Owner`],
+//! and every request comes from an [`Actor`] that may see only its own
+//! sessions or everyone's.
+//!
+//! Owners live in this process's memory only: the stored JSON carries no
+//! user id.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Who started a session: `user:<supabase id>`, `key:<key id>`, or
+/// `anonymous`. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Owner(Arc<str>);
+
+impl Owner {
+    /// A signed-in user, by their id.
+    pub fn user(id: &str) -> Self {
+        Self(format!("user:{id}").into())
+    }
+
+    /// A server caller, by its key's id (never the key).
+    pub fn server(key_id: &str) -> Self {
+        Self(format!("key:{key_id}").into())
+    }
+
+    /// A caller nobody can tell apart (no callers configured).
+    pub fn anonymous() -> Self {
+        Self(Arc::from("anonymous"))
+    }
+}
+
+impl fmt::Debug for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A user id is an opaque UUID, not contact data, but it still
+        // stays out of debug output of whole states.
+        match self.0.split_once(':') {
+            Some(("user", _)) => f.write_str("Owner(user)"),
+            _ => write!(f, "Owner({})", self.0),
+        }
+    }
+}
+
+/// Who is asking, as the registry sees it.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Recorded as the owner of the sessions this actor starts.
+    pub owner: Owner,
+    /// Whether the actor may read and act on sessions others started.
+    pub sees_all: bool,
+    /// Most sessions this actor may have open at once; `None`: only the
+    /// service-wide `MAX_OPEN_SESSIONS`.
+    pub open_limit: Option<usize>,
+}
+
+impl Actor {
+    /// An actor that may touch every session and is only bounded by the
+    /// service-wide cap (server callers, and everyone when no caller is
+    /// configured).
+    pub fn trusted(owner: Owner) -> Self {
+        Self {
+            owner,
+            sees_all: true,
+            open_limit: None,
+        }
+    }
+
+    /// An actor limited to its own sessions, at most `open_limit` open.
+    pub fn restricted(owner: Owner, open_limit: usize) -> Self {
+        Self {
+            owner,
+            sees_all: false,
+            open_limit: Some(open_limit),
+        }
+    }
+
+    /// Whether this actor may read or act on a session `owner` started.
+    pub fn may_touch(&self, owner: &Owner) -> bool {
+        self.sees_all || self.owner == *owner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restricted_actor_touches_only_its_own_sessions() {
+        let alice = Actor::restricted(Owner::user("alice"), 5);
+
+        assert!(alice.may_touch(&Owner::user("alice")));
+        assert!(!alice.may_touch(&Owner::user("bob")));
+        assert!(!alice.may_touch(&Owner::server("key-1")));
+    }
+
+    #[test]
+    fn a_trusted_actor_touches_every_session() {
+        let server = Actor::trusted(Owner::server("key-1"));
+
+        assert!(server.may_touch(&Owner::user("alice")));
+        assert!(server.may_touch(&Owner::anonymous()));
+    }
+
+    #[test]
+    fn debug_output_does_not_show_user_ids() {
+        let printed = format!("{:?}", Owner::user("5f1c7c1e"));
+
+        assert!(!printed.contains("5f1c7c1e"), "{printed}");
+    }
+}
