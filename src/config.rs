@@ -61,6 +61,14 @@ pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
 /// at a time; five leaves room for a retry on each without letting one
 /// account take the service-wide cap.
 pub const DEFAULT_SESSIONS_PER_USER: usize = 5;
+/// Default for `HTTP_HEADER_TIMEOUT_SECS`: a real client sends its headers
+/// in one packet; ten seconds covers a slow mobile link, and bounds how long
+/// a client that sends nothing (or a byte at a time) holds a connection.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for `HTTP_MAX_CONNECTIONS`: far above what the frontend and edge
+/// functions need, well below the file descriptors the sessions need
+/// (three each, up to 1000 sessions).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Shortest API key accepted: 32 characters (e.g. 16 random bytes in hex)
 /// cannot be guessed by trying.
 pub const MIN_API_KEY_LEN: usize = 32;
@@ -121,6 +129,8 @@ const API_KEYS: &str = "API_KEYS";
 const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
 const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
 const SESSIONS_PER_USER: &str = "PAIR_SESSIONS_PER_USER";
+const HEADER_TIMEOUT: &str = "HTTP_HEADER_TIMEOUT_SECS";
+const MAX_CONNECTIONS: &str = "HTTP_MAX_CONNECTIONS";
 
 /// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
 pub const VARIABLES: &[&str] = &[
@@ -151,6 +161,8 @@ pub const VARIABLES: &[&str] = &[
     ALLOW_UNAUTHENTICATED,
     CORS_ALLOWED_ORIGINS,
     SESSIONS_PER_USER,
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
 ];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
@@ -235,6 +247,12 @@ pub struct Config {
     /// from `PAIR_SESSIONS_PER_USER` (default `5`); at least 1. Server
     /// callers act for many users and are bounded by the service-wide cap.
     pub sessions_per_user: usize,
+    /// Longest time a client has to send a request's headers, from
+    /// `HTTP_HEADER_TIMEOUT_SECS` (default `10`); then it is disconnected.
+    pub header_timeout: Duration,
+    /// Most HTTP connections open at once, from `HTTP_MAX_CONNECTIONS`
+    /// (default `1024`); more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -266,6 +284,8 @@ impl Default for Config {
             allow_unauthenticated: DEFAULT_ALLOW_UNAUTHENTICATED,
             cors_allowed_origins: Vec::new(),
             sessions_per_user: DEFAULT_SESSIONS_PER_USER,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -418,6 +438,18 @@ impl Config {
                 DEFAULT_SESSIONS_PER_USER,
                 "a whole number from 1 to 1000",
                 |v| parse_unsigned::<usize>(v).filter(|n| (1..=1000).contains(n)),
+            )?,
+            header_timeout: vars.parse(
+                HEADER_TIMEOUT,
+                DEFAULT_HEADER_TIMEOUT,
+                SECONDS,
+                parse_secs,
+            )?,
+            max_connections: vars.parse(
+                MAX_CONNECTIONS,
+                DEFAULT_MAX_CONNECTIONS,
+                "a whole number from 1 to 65535",
+                |v| parse_unsigned::<usize>(v).filter(|n| (1..=65_535).contains(n)),
             )?,
         };
         config.check_consistency()?;
@@ -989,6 +1021,8 @@ mod tests {
                 "https://app.example.com, http://localhost:5173",
             ),
             (SESSIONS_PER_USER, "2"),
+            (HEADER_TIMEOUT, "3"),
+            (MAX_CONNECTIONS, "64"),
         ];
 
         // Act
@@ -1032,6 +1066,8 @@ mod tests {
                 "http://localhost:5173".to_owned(),
             ],
             sessions_per_user: 2,
+            header_timeout: Duration::from_secs(3),
+            max_connections: 64,
         };
         assert_eq!(config, expected);
     }

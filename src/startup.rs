@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::config::{Config, StoreConfig};
 use crate::http::auth::Callers;
 use crate::http::auth::supabase::SupabaseTokens;
+use crate::http::server::ConnectionLimits;
 use crate::http::{AppState, router};
 use crate::link::Linker;
 use crate::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
@@ -86,6 +87,7 @@ pub struct App {
     router: Router,
     sessions: Arc<Sessions>,
     grace: Duration,
+    connection_limits: ConnectionLimits,
     /// Kept until the sessions have stopped: in sandbox mode their link
     /// clients talk to it until the very end.
     sandbox_guard: Sandbox,
@@ -154,6 +156,10 @@ impl App {
             router: router(state),
             sessions,
             grace: config.shutdown_grace,
+            connection_limits: ConnectionLimits {
+                header_read_timeout: config.header_timeout,
+                max_connections: config.max_connections,
+            },
             sandbox_guard: sandbox,
         })
     }
@@ -191,29 +197,29 @@ impl App {
             let _ = sessions_stop.wait_for(|stop| *stop).await;
             sessions.shutdown(session_grace).await;
         });
-        let mut server_stop = stop_rx.clone();
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
-            let _ = server_stop.wait_for(|stop| *stop).await;
-        });
+        let server = crate::http::server::serve(
+            self.listener,
+            self.router,
+            self.connection_limits,
+            stop_rx.clone(),
+        );
         let mut deadline_stop = stop_rx;
         let grace = self.grace;
         let hard_deadline = async move {
             let _ = deadline_stop.wait_for(|stop| *stop).await;
             tokio::time::sleep(grace).await;
         };
-        let result = tokio::select! {
-            result = async {
-                let result = server.await;
+        tokio::select! {
+            () = async {
+                server.await;
                 let _ = sessions_done.await;
-                result
-            } => result,
+            } => {}
             _ = hard_deadline => {
                 tracing::warn!("shutdown grace of {grace:?} ran out; exiting anyway");
-                Ok(())
             }
         };
         tracing::info!("stopped");
-        result
+        Ok(())
     }
 }
 

@@ -46,6 +46,9 @@ pub enum ApiError {
         "you have {0} pairing sessions open already; finish or cancel one (DELETE /pair/{{phone}}) first"
     )]
     TooManySessions(usize),
+    /// The request took longer than its deadline.
+    #[error("the request took too long and was abandoned; try again")]
+    RequestTimeout,
     /// No pairing session for this phone.
     #[error("no pairing session for this phone; POST /pair to start one")]
     SessionNotFound,
@@ -122,6 +125,7 @@ impl ApiError {
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound | Self::SessionNotFound => StatusCode::NOT_FOUND,
@@ -149,6 +153,7 @@ impl ApiError {
             Self::InvalidJson(_) => "invalid_json",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::RequestTimeout => "request_timeout",
             Self::TooManySessions(_) => "too_many_sessions",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",

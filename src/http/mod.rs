@@ -4,12 +4,14 @@
 
 pub mod auth;
 mod cors;
+mod deadline;
 mod error;
 mod extract;
 mod health;
 mod pair;
 #[cfg(feature = "sandbox")]
 mod sandbox;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         auth::require_caller,
     ));
     let routes = Router::new().merge(api).merge(health::routes());
+    let deadlines = deadline::Deadlines::for_code_wait(state.code_wait);
     #[cfg(feature = "sandbox")]
     let routes = match state.sandbox.is_some() {
         true => routes.merge(sandbox::routes()),
@@ -74,6 +77,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            deadlines,
+            deadline::enforce,
+        ))
         .with_state(state)
         .layer(
             ServiceBuilder::new()

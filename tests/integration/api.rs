@@ -599,3 +599,66 @@ async fn pair_answers_409_session_ended_when_a_delete_lands_while_it_waits_for_t
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    // Arrange
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.header_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connects");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("writes");
+
+    // Act
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+
+    // Assert
+    assert!(closed.is_ok(), "still connected after 5 s");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_until_an_idle_one_is_cut_off() {
+    // Arrange
+    let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.header_timeout = Duration::from_secs(1);
+        config.max_connections = 2;
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let _idle = [
+        tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connects"),
+        tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connects"),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Act
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), app.get("/healthz"))
+        .await
+        .expect("answered once an idle connection was cut off");
+
+    // Assert
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "answered after {:?}, while both slots were held",
+        started.elapsed()
+    );
+}
