@@ -69,6 +69,13 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// functions need, well below the file descriptors the sessions need
 /// (three each, up to 1000 sessions).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default for `RATE_LIMIT_STARTS_PER_MIN`: a person asks for a code, maybe
+/// refreshes it, maybe for a second number; ten a minute is plenty for
+/// that and stops a loop from making WhatsApp notify phones.
+pub const DEFAULT_STARTS_PER_MINUTE: u32 = 10;
+/// Default for `RATE_LIMIT_READS_PER_MIN`: a page polling every second
+/// uses 60.
+pub const DEFAULT_READS_PER_MINUTE: u32 = 120;
 /// Shortest API key accepted: 32 characters (e.g. 16 random bytes in hex)
 /// cannot be guessed by trying.
 pub const MIN_API_KEY_LEN: usize = 32;
@@ -130,6 +137,9 @@ const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
 const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
 const SESSIONS_PER_USER: &str = "PAIR_SESSIONS_PER_USER";
 const HEADER_TIMEOUT: &str = "HTTP_HEADER_TIMEOUT_SECS";
+const STARTS_PER_MINUTE: &str = "RATE_LIMIT_STARTS_PER_MIN";
+const READS_PER_MINUTE: &str = "RATE_LIMIT_READS_PER_MIN";
+const TRUST_PROXY: &str = "TRUST_PROXY";
 const MAX_CONNECTIONS: &str = "HTTP_MAX_CONNECTIONS";
 
 /// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
@@ -163,6 +173,9 @@ pub const VARIABLES: &[&str] = &[
     SESSIONS_PER_USER,
     HEADER_TIMEOUT,
     MAX_CONNECTIONS,
+    STARTS_PER_MINUTE,
+    READS_PER_MINUTE,
+    TRUST_PROXY,
 ];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
@@ -253,6 +266,18 @@ pub struct Config {
     /// Most HTTP connections open at once, from `HTTP_MAX_CONNECTIONS`
     /// (default `1024`); more wait to be accepted.
     pub max_connections: usize,
+    /// `POST /pair` and refreshes per minute for each user or client IP,
+    /// from `RATE_LIMIT_STARTS_PER_MIN` (default `10`); server callers get
+    /// 20 times as many.
+    pub starts_per_minute: u32,
+    /// Other API requests per minute for each user or client IP, from
+    /// `RATE_LIMIT_READS_PER_MIN` (default `120`); server callers get 20
+    /// times as many.
+    pub reads_per_minute: u32,
+    /// Whether the last `X-Forwarded-For` entry is the client's address,
+    /// from `TRUST_PROXY` (default `false`). Set it behind a proxy that
+    /// appends it, such as Railway's.
+    pub trust_proxy: bool,
 }
 
 impl Default for Config {
@@ -286,6 +311,9 @@ impl Default for Config {
             sessions_per_user: DEFAULT_SESSIONS_PER_USER,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            starts_per_minute: DEFAULT_STARTS_PER_MINUTE,
+            reads_per_minute: DEFAULT_READS_PER_MINUTE,
+            trust_proxy: false,
         }
     }
 }
@@ -450,6 +478,24 @@ impl Config {
                 DEFAULT_MAX_CONNECTIONS,
                 "a whole number from 1 to 65535",
                 |v| parse_unsigned::<usize>(v).filter(|n| (1..=65_535).contains(n)),
+            )?,
+            starts_per_minute: vars.parse(
+                STARTS_PER_MINUTE,
+                DEFAULT_STARTS_PER_MINUTE,
+                "a whole number from 1 to 1000000",
+                |v| parse_unsigned::<u32>(v).filter(|n| (1..=1_000_000).contains(n)),
+            )?,
+            reads_per_minute: vars.parse(
+                READS_PER_MINUTE,
+                DEFAULT_READS_PER_MINUTE,
+                "a whole number from 1 to 1000000",
+                |v| parse_unsigned::<u32>(v).filter(|n| (1..=1_000_000).contains(n)),
+            )?,
+            trust_proxy: vars.parse(
+                TRUST_PROXY,
+                false,
+                "one of 1, 0, true, false, yes, no",
+                parse_bool,
             )?,
         };
         config.check_consistency()?;
@@ -1023,6 +1069,9 @@ mod tests {
             (SESSIONS_PER_USER, "2"),
             (HEADER_TIMEOUT, "3"),
             (MAX_CONNECTIONS, "64"),
+            (STARTS_PER_MINUTE, "5"),
+            (READS_PER_MINUTE, "50"),
+            (TRUST_PROXY, "yes"),
         ];
 
         // Act
@@ -1068,6 +1117,9 @@ mod tests {
             sessions_per_user: 2,
             header_timeout: Duration::from_secs(3),
             max_connections: 64,
+            starts_per_minute: 5,
+            reads_per_minute: 50,
+            trust_proxy: true,
         };
         assert_eq!(config, expected);
     }

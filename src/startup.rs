@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::config::{Config, StoreConfig};
 use crate::http::auth::Callers;
 use crate::http::auth::supabase::SupabaseTokens;
+use crate::http::limits::{Budgets, CallerLimits};
 use crate::http::server::ConnectionLimits;
 use crate::http::{AppState, router};
 use crate::link::Linker;
@@ -143,6 +144,13 @@ impl App {
             code_wait: config.code_wait,
             callers: callers(config),
             sessions_per_user: config.sessions_per_user,
+            limits: Arc::new(CallerLimits::new(
+                Budgets {
+                    starts_per_minute: config.starts_per_minute,
+                    reads_per_minute: config.reads_per_minute,
+                },
+                config.trust_proxy,
+            )),
             cors_allowed_origins: config.cors_allowed_origins.clone().into(),
             #[cfg(feature = "sandbox")]
             sandbox: sandbox.0.clone(),

@@ -8,6 +8,7 @@ mod deadline;
 mod error;
 mod extract;
 mod health;
+pub mod limits;
 mod pair;
 #[cfg(feature = "sandbox")]
 mod sandbox;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub code_wait: Duration,
     /// Who may call the API.
     pub callers: auth::Callers,
+    /// Request budgets per caller.
+    pub limits: Arc<limits::CallerLimits>,
     /// Most sessions one signed-in user may have open (`PAIR_SESSIONS_PER_USER`).
     pub sessions_per_user: usize,
     /// Browser origins allowed to call the API (CORS).
@@ -62,10 +65,17 @@ pub fn router(state: AppState) -> Router {
     let cors = cors::layer(&state.cors_allowed_origins);
     // Only the API routes need a caller: health checks stay open, and an
     // unknown route is a 404 whoever asks.
-    let api = pair::routes().route_layer(axum::middleware::from_fn_with_state(
-        state.callers.clone(),
-        auth::require_caller,
-    ));
+    // Layers run outside in: the caller is known before its budget is
+    // charged.
+    let api = pair::routes()
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.limits),
+            limits::enforce,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.callers.clone(),
+            auth::require_caller,
+        ));
     let routes = Router::new().merge(api).merge(health::routes());
     let deadlines = deadline::Deadlines::for_code_wait(state.code_wait);
     #[cfg(feature = "sandbox")]

@@ -182,3 +182,87 @@ async fn with_no_origin_configured_no_origin_is_allowed() {
             .is_none()
     );
 }
+
+async fn pair_from(app: &TestApp, client_ip: &str, phone: &str) -> reqwest::Response {
+    app.http
+        .post(format!("{}/pair", app.base))
+        .header("x-forwarded-for", format!("198.51.100.200, {client_ip}"))
+        .json(&json!({ "phone": phone }))
+        .send()
+        .await
+        .expect("request sent")
+}
+
+#[tokio::test]
+async fn a_thousand_posts_from_one_address_cannot_lock_out_another_address() {
+    // Arrange
+    let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.starts_per_minute = 10;
+        config.trust_proxy = true;
+    })
+    .await;
+
+    // Act
+    let mut answers = Vec::new();
+    for n in 0..1000 {
+        let answer = pair_from(&app, "203.0.113.1", &format!("6281{n:08}")).await;
+        answers.push((
+            answer.status(),
+            answer.headers().get("retry-after").cloned(),
+        ));
+    }
+    let other = pair_from(&app, "203.0.113.2", "628999999999").await;
+
+    // Assert
+    let created = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .count();
+    let limited: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert_eq!(created, 10, "the whole minute's budget, no more");
+    assert_eq!(limited.len(), 990);
+    assert!(limited.iter().all(|(_, retry_after)| retry_after.is_some()));
+    assert_eq!(other.status(), StatusCode::CREATED);
+    assert_eq!(app.sessions.counts().live, 11);
+}
+
+#[tokio::test]
+async fn reads_have_their_own_budget_and_the_answer_says_when_to_retry() {
+    // Arrange
+    let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.reads_per_minute = 3;
+    })
+    .await;
+
+    // Act
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(app.get(&format!("/pair/{PHONE}")).await);
+    }
+    let limited = statuses.pop().expect("four answers");
+    let started = app.post_pair(PHONE).await;
+
+    // Assert
+    assert!(statuses.iter().all(|s| s.status() == StatusCode::NOT_FOUND));
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((15..=20).contains(&retry_after), "{retry_after}");
+    let body: Value = limited.json().await.expect("JSON");
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(
+        started.status(),
+        StatusCode::CREATED,
+        "starts are counted apart"
+    );
+    assert!(
+        app.get("/healthz").await.status().is_success(),
+        "health checks are never limited"
+    );
+}

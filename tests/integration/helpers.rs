@@ -62,6 +62,10 @@ fn test_config() -> (wa_pair::config::Config, TempDir) {
     let config = wa_pair::config::Config {
         port: 0,
         data_dir: data_dir.path().to_path_buf(),
+        // Tests fire many requests from one address on purpose; the tests
+        // of the limits set their own.
+        starts_per_minute: 1_000_000,
+        reads_per_minute: 1_000_000,
         ..wa_pair::config::Config::default()
     };
     (config, data_dir)
