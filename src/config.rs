@@ -76,6 +76,10 @@ pub const DEFAULT_STARTS_PER_MINUTE: u32 = 10;
 /// Default for `RATE_LIMIT_READS_PER_MIN`: a page polling every second
 /// uses 60.
 pub const DEFAULT_READS_PER_MINUTE: u32 = 120;
+/// Default for `PAIR_CODES_PER_HOUR`: WhatsApp is reported to block a
+/// number for hours after about seven codes; six keeps a person under that
+/// with room for one refresh per screen they lose.
+pub const DEFAULT_CODES_PER_HOUR: u32 = 6;
 /// Shortest API key accepted: 32 characters (e.g. 16 random bytes in hex)
 /// cannot be guessed by trying.
 pub const MIN_API_KEY_LEN: usize = 32;
@@ -140,6 +144,7 @@ const HEADER_TIMEOUT: &str = "HTTP_HEADER_TIMEOUT_SECS";
 const STARTS_PER_MINUTE: &str = "RATE_LIMIT_STARTS_PER_MIN";
 const READS_PER_MINUTE: &str = "RATE_LIMIT_READS_PER_MIN";
 const TRUST_PROXY: &str = "TRUST_PROXY";
+const CODES_PER_HOUR: &str = "PAIR_CODES_PER_HOUR";
 const MAX_CONNECTIONS: &str = "HTTP_MAX_CONNECTIONS";
 
 /// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
@@ -176,6 +181,7 @@ pub const VARIABLES: &[&str] = &[
     STARTS_PER_MINUTE,
     READS_PER_MINUTE,
     TRUST_PROXY,
+    CODES_PER_HOUR,
 ];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
@@ -278,6 +284,10 @@ pub struct Config {
     /// from `TRUST_PROXY` (default `false`). Set it behind a proxy that
     /// appends it, such as Railway's.
     pub trust_proxy: bool,
+    /// Codes per phone number and hour, automatic and manual together,
+    /// from `PAIR_CODES_PER_HOUR` (default `6`); counted in the store, so a
+    /// restart does not reset it. The hour opens with the first code.
+    pub codes_per_hour: u32,
 }
 
 impl Default for Config {
@@ -314,6 +324,7 @@ impl Default for Config {
             starts_per_minute: DEFAULT_STARTS_PER_MINUTE,
             reads_per_minute: DEFAULT_READS_PER_MINUTE,
             trust_proxy: false,
+            codes_per_hour: DEFAULT_CODES_PER_HOUR,
         }
     }
 }
@@ -496,6 +507,12 @@ impl Config {
                 false,
                 "one of 1, 0, true, false, yes, no",
                 parse_bool,
+            )?,
+            codes_per_hour: vars.parse(
+                CODES_PER_HOUR,
+                DEFAULT_CODES_PER_HOUR,
+                "a whole number from 1 to 1000",
+                |v| parse_unsigned::<u32>(v).filter(|n| (1..=1000).contains(n)),
             )?,
         };
         config.check_consistency()?;
@@ -1072,6 +1089,7 @@ mod tests {
             (STARTS_PER_MINUTE, "5"),
             (READS_PER_MINUTE, "50"),
             (TRUST_PROXY, "yes"),
+            (CODES_PER_HOUR, "4"),
         ];
 
         // Act
@@ -1120,6 +1138,7 @@ mod tests {
             starts_per_minute: 5,
             reads_per_minute: 50,
             trust_proxy: true,
+            codes_per_hour: 4,
         };
         assert_eq!(config, expected);
     }

@@ -157,9 +157,32 @@ pub trait PairingStore: Send + Sync + 'static {
     /// Cheap reachability check for readiness probes.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Counts one more event under `key`, in a window of `window` that opens
+    /// with its first event (a fixed window: later events do not extend it).
+    /// Returns the count, this event included, and the time the window has
+    /// left. One store command.
+    async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError>;
+
     /// Short name for logs and /readyz ("memory", "upstash").
     fn kind(&self) -> &'static str;
 }
+
+/// What [`PairingStore::count`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// Events in the window, the one just counted included.
+    pub count: u64,
+    /// Until the window closes and the count starts again from zero.
+    pub window_left: Duration,
+}
+
+/// Counts and opens the window in one step, so two replicas counting at once
+/// cannot both see a fresh key, and a key never lives on without expiry.
+/// A key left without a TTL (written by hand) gets one.
+const COUNT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
+local ttl = redis.call('TTL', KEYS[1]) \
+if ttl < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) ttl = tonumber(ARGV[1]) end \
+return {n, ttl}";
 
 /// The TTL in whole seconds as sent to the store: rounded up, at least 1.
 fn ttl_seconds(ttl: Duration) -> u64 {
@@ -291,6 +314,32 @@ impl PairingStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.prune_if_due(now);
+        let live = inner
+            .entries
+            .get(key)
+            .filter(|entry| !entry.is_expired(now))
+            .map(|entry| (entry.value.parse::<u64>().unwrap_or(0), entry.expires_at));
+        let (count, expires_at) = match live {
+            Some((count, expires_at)) => (count.saturating_add(1), expires_at),
+            None => (1, now.checked_add(Duration::from_secs(ttl_seconds(window)))),
+        };
+        inner.entries.insert(
+            key.to_owned(),
+            MemoryEntry {
+                value: count.to_string(),
+                expires_at,
+            },
+        );
+        Ok(Counted {
+            count,
+            window_left: expires_at.map_or(Duration::MAX, |at| at.saturating_duration_since(now)),
+        })
     }
 
     fn kind(&self) -> &'static str {
@@ -545,6 +594,27 @@ impl PairingStore for UpstashStore {
         {
             Value::Number(_) => Ok(()),
             other => Err(unexpected("DEL", "a count", &other)),
+        }
+    }
+
+    async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
+        let seconds = ttl_seconds(window).to_string();
+        let command = ["EVAL", COUNT_SCRIPT, "1", key, seconds.as_str()];
+        // Not retried: a retry after a lost answer would count twice.
+        let reply = self.run("EVAL", Some(key), &command, 0).await?;
+        let numbers = match &reply {
+            Value::Array(items) if items.len() == 2 => items
+                .iter()
+                .map(Value::as_u64)
+                .collect::<Option<Vec<u64>>>(),
+            _ => None,
+        };
+        match numbers.as_deref() {
+            Some(&[count, ttl]) => Ok(Counted {
+                count,
+                window_left: Duration::from_secs(ttl),
+            }),
+            _ => Err(unexpected("EVAL", "[count, ttl]", &reply)),
         }
     }
 
@@ -966,6 +1036,31 @@ mod tests {
             let read = store.get(&format!("live:{n}")).await.expect("get");
             assert_eq!(read.as_deref(), Some(VALUE), "live:{n} was dropped");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_grow_within_a_fixed_window_and_start_over_after_it() {
+        // Arrange
+        let store = MemoryStore::new();
+        let window = Duration::from_secs(3600);
+
+        // Act
+        let first = store.count("budget", window).await.unwrap();
+        tokio::time::advance(Duration::from_secs(600)).await;
+        let second = store.count("budget", window).await.unwrap();
+        tokio::time::advance(Duration::from_secs(3000)).await;
+        let after = store.count("budget", window).await.unwrap();
+
+        // Assert
+        assert_eq!(first.count, 1);
+        assert_eq!(first.window_left, window);
+        assert_eq!(second.count, 2);
+        assert_eq!(
+            second.window_left,
+            Duration::from_secs(3000),
+            "not extended"
+        );
+        assert_eq!(after.count, 1, "a new window");
     }
 
     #[tokio::test]

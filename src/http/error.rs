@@ -66,6 +66,11 @@ pub enum ApiError {
         /// What is going on, for a person.
         message: String,
     },
+    /// The phone had all its codes for this hour.
+    #[error(
+        "this number has had as many pairing codes this hour as WhatsApp allows without blocking it; try again after Retry-After"
+    )]
+    CodeBudgetExhausted(Duration),
     /// WhatsApp 452: phone-number linking is not available for the account.
     #[error(
         "phone-number linking is not available for this WhatsApp account; link with a QR code instead"
@@ -134,7 +139,9 @@ impl ApiError {
             | Self::SessionEnded(_)
             | Self::NoCodeRequested
             | Self::CompanionGone => StatusCode::CONFLICT,
-            Self::RateLimited { .. } | Self::TooManySessions(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::TooManySessions(_) | Self::CodeBudgetExhausted(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::WhatsAppForbidden => StatusCode::FORBIDDEN,
             Self::WhatsAppUnavailable(_)
             | Self::StoreUnavailable
@@ -162,6 +169,7 @@ impl ApiError {
             Self::AlreadyLinked => "already_linked",
             Self::SessionEnded(_) => "session_ended",
             Self::RateLimited { .. } => "rate_limited",
+            Self::CodeBudgetExhausted(_) => "code_budget_exhausted",
             Self::PairingUnavailable => "pairing_unavailable",
             Self::WhatsAppForbidden => "whatsapp_forbidden",
             Self::WhatsAppUnavailable(_) => "whatsapp_unavailable",
@@ -179,7 +187,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::RateLimited { retry_after, .. } | Self::CodeBudgetExhausted(retry_after) => {
+                Some(*retry_after)
+            }
             Self::Busy | Self::ShuttingDown => Some(Duration::from_secs(1)),
             Self::AtCapacity | Self::TooManySessions(_) => Some(Duration::from_secs(60)),
             Self::StoreUnavailable | Self::WhatsAppUnavailable(_) => Some(Duration::from_secs(5)),
@@ -199,6 +209,7 @@ impl From<SessionError> for ApiError {
             SessionError::AtCapacity => Self::AtCapacity,
             SessionError::Forbidden => Self::Forbidden,
             SessionError::TooManySessions { limit } => Self::TooManySessions(limit),
+            SessionError::CodeBudget { retry_after } => Self::CodeBudgetExhausted(retry_after),
         }
     }
 }

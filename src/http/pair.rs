@@ -154,6 +154,9 @@ fn answer(state: PairState, with_code: StatusCode) -> Result<Response, ApiError>
                     Duration::from_secs(secs.unsigned_abs())
                 })
                 .unwrap_or(STARTING_RETRY_AFTER);
+            if state.reason == Some(Reason::CodeBudget) {
+                return Err(ApiError::CodeBudgetExhausted(retry_after));
+            }
             if matches!(state.whatsapp_status, Some(400 | 429)) {
                 return Err(ApiError::RateLimited {
                     retry_after,

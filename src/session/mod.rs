@@ -36,6 +36,8 @@
 //! - [`access`]: who started a session ([`Owner`]) and who may touch it
 //!   ([`Actor`]).
 
+use std::time::Duration;
+
 mod access;
 mod registry;
 mod state;
@@ -50,9 +52,9 @@ pub use registry::{
 };
 pub use state::{PairState, Reason, Status};
 pub use task::{
-    Command, FINAL_HEAL_ATTEMPTS, MANUAL_REFRESH_DEBOUNCE, MIN_EVENT_REFRESH_GAP,
-    MIN_REFRESH_INTERVAL, REFRESH_MARGIN, Reply, STORE_HEAL_BACKOFF, STORE_WRITE_BUDGET, Session,
-    SessionSettings, StepOutcome,
+    CODE_BUDGET_WINDOW, Command, FINAL_HEAL_ATTEMPTS, MANUAL_REFRESH_DEBOUNCE,
+    MIN_EVENT_REFRESH_GAP, MIN_REFRESH_INTERVAL, REFRESH_MARGIN, Reply, STORE_HEAL_BACKOFF,
+    STORE_WRITE_BUDGET, Session, SessionSettings, StepOutcome,
 };
 
 /// Why a command to a session could not be carried out.
@@ -84,5 +86,11 @@ pub enum SessionError {
     TooManySessions {
         /// The caller's limit.
         limit: usize,
+    },
+    /// The phone had all the codes it may have this hour.
+    #[error("this phone's code budget is spent")]
+    CodeBudget {
+        /// Until a code may be issued again.
+        retry_after: Duration,
     },
 }

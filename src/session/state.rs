@@ -63,6 +63,9 @@ pub enum Reason {
     Cancelled,
     /// Device storage failed.
     Storage,
+    /// The phone had `PAIR_CODES_PER_HOUR` codes this hour; no new one
+    /// until `retry_at` (the session waits, it has not ended).
+    CodeBudget,
 }
 
 /// The state of one phone's pairing, exactly as stored under

@@ -44,6 +44,9 @@ pub const MIN_EVENT_REFRESH_GAP: Duration = Duration::from_secs(5);
 /// "Refresh Kode" pressed again within this long of a new code returns that
 /// code instead of asking WhatsApp for yet another (double clicks, retries).
 pub const MANUAL_REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
+/// The window of the per-phone code budget (`PAIR_CODES_PER_HOUR`): it opens
+/// with the first code and does not slide.
+pub const CODE_BUDGET_WINDOW: Duration = Duration::from_secs(3600);
 /// Commands waiting for a session task; callers beyond this get a 503.
 const COMMAND_QUEUE: usize = 16;
 
@@ -64,6 +67,8 @@ pub struct SessionSettings {
     pub max_attempts: u32,
     /// Prefix of store keys.
     pub key_prefix: String,
+    /// Codes per phone and [`CODE_BUDGET_WINDOW`], counted in the store.
+    pub codes_per_hour: u32,
 }
 
 impl SessionSettings {
@@ -77,12 +82,18 @@ impl SessionSettings {
             backoff: Backoff::new(config.backoff_base, config.backoff_cap),
             max_attempts: config.max_attempts.max(1),
             key_prefix: config.key_prefix.clone(),
+            codes_per_hour: config.codes_per_hour,
         }
     }
 
     /// The store key of `phone`.
     pub fn key(&self, phone: &PhoneNumber) -> String {
         format!("{}{}", self.key_prefix, phone.as_str())
+    }
+
+    /// The store key counting `phone`'s codes.
+    pub fn budget_key(&self, phone: &PhoneNumber) -> String {
+        format!("{}budget:{}", self.key_prefix, phone.as_str())
     }
 
     fn ttl_for(&self, status: Status) -> Duration {
@@ -121,6 +132,11 @@ pub enum StepOutcome {
     },
     /// The code shown was invalidated; a new one is scheduled.
     Invalidated,
+    /// The phone's code budget is spent; the next attempt is after `after`.
+    BudgetSpent {
+        /// Until the budget's window closes (or the live code dies).
+        after: Duration,
+    },
     /// Nothing visible changed (an informational event, a store heal).
     Idle,
     /// The session ended with this status.
@@ -131,6 +147,48 @@ impl StepOutcome {
     /// Whether the session is over.
     pub fn is_terminal(&self) -> bool {
         matches!(self, Self::Ended(_))
+    }
+}
+
+/// What one code attempt came to, short of a link error.
+enum Attempt {
+    /// WhatsApp issued a code.
+    Issued(IssuedCode),
+    /// The phone's budget is spent for this long; WhatsApp was not asked.
+    BudgetSpent(Duration),
+}
+
+/// The phone's code budget in the store.
+struct CodeBudget {
+    store: Arc<dyn PairingStore>,
+    key: String,
+    per_hour: u32,
+}
+
+impl CodeBudget {
+    /// Takes one code from the budget; `Some(wait)` when none is left. A
+    /// store that does not answer does not hold codes back (a store outage
+    /// must not stop pairing); that is logged.
+    async fn take(&self, phone: &PhoneNumber) -> Option<Duration> {
+        let counted = tokio::time::timeout(
+            STORE_WRITE_BUDGET,
+            self.store.count(&self.key, CODE_BUDGET_WINDOW),
+        )
+        .await;
+        match counted {
+            Ok(Ok(counted)) if counted.count > u64::from(self.per_hour) => {
+                Some(counted.window_left.max(Duration::from_secs(1)))
+            }
+            Ok(Ok(_)) => None,
+            Ok(Err(error)) => {
+                tracing::warn!(phone = %phone, error = %error, event = "code_budget_unchecked", "code budget could not be counted; issuing anyway");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(phone = %phone, error = "timed out", event = "code_budget_unchecked", "code budget could not be counted; issuing anyway");
+                None
+            }
+        }
     }
 }
 
@@ -152,6 +210,8 @@ pub struct Session {
     next_request: Option<Instant>,
     /// When the live code was issued.
     last_issued: Option<Instant>,
+    /// When WhatsApp stops accepting the live code.
+    code_dies_at: Option<Instant>,
     failures: u32,
     /// Jitter source for the retry backoff.
     rng: StdRng,
@@ -188,6 +248,7 @@ impl Session {
             stopping,
             next_request: Some(now),
             last_issued: None,
+            code_dies_at: None,
             failures: 0,
             rng: StdRng::from_os_rng(),
             store_heal_at: None,
@@ -257,6 +318,10 @@ impl Session {
             () = stop_requested(&mut self.stopping) => self.interrupted().await,
             command = self.commands.recv() => match command {
                 Some(Command::Refresh(reply)) => {
+                    if let Some(retry_after) = self.budget_wait() {
+                        let _ = reply.send(Err(SessionError::CodeBudget { retry_after }));
+                        return StepOutcome::Idle;
+                    }
                     if let Some(current) = self.refresh_not_needed() {
                         let _ = reply.send(Ok(current));
                         return StepOutcome::Idle;
@@ -278,6 +343,12 @@ impl Session {
                     )
                     .await
                 } else if self.next_request.is_some_and(|at| at <= now) {
+                    if self.state.status == Status::Pending && self.state.reason.is_none() {
+                        // The code lived to its scheduled refresh: the
+                        // connection is sound, so earlier failures (and
+                        // drops) are forgiven.
+                        self.failures = 0;
+                    }
                     self.request_code(Vec::new()).await
                 } else {
                     self.write_store().await;
@@ -301,6 +372,16 @@ impl Session {
         (backing_off || just_issued).then(|| self.state.clone())
     }
 
+    /// How long until a code may be issued again, while the phone's budget
+    /// is spent.
+    fn budget_wait(&self) -> Option<Duration> {
+        if self.state.reason != Some(Reason::CodeBudget) {
+            return None;
+        }
+        let left = self.state.retry_at? - OffsetDateTime::now_utc();
+        (left > time::Duration::ZERO).then(|| left.unsigned_abs().max(Duration::from_secs(1)))
+    }
+
     async fn cancel(&mut self, reply: Reply, waiting: Vec<Reply>) -> StepOutcome {
         let outcome = self
             .finish(Status::Cancelled, Reason::Cancelled, None)
@@ -315,6 +396,9 @@ impl Session {
         for reply in waiting {
             let answer = match outcome {
                 StepOutcome::Ended(_) => Err(outcome_error(&self.state)),
+                StepOutcome::BudgetSpent { .. } => Err(SessionError::CodeBudget {
+                    retry_after: self.budget_wait().unwrap_or(Duration::from_secs(1)),
+                }),
                 _ => Ok(self.state.clone()),
             };
             let _ = reply.send(answer);
@@ -330,13 +414,23 @@ impl Session {
         let linker = Arc::clone(&self.linker);
         let phone = self.phone.clone();
         let mut stopping = self.stopping.clone();
+        let budget = CodeBudget {
+            store: Arc::clone(&self.store),
+            key: self.settings.budget_key(&phone),
+            per_hour: self.settings.codes_per_hour,
+        };
         let result = {
             let attempt = async {
                 if link.is_none() {
                     link = Some(linker.open(&phone).await?);
                 }
+                // Counted once connected, right before WhatsApp is asked: a
+                // connection that never came up notified nobody.
+                if let Some(wait) = budget.take(&phone).await {
+                    return Ok(Attempt::BudgetSpent(wait));
+                }
                 match &link {
-                    Some(link) => link.handle.request_code().await,
+                    Some(link) => link.handle.request_code().await.map(Attempt::Issued),
                     None => Err(LinkError::Closed),
                 }
             };
@@ -357,15 +451,74 @@ impl Session {
         let outcome = match result {
             Err(None) => self.interrupted().await,
             Err(Some(cancel)) => return self.cancel(cancel, waiting).await,
-            Ok(Ok(issued)) => self.code_issued(issued).await,
+            Ok(Ok(Attempt::Issued(issued))) => self.code_issued(issued).await,
+            Ok(Ok(Attempt::BudgetSpent(wait))) => self.budget_spent(wait).await,
             Ok(Err(e)) => self.request_failed(e).await,
         };
         self.answer(waiting, &outcome);
         outcome
     }
 
+    /// The phone had all its codes for this window: no new code until
+    /// `wait` has passed. A live code stays up until it dies (the phone can
+    /// still type it); then the link client is released, since nothing can
+    /// be asked of WhatsApp until the window closes.
+    async fn budget_spent(&mut self, wait: Duration) -> StepOutcome {
+        let now = OffsetDateTime::now_utc();
+        let retry_at = now + wait;
+        let message = format!(
+            "this number has had its {} codes for this hour, the most WhatsApp is asked for; \
+             a new code comes after {}",
+            self.settings.codes_per_hour,
+            retry_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        );
+        let code_left = self
+            .code_dies_at
+            .filter(|_| self.state.status == Status::Pending)
+            .map(|dies| dies.saturating_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero());
+        let (state, after) = match code_left {
+            Some(left) => (
+                PairState {
+                    reason: Some(Reason::CodeBudget),
+                    message: Some(message),
+                    retry_at: Some(retry_at),
+                    refresh_at: None,
+                    updated_at: now,
+                    ..self.state.clone()
+                },
+                left.min(wait),
+            ),
+            None => {
+                if let Some(link) = self.link.take() {
+                    link.handle.shutdown().await;
+                }
+                (
+                    PairState {
+                        reason: Some(Reason::CodeBudget),
+                        message: Some(message),
+                        retry_at: Some(retry_at),
+                        ..self.state.without_code(Status::Starting)
+                    },
+                    wait,
+                )
+            }
+        };
+        self.next_request = Some(Instant::now() + after);
+        self.commit(state).await;
+        tracing::warn!(
+            phone = %self.phone,
+            codes_per_hour = self.settings.codes_per_hour,
+            retry_in_secs = wait.as_secs(),
+            event = "code_budget_spent",
+            "code budget of this number spent; no new code until its window closes"
+        );
+        StepOutcome::BudgetSpent { after }
+    }
+
     async fn code_issued(&mut self, issued: IssuedCode) -> StepOutcome {
-        self.failures = 0;
         let refresh_in = self
             .settings
             .refresh_every
@@ -373,6 +526,7 @@ impl Session {
             .max(MIN_REFRESH_INTERVAL);
         self.next_request = Some(Instant::now() + refresh_in);
         self.last_issued = Some(Instant::now());
+        self.code_dies_at = Some(Instant::now() + issued.valid_for);
         let now = OffsetDateTime::now_utc();
         let attempt = self.state.attempt + 1;
         let state = PairState {
@@ -471,12 +625,14 @@ impl Session {
     async fn on_link_event(&mut self, event: Option<LinkEvent>) -> StepOutcome {
         let Some(event) = event else {
             // The link client went away without telling us why: release
-            // what is left of it and start over with a fresh one.
+            // what is left of it and start over with a fresh one, after a
+            // backoff like any failure. A connection that keeps dropping
+            // right after each code must not make WhatsApp notify the phone
+            // every few seconds.
             if let Some(link) = self.link.take() {
                 link.handle.shutdown().await;
             }
-            self.next_request = Some(Instant::now());
-            return StepOutcome::Idle;
+            return self.request_failed(LinkError::Disconnected).await;
         };
         match event {
             LinkEvent::CodeIssued(_) | LinkEvent::QrRotated => StepOutcome::Idle,
@@ -719,6 +875,134 @@ mod tests {
     async fn stored(store: &FlakyStore) -> Option<PairState> {
         let json = store.inner.get("wa:pair:628123456789").await.unwrap()?;
         Some(serde_json::from_str(&json).unwrap())
+    }
+
+    /// Drops the link client's event stream, as a connection that went away.
+    fn drop_connection(script: &Script) {
+        script.events.lock().unwrap().take();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_keeps_the_live_code_until_it_dies_then_waits_for_the_window() {
+        let mut f = fixture(SessionSettings {
+            codes_per_hour: 1,
+            ..settings()
+        });
+        f.session.step().await;
+        let issued = Instant::now();
+
+        let at_refresh = f.session.step().await;
+        let kept = f.states.borrow().clone();
+        let at_expiry = f.session.step().await;
+        let waiting = f.states.borrow().clone();
+
+        assert_eq!(
+            at_refresh,
+            StepOutcome::BudgetSpent {
+                after: REFRESH_MARGIN
+            }
+        );
+        assert_eq!(kept.status, Status::Pending);
+        assert_eq!(kept.code.as_deref(), Some("CODE0001"), "still typeable");
+        assert_eq!(kept.reason, Some(Reason::CodeBudget));
+        assert_eq!(issued.elapsed(), VALIDITY);
+        assert_eq!(
+            at_expiry,
+            StepOutcome::BudgetSpent {
+                after: CODE_BUDGET_WINDOW - VALIDITY
+            }
+        );
+        assert_eq!(waiting.status, Status::Starting);
+        assert_eq!(waiting.code, None);
+        assert_eq!(waiting.reason, Some(Reason::CodeBudget));
+        assert!(waiting.retry_at.is_some());
+        assert_eq!(
+            f.script.requests.load(Ordering::SeqCst),
+            1,
+            "WhatsApp asked once"
+        );
+        assert_eq!(
+            f.script.shutdowns.load(Ordering::SeqCst),
+            1,
+            "link released"
+        );
+        assert_eq!(stored(&f.store).await, Some(waiting));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_while_the_budget_is_spent_is_refused_without_asking_whatsapp() {
+        let mut f = fixture(SessionSettings {
+            codes_per_hour: 1,
+            ..settings()
+        });
+        f.session.step().await;
+        f.session.step().await;
+        let (reply, answer) = oneshot::channel();
+        f.commands.send(Command::Refresh(reply)).await.unwrap();
+
+        let outcome = f.session.step().await;
+
+        assert_eq!(outcome, StepOutcome::Idle);
+        let refused = answer.await.unwrap();
+        assert!(
+            matches!(refused, Err(SessionError::CodeBudget { retry_after }) if retry_after > Duration::from_secs(3000)),
+            "{refused:?}"
+        );
+        assert_eq!(f.script.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_drops_after_every_code_backs_off_and_gives_up() {
+        let mut f = fixture(SessionSettings {
+            max_attempts: 3,
+            ..settings()
+        });
+        let mut outcomes = Vec::new();
+
+        for _ in 0..3 {
+            outcomes.push(f.session.step().await);
+            drop_connection(&f.script);
+            outcomes.push(f.session.step().await);
+        }
+
+        assert!(matches!(
+            outcomes[0],
+            StepOutcome::CodeIssued { attempt: 1 }
+        ));
+        assert!(matches!(outcomes[1], StepOutcome::Retrying { .. }));
+        assert!(matches!(
+            outcomes[2],
+            StepOutcome::CodeIssued { attempt: 2 }
+        ));
+        assert!(matches!(outcomes[3], StepOutcome::Retrying { .. }));
+        assert!(matches!(
+            outcomes[4],
+            StepOutcome::CodeIssued { attempt: 3 }
+        ));
+        assert_eq!(outcomes[5], StepOutcome::Ended(Status::Failed));
+        assert_eq!(f.states.borrow().reason, Some(Reason::GaveUp));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_code_that_lives_to_its_refresh_forgives_earlier_drops() {
+        let mut f = fixture(SessionSettings {
+            max_attempts: 2,
+            ..settings()
+        });
+        f.session.step().await;
+        drop_connection(&f.script);
+        f.session.step().await;
+        f.session.step().await;
+
+        let refreshed = f.session.step().await;
+        drop_connection(&f.script);
+        let after_drop = f.session.step().await;
+
+        assert!(matches!(refreshed, StepOutcome::CodeIssued { attempt: 3 }));
+        assert!(
+            matches!(after_drop, StepOutcome::Retrying { .. }),
+            "one drop after a sound refresh is not the second failure: {after_drop:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use super::SessionSettings;
 use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, LinkSession, Linker, PairingCode};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
-use crate::store::{MemoryStore, PairingStore, StoreError};
+use crate::store::{Counted, MemoryStore, PairingStore, StoreError};
 
 /// WhatsApp's own code validity.
 pub(super) const VALIDITY: Duration = Duration::from_secs(180);
@@ -114,6 +114,15 @@ impl PairingStore for FlakyStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Server {
+                status: 503,
+                message: "down".into(),
+            });
+        }
+        self.inner.count(key, window).await
+    }
     fn kind(&self) -> &'static str {
         "flaky"
     }
@@ -128,5 +137,6 @@ pub(super) fn settings() -> SessionSettings {
         backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
         max_attempts: 10,
         key_prefix: "wa:pair:".into(),
+        codes_per_hour: 1000,
     }
 }

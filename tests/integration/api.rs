@@ -9,7 +9,7 @@ use futures::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use wa_pair::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
-use wiremock::matchers::method;
+use wiremock::matchers::{body_string_contains, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::{FLOW_TIMEOUT, TestApp};
@@ -396,9 +396,15 @@ async fn an_overlong_or_unprintable_request_id_is_replaced_not_logged() {
 }
 
 #[tokio::test]
-async fn an_upstash_backed_pair_writes_one_set_per_state_change_with_a_600_second_ttl() {
+async fn an_upstash_backed_pair_writes_one_set_per_state_change_and_counts_its_code_once() {
     // Arrange
     let upstash = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("\"EVAL\""))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": [1, 3600]})))
+        .with_priority(1)
+        .mount(&upstash)
+        .await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": "OK"})))
         .mount(&upstash)
@@ -410,7 +416,8 @@ async fn an_upstash_backed_pair_writes_one_set_per_state_change_with_a_600_secon
     // Act
     let body = json(app.post_pair(PHONE).await).await;
 
-    // Assert: `starting`, then `pending` with the code; nothing else.
+    // Assert: `starting`, the code counted, then `pending` with the code;
+    // nothing else.
     let requests = upstash.received_requests().await.unwrap();
     let commands: Vec<Vec<String>> = requests
         .iter()
@@ -419,8 +426,13 @@ async fn an_upstash_backed_pair_writes_one_set_per_state_change_with_a_600_secon
             serde_json::from_slice(&r.body).unwrap()
         })
         .collect();
-    assert_eq!(commands.len(), 2, "one Upstash command per state change");
-    let states: Vec<Value> = commands
+    assert_eq!(commands.len(), 3, "{commands:?}");
+    assert_eq!(commands[1][0], "EVAL");
+    assert_eq!(
+        commands[1][2..],
+        ["1", "wa:pair:budget:628123456789", "3600"]
+    );
+    let states: Vec<Value> = [&commands[0], &commands[2]]
         .iter()
         .map(|command| {
             assert_eq!(command[0], "SET");

@@ -66,6 +66,7 @@ fn test_config() -> (wa_pair::config::Config, TempDir) {
         // of the limits set their own.
         starts_per_minute: 1_000_000,
         reads_per_minute: 1_000_000,
+        codes_per_hour: 1000,
         ..wa_pair::config::Config::default()
     };
     (config, data_dir)

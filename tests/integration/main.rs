@@ -4,6 +4,7 @@
 mod api;
 mod auth;
 mod chaos;
+mod code_budget;
 mod flow_logs;
 mod helpers;
 mod link_client;

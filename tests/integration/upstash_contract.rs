@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use wa_pair::retry::Backoff;
 use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore};
-use wiremock::matchers::{body_json, header, method, path};
+use wiremock::matchers::{body_json, body_string_contains, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const TOKEN: &str = "test-token";
@@ -509,4 +509,78 @@ async fn a_refused_connection_is_a_transport_error() {
         Err(StoreError::Transport(message)) => assert!(!message.contains(TOKEN), "{message}"),
         other => panic!("expected a transport error, got {other:?}"),
     }
+}
+
+/// A stand-in for Upstash's counter: every `EVAL` of the count script adds
+/// one, as Redis would, whichever client sends it.
+struct Counter(std::sync::atomic::AtomicU64);
+
+impl wiremock::Respond for Counter {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        reply(200, json!({ "result": [n, 3599] }))
+    }
+}
+
+#[tokio::test]
+async fn count_sends_one_eval_with_the_key_and_window_and_reads_count_and_ttl() {
+    // Arrange
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("\"EVAL\""))
+        .respond_with(Counter(Default::default()))
+        .mount(&server)
+        .await;
+    let before_restart = store_for(&server);
+    let after_restart = store_for(&server);
+
+    // Act
+    let first = before_restart.count(KEY, Duration::from_secs(3600)).await;
+    let second = after_restart.count(KEY, Duration::from_secs(3600)).await;
+
+    // Assert
+    assert_eq!(first.unwrap().count, 1);
+    let second = second.unwrap();
+    assert_eq!(
+        second.count, 2,
+        "the count lives in the store, not the client"
+    );
+    assert_eq!(second.window_left, Duration::from_secs(3599));
+    let sent: Vec<Value> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    assert_eq!(sent.len(), 2, "one command per count, no retry");
+    assert_eq!(sent[0][0], "EVAL");
+    assert_eq!(sent[0][2], "1");
+    assert_eq!(sent[0][3], KEY);
+    assert_eq!(sent[0][4], "3600");
+    let script = sent[0][1].as_str().unwrap();
+    assert!(
+        script.contains("INCR") && script.contains("EXPIRE"),
+        "{script}"
+    );
+}
+
+#[tokio::test]
+async fn count_refuses_a_reply_that_is_not_count_and_ttl() {
+    // Arrange
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(reply(200, json!({ "result": "OK" })))
+        .mount(&server)
+        .await;
+    let store = store_for(&server);
+
+    // Act
+    let counted = store.count(KEY, Duration::from_secs(3600)).await;
+
+    // Assert
+    assert!(
+        matches!(counted, Err(StoreError::Protocol(_))),
+        "{counted:?}"
+    );
 }
