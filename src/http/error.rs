@@ -53,7 +53,9 @@ pub enum ApiError {
     #[error("no pairing session for this phone; POST /pair to start one")]
     SessionNotFound,
     /// The phone is linked already.
-    #[error("this phone is already linked")]
+    #[error(
+        "this phone is already linked; to link it again on purpose, a server caller sends \"force\": true (see the README)"
+    )]
     AlreadyLinked,
     /// The session is over; start a new one.
     #[error("this pairing session has ended ({0}); POST /pair to start a new one")]

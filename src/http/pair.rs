@@ -38,6 +38,10 @@ pub fn routes() -> Router<AppState> {
 pub struct PairRequest {
     /// Digits only, country code first, no `+`.
     phone: String,
+    /// Link the number again although a device is linked for it already
+    /// (the old device's credentials are set aside). Server callers only.
+    #[serde(default)]
+    force: bool,
 }
 
 /// What the registry knows of `caller`: users are held to their own
@@ -60,7 +64,14 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let phone = PhoneNumber::parse(&request.phone).map_err(ApiError::InvalidPhone)?;
     let actor = actor(&app, &caller);
-    let (joined, mut states) = app.sessions.start_or_join(&phone, &actor).await?;
+    if request.force && !actor.sees_all {
+        tracing::warn!(phone = %phone, "a user asked to force a re-link; only server callers may");
+        return Err(ApiError::Forbidden);
+    }
+    let (joined, mut states) = app
+        .sessions
+        .start_or_join(&phone, &actor, request.force)
+        .await?;
     // Something worth answering: a code, an outcome, or a failed attempt.
     let _ = tokio::time::timeout(
         app.code_wait,

@@ -234,6 +234,11 @@ pub trait LinkHandle: Send + Sync {
 pub trait Linker: Send + Sync + 'static {
     /// Connects a link client for `phone`, ready for [`LinkHandle::request_code`].
     async fn open(&self, phone: &PhoneNumber) -> Result<LinkSession, LinkError>;
+
+    /// Whether a device linked for `phone` is kept here (a new link would
+    /// replace it). Unlinked devices' files are deleted when their session
+    /// ends, so a device file means a link, or a crash mid-pairing.
+    async fn has_linked_device(&self, phone: &PhoneNumber) -> bool;
 }
 
 #[cfg(test)]

@@ -118,6 +118,12 @@ impl WhatsAppLinker {
 
 #[async_trait]
 impl Linker for WhatsAppLinker {
+    async fn has_linked_device(&self, phone: &PhoneNumber) -> bool {
+        tokio::fs::try_exists(Self::store_path(&self.settings.data_dir, phone))
+            .await
+            .unwrap_or(false)
+    }
+
     async fn open(&self, phone: &PhoneNumber) -> Result<LinkSession, LinkError> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let session = Arc::new(WhatsAppSession {

@@ -254,14 +254,23 @@ impl Sessions {
     ///
     /// A restricted `actor` may only join its own sessions, and start one
     /// only while it has fewer than its limit open.
+    ///
+    /// A phone whose device is linked is not paired again unless `relink`:
+    /// a linked session this process knows is joined, and a device kept
+    /// from before (a restart) answers `AlreadyLinked`. With `relink`, a new
+    /// session starts and the linked device is set aside.
     pub async fn start_or_join(
         &self,
         phone: &PhoneNumber,
         actor: &Actor,
+        relink: bool,
     ) -> Result<(Joined, watch::Receiver<PairState>), SessionError> {
+        if !relink && !self.knows(phone) && self.linker.has_linked_device(phone).await {
+            return Err(SessionError::AlreadyLinked);
+        }
         let deadline = tokio::time::Instant::now() + PREVIOUS_SESSION_WAIT;
         loop {
-            let mut released = match self.try_start_or_join(phone, actor)? {
+            let mut released = match self.try_start_or_join(phone, actor, relink)? {
                 Look::Session(joined, state) => return Ok((joined, state)),
                 Look::WaitFor(released) => released,
             };
@@ -276,7 +285,19 @@ impl Sessions {
 
     /// One look under the lock: the session to join, a new one, or what to
     /// wait for before a new one can start.
-    fn try_start_or_join(&self, phone: &PhoneNumber, actor: &Actor) -> Result<Look, SessionError> {
+    /// Whether this process has a session or an outcome for `phone`.
+    fn knows(&self, phone: &PhoneNumber) -> bool {
+        let registry = lock(&self.registry);
+        registry.live.contains_key(phone)
+            || registry.outcome(phone, self.settings.outcome_ttl).is_some()
+    }
+
+    fn try_start_or_join(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+        relink: bool,
+    ) -> Result<Look, SessionError> {
         let mut registry = lock(&self.registry);
         registry.forget_aged(self.settings.outcome_ttl);
         if let Some(live) = registry.live.get(phone) {
@@ -285,7 +306,7 @@ impl Sessions {
             }
             let state = live.state.borrow().clone();
             if !state.status.is_terminal()
-                || state.status == Status::Linked
+                || (state.status == Status::Linked && !relink)
                 || self.holds_failure(&state)
             {
                 return Ok(Look::Session(Joined::Existing, live.state.clone()));
@@ -293,7 +314,8 @@ impl Sessions {
             return Ok(Look::WaitFor(live.released.clone()));
         }
         if let Some(outcome) = registry.outcome(phone, self.settings.outcome_ttl)
-            && (outcome.state.status == Status::Linked || self.holds_failure(&outcome.state))
+            && ((outcome.state.status == Status::Linked && !relink)
+                || self.holds_failure(&outcome.state))
         {
             if !actor.may_touch(&outcome.owner) {
                 return Err(SessionError::Forbidden);
@@ -514,7 +536,13 @@ mod tests {
 
         let mut joins: Vec<Joined> = Vec::new();
         for _ in 0..50 {
-            joins.push(sessions.start_or_join(&phone, &anyone()).await.unwrap().0);
+            joins.push(
+                sessions
+                    .start_or_join(&phone, &anyone(), false)
+                    .await
+                    .unwrap()
+                    .0,
+            );
         }
         until_pending(&sessions, &phone).await;
 
@@ -540,12 +568,15 @@ mod tests {
             .collect();
 
         for phone in &phones[..MAX_OPEN_SESSIONS] {
-            sessions.start_or_join(phone, &anyone()).await.unwrap();
+            sessions
+                .start_or_join(phone, &anyone(), false)
+                .await
+                .unwrap();
         }
         let refused = sessions
-            .start_or_join(&phones[MAX_OPEN_SESSIONS], &anyone())
+            .start_or_join(&phones[MAX_OPEN_SESSIONS], &anyone(), false)
             .await;
-        let joined = sessions.start_or_join(&phones[0], &anyone()).await;
+        let joined = sessions.start_or_join(&phones[0], &anyone(), false).await;
 
         assert_eq!(refused.err(), Some(SessionError::AtCapacity));
         assert_eq!(joined.unwrap().0, Joined::Existing);
@@ -566,13 +597,19 @@ mod tests {
         let script = Arc::new(Script::default());
         script.panic_on_open.store(true, Ordering::SeqCst);
         let (sessions, phone) = registry(&script);
-        let (_, states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
+        let (_, states) = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .unwrap();
         while states.has_changed().is_ok() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         script.panic_on_open.store(false, Ordering::SeqCst);
 
-        let (joined, mut states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
+        let (joined, mut states) = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .unwrap();
 
         assert_eq!(joined, Joined::Created);
         states
@@ -594,7 +631,7 @@ mod tests {
 
         // Act
         let joined = sessions
-            .start_or_join(&phone, &anyone())
+            .start_or_join(&phone, &anyone(), false)
             .await
             .map(|(j, _)| j);
 
@@ -620,12 +657,12 @@ mod tests {
 
         // Act
         let while_closing = sessions
-            .start_or_join(&phone, &anyone())
+            .start_or_join(&phone, &anyone(), false)
             .await
             .map(|(j, _)| j);
         tokio::time::sleep(PREVIOUS_SESSION_WAIT * 2).await;
         let after = sessions
-            .start_or_join(&phone, &anyone())
+            .start_or_join(&phone, &anyone(), false)
             .await
             .map(|(j, _)| j);
 
@@ -710,12 +747,75 @@ mod tests {
 
     /// Starts (or joins) `phone`'s session and waits for its first code.
     async fn until_pending(sessions: &Sessions, phone: &PhoneNumber) -> watch::Receiver<PairState> {
-        let (_, mut states) = sessions.start_or_join(phone, &anyone()).await.unwrap();
+        let (_, mut states) = sessions
+            .start_or_join(phone, &anyone(), false)
+            .await
+            .unwrap();
         states
             .wait_for(|s| s.status == Status::Pending)
             .await
             .unwrap();
         states
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_linked_device_is_not_paired_again_unless_relinked() {
+        let script = Arc::new(Script::default());
+        script.linked_device.store(true, Ordering::SeqCst);
+        let sessions = Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(Arc::clone(&script))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phone = PhoneNumber::parse("628123456789").unwrap();
+
+        let refused = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .map(|(j, _)| j);
+        let forced = sessions
+            .start_or_join(&phone, &anyone(), true)
+            .await
+            .map(|(j, _)| j);
+
+        assert_eq!(refused, Err(SessionError::AlreadyLinked));
+        assert_eq!(forced, Ok(Joined::Created));
+        assert_eq!(
+            script.opens.load(Ordering::SeqCst),
+            0,
+            "nothing opened when refused"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_linked_outcome_is_joined_but_a_relink_starts_a_new_session() {
+        let script = Arc::new(Script::default());
+        let sessions = Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(Arc::clone(&script))),
+            Arc::new(MemoryStore::new()),
+        );
+        let phone = PhoneNumber::parse("628123456789").unwrap();
+        until_pending(&sessions, &phone).await;
+        script.emit(LinkEvent::Linked(LinkedAccount {
+            jid: "628123456789:1@s.whatsapp.net".into(),
+            lid: None,
+            platform: None,
+        }));
+        until_released(&sessions).await;
+        script.linked_device.store(true, Ordering::SeqCst);
+
+        let joined = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .map(|(j, _)| j);
+        let relinked = sessions
+            .start_or_join(&phone, &anyone(), true)
+            .await
+            .map(|(j, _)| j);
+
+        assert_eq!(joined, Ok(Joined::Existing));
+        assert_eq!(relinked, Ok(Joined::Created));
     }
 
     /// An actor that may do anything (a server caller).
@@ -733,13 +833,16 @@ mod tests {
         let phone = PhoneNumber::parse("628123456789").unwrap();
         let alice = Actor::restricted(Owner::user("alice"), 5);
         let bob = Actor::restricted(Owner::user("bob"), 5);
-        let (_, mut states) = sessions.start_or_join(&phone, &alice).await.unwrap();
+        let (_, mut states) = sessions.start_or_join(&phone, &alice, false).await.unwrap();
         states
             .wait_for(|s| s.status == Status::Pending)
             .await
             .unwrap();
 
-        let joined = sessions.start_or_join(&phone, &bob).await.map(|(j, _)| j);
+        let joined = sessions
+            .start_or_join(&phone, &bob, false)
+            .await
+            .map(|(j, _)| j);
         let read = sessions.get(&phone, &bob);
         let refreshed = sessions.refresh(&phone, &bob).await;
         let cancelled = sessions.cancel(&phone, &bob).await;
@@ -773,20 +876,26 @@ mod tests {
         let greedy = Actor::restricted(Owner::user("greedy"), 2);
         let other = Actor::restricted(Owner::user("other"), 2);
 
-        sessions.start_or_join(&phones[0], &greedy).await.unwrap();
-        sessions.start_or_join(&phones[1], &greedy).await.unwrap();
+        sessions
+            .start_or_join(&phones[0], &greedy, false)
+            .await
+            .unwrap();
+        sessions
+            .start_or_join(&phones[1], &greedy, false)
+            .await
+            .unwrap();
         let third = sessions
-            .start_or_join(&phones[2], &greedy)
+            .start_or_join(&phones[2], &greedy, false)
             .await
             .map(|(j, _)| j);
         let others = sessions
-            .start_or_join(&phones[3], &other)
+            .start_or_join(&phones[3], &other, false)
             .await
             .map(|(j, _)| j);
         sessions.cancel(&phones[0], &greedy).await.unwrap();
         until_live(&sessions, 2).await;
         let after_one_ended = sessions
-            .start_or_join(&phones[2], &greedy)
+            .start_or_join(&phones[2], &greedy, false)
             .await
             .map(|(j, _)| j);
 
@@ -818,14 +927,20 @@ mod tests {
             backoff: None,
         }));
         let (sessions, phone) = registry(&script);
-        let (_, mut states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
+        let (_, mut states) = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .unwrap();
         states
             .wait_for(|s| s.status == Status::Failed)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
 
-        let (joined, states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
+        let (joined, states) = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .unwrap();
 
         assert_eq!(joined, Joined::Existing);
         assert_eq!(states.borrow().whatsapp_status, Some(452));
@@ -860,7 +975,10 @@ mod tests {
     async fn a_linked_phone_is_joined_not_relinked_while_its_outcome_is_fresh() {
         let (sessions, phone) = linked_registry(Duration::from_secs(86_400)).await;
 
-        let (joined, states) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
+        let (joined, states) = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .unwrap();
 
         assert_eq!(joined, Joined::Existing);
         assert_eq!(states.borrow().status, Status::Linked);
@@ -871,7 +989,10 @@ mod tests {
         let (sessions, phone) = linked_registry(Duration::ZERO).await;
         until_released(&sessions).await;
 
-        let (joined, _) = sessions.start_or_join(&phone, &anyone()).await.unwrap();
+        let (joined, _) = sessions
+            .start_or_join(&phone, &anyone(), false)
+            .await
+            .unwrap();
 
         assert_eq!(joined, Joined::Created);
         sessions.shutdown(Duration::from_secs(5)).await;

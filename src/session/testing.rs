@@ -29,6 +29,8 @@ pub(super) struct Script {
     pub(super) panic_on_open: AtomicBool,
     /// Shutting a link down takes this long.
     pub(super) slow_shutdown: Mutex<Duration>,
+    /// A linked device of the phone is kept.
+    pub(super) linked_device: AtomicBool,
     pub(super) requests: AtomicU32,
     pub(super) opens: AtomicU32,
     pub(super) shutdowns: AtomicU32,
@@ -48,6 +50,10 @@ pub(super) struct ScriptedLinker(pub(super) Arc<Script>);
 
 #[async_trait]
 impl Linker for ScriptedLinker {
+    async fn has_linked_device(&self, _phone: &PhoneNumber) -> bool {
+        self.0.linked_device.load(Ordering::SeqCst)
+    }
+
     async fn open(&self, _phone: &PhoneNumber) -> Result<LinkSession, LinkError> {
         self.0.opens.fetch_add(1, Ordering::SeqCst);
         assert!(

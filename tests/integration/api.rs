@@ -674,3 +674,47 @@ async fn connections_past_the_limit_wait_until_an_idle_one_is_cut_off() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn after_a_restart_a_linked_number_is_not_relinked_unless_forced() {
+    // Arrange: link the number, then stop the service.
+    let store: Arc<dyn PairingStore> = Arc::new(MemoryStore::new());
+    let mut before = TestApp::spawn_with(Arc::clone(&store), |_| {}).await;
+    let code = json(before.post_pair(PHONE).await).await["code"]
+        .as_str()
+        .expect("a code")
+        .to_owned();
+    before.fake().enter_code(PHONE, &code).await.expect("links");
+    before
+        .wait_for_state(PHONE, |s| s["status"] == "linked")
+        .await;
+    before.shutdown().await;
+    let data_dir = before.data_dir().to_path_buf();
+
+    // Act
+    let after = TestApp::spawn_with(store, move |config| config.data_dir = data_dir).await;
+    let plain = after.post_pair(PHONE).await;
+    let plain_status = plain.status();
+    let plain_body = json(plain).await;
+    let forced = after
+        .post_json("/pair", json!({ "phone": PHONE, "force": true }))
+        .await;
+
+    // Assert
+    assert_eq!(plain_status, StatusCode::CONFLICT);
+    assert_eq!(plain_body["error"], "already_linked");
+    assert!(
+        plain_body["message"].as_str().unwrap().contains("force"),
+        "{plain_body}"
+    );
+    assert_eq!(forced.status(), StatusCode::CREATED);
+    let kept: Vec<String> = std::fs::read_dir(before.data_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        kept.iter()
+            .any(|name| name.starts_with("628123456789.db.replaced-")),
+        "the old device's credentials are set aside: {kept:?}"
+    );
+}

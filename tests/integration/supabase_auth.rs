@@ -352,6 +352,15 @@ async fn a_user_cannot_read_refresh_cancel_or_join_another_users_session() {
         answers.push(request.send().await.expect("sent"));
     }
     answers.push(pair_as(&app, &bob, phone).await);
+    answers.push(
+        app.http
+            .post(url("/pair"))
+            .bearer_auth(&bob)
+            .json(&json!({ "phone": "628333333333", "force": true }))
+            .send()
+            .await
+            .expect("sent"),
+    );
     let own_read = app
         .http
         .get(url(&format!("/pair/{phone}")))
