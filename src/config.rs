@@ -80,6 +80,9 @@ pub const DEFAULT_READS_PER_MINUTE: u32 = 120;
 /// number for hours after about seven codes; six keeps a person under that
 /// with room for one refresh per screen they lose.
 pub const DEFAULT_CODES_PER_HOUR: u32 = 6;
+/// Default for `DEVICE_BACKUP_RETENTION_SECS`: a week to notice that a
+/// re-link was a mistake and restore the old device's files.
+pub const DEFAULT_BACKUP_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Shortest API key accepted: 32 characters (e.g. 16 random bytes in hex)
 /// cannot be guessed by trying.
 pub const MIN_API_KEY_LEN: usize = 32;
@@ -145,6 +148,7 @@ const STARTS_PER_MINUTE: &str = "RATE_LIMIT_STARTS_PER_MIN";
 const READS_PER_MINUTE: &str = "RATE_LIMIT_READS_PER_MIN";
 const TRUST_PROXY: &str = "TRUST_PROXY";
 const CODES_PER_HOUR: &str = "PAIR_CODES_PER_HOUR";
+const BACKUP_RETENTION: &str = "DEVICE_BACKUP_RETENTION_SECS";
 const MAX_CONNECTIONS: &str = "HTTP_MAX_CONNECTIONS";
 
 /// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
@@ -182,6 +186,7 @@ pub const VARIABLES: &[&str] = &[
     READS_PER_MINUTE,
     TRUST_PROXY,
     CODES_PER_HOUR,
+    BACKUP_RETENTION,
 ];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
@@ -288,6 +293,10 @@ pub struct Config {
     /// from `PAIR_CODES_PER_HOUR` (default `6`); counted in the store, so a
     /// restart does not reset it. The hour opens with the first code.
     pub codes_per_hour: u32,
+    /// How long the files of a device replaced by a re-link are kept, from
+    /// `DEVICE_BACKUP_RETENTION_SECS` (default `604800`, 7 days); swept at
+    /// startup and daily.
+    pub backup_retention: Duration,
 }
 
 impl Default for Config {
@@ -325,6 +334,7 @@ impl Default for Config {
             reads_per_minute: DEFAULT_READS_PER_MINUTE,
             trust_proxy: false,
             codes_per_hour: DEFAULT_CODES_PER_HOUR,
+            backup_retention: DEFAULT_BACKUP_RETENTION,
         }
     }
 }
@@ -513,6 +523,12 @@ impl Config {
                 DEFAULT_CODES_PER_HOUR,
                 "a whole number from 1 to 1000",
                 |v| parse_unsigned::<u32>(v).filter(|n| (1..=1000).contains(n)),
+            )?,
+            backup_retention: vars.parse(
+                BACKUP_RETENTION,
+                DEFAULT_BACKUP_RETENTION,
+                SECONDS,
+                parse_secs,
             )?,
         };
         config.check_consistency()?;
@@ -1090,6 +1106,7 @@ mod tests {
             (READS_PER_MINUTE, "50"),
             (TRUST_PROXY, "yes"),
             (CODES_PER_HOUR, "4"),
+            (BACKUP_RETENTION, "86400"),
         ];
 
         // Act
@@ -1139,6 +1156,7 @@ mod tests {
             reads_per_minute: 50,
             trust_proxy: true,
             codes_per_hour: 4,
+            backup_retention: Duration::from_secs(86_400),
         };
         assert_eq!(config, expected);
     }

@@ -88,6 +88,8 @@ pub struct App {
     router: Router,
     sessions: Arc<Sessions>,
     grace: Duration,
+    data_dir: std::path::PathBuf,
+    backup_retention: Duration,
     connection_limits: ConnectionLimits,
     /// Kept until the sessions have stopped: in sandbox mode their link
     /// clients talk to it until the very end.
@@ -164,6 +166,8 @@ impl App {
             router: router(state),
             sessions,
             grace: config.shutdown_grace,
+            data_dir: config.data_dir.clone(),
+            backup_retention: config.backup_retention,
             connection_limits: ConnectionLimits {
                 header_read_timeout: config.header_timeout,
                 max_connections: config.max_connections,
@@ -198,6 +202,11 @@ impl App {
             tracing::info!("shutdown requested: no new requests, ending sessions");
             let _ = stop_tx.send(true);
         });
+        let sweeper = tokio::spawn(crate::link::backups::sweep_until_stopped(
+            self.data_dir.clone(),
+            self.backup_retention,
+            stop_rx.clone(),
+        ));
         let sessions = Arc::clone(&self.sessions);
         let session_grace = self.grace.mul_f64(SESSION_SHARE_OF_GRACE);
         let mut sessions_stop = stop_rx.clone();
@@ -221,6 +230,7 @@ impl App {
             () = async {
                 server.await;
                 let _ = sessions_done.await;
+                let _ = sweeper.await;
             } => {}
             _ = hard_deadline => {
                 tracing::warn!("shutdown grace of {grace:?} ran out; exiting anyway");

@@ -15,6 +15,7 @@
 //!    invalidated, WhatsApp refused, the phone linked, the session failed.
 //! 4. [`LinkHandle::shutdown`] ends it; nothing keeps running afterwards.
 
+pub mod backups;
 pub mod http_client;
 pub mod tasks;
 pub mod whatsapp;

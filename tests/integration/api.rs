@@ -718,3 +718,37 @@ async fn after_a_restart_a_linked_number_is_not_relinked_unless_forced() {
         "the old device's credentials are set aside: {kept:?}"
     );
 }
+
+#[tokio::test]
+async fn set_aside_devices_past_their_retention_are_deleted_at_startup() {
+    // Arrange
+    let dir = tempfile::tempdir().expect("temp dir");
+    let week_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 8 * 24 * 3600;
+    let old = dir
+        .path()
+        .join(format!("628111111111.db.replaced-{week_ago}"));
+    let linked = dir.path().join("628222222222.db");
+    std::fs::write(&old, b"old credentials").unwrap();
+    std::fs::write(&linked, b"a linked device").unwrap();
+    let data_dir = dir.path().to_path_buf();
+
+    // Act
+    let _app = TestApp::spawn_with(Arc::new(MemoryStore::new()), move |config| {
+        config.data_dir = data_dir;
+    })
+    .await;
+    let swept = tokio::time::timeout(Duration::from_secs(5), async {
+        while old.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Assert
+    assert!(swept.is_ok(), "the old backup is still there");
+    assert!(linked.exists(), "a linked device is never swept");
+}
