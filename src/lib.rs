@@ -6,13 +6,16 @@
 //! - [`telemetry`]: tracing setup (JSON logs), redaction of codes and phones.
 //! - [`startup`]: builds the service from a [`config::Config`], serves it,
 //!   stops it gracefully.
-//! - [`http`]: the axum router, handlers, callers (API keys), CORS and the
-//!   JSON error type.
+//! - [`http`]: the axum router, handlers, callers (API keys, Supabase
+//!   tokens), per-caller rate limits, CORS, request deadlines, the accept
+//!   loop with its connection limits, and the JSON error type.
 //! - [`phone`]: [`phone::PhoneNumber::parse`], the only way to get a phone.
 //! - [`session`]: one task per phone: state machine, refresh timer, backoff;
-//!   the registry of running sessions and recent outcomes.
+//!   the registry of running sessions (ended ones are read from the store),
+//!   who owns each session, and the per-phone code budget.
 //! - [`link`]: the `Linker` seam and the real `whatsapp-rust` link client,
-//!   each on a runtime that owns (and at the end, stops) its tasks.
+//!   each on a runtime that owns (and at the end, stops) its tasks; the
+//!   sweep of devices set aside by a re-link.
 //! - [`store`]: where states are kept: in memory or Upstash Redis (REST).
 //! - [`retry`]: exponential backoff with full jitter.
 

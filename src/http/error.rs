@@ -210,6 +210,7 @@ impl From<SessionError> for ApiError {
             SessionError::Busy => Self::Busy,
             SessionError::AtCapacity => Self::AtCapacity,
             SessionError::Forbidden => Self::Forbidden,
+            SessionError::StoreUnavailable => Self::StoreUnavailable,
             SessionError::TooManySessions { limit } => Self::TooManySessions(limit),
             SessionError::CodeBudget { retry_after } => Self::CodeBudgetExhausted(retry_after),
         }

@@ -18,9 +18,6 @@ use super::{ApiError, AppState};
 use crate::phone::PhoneNumber;
 use crate::session::{Actor, Joined, Owner, PairState, Reason, Status};
 
-/// How long `GET /pair/{phone}` waits for the store when this process has
-/// no session for the phone: a poll must not hang on a slow store.
-pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// `Retry-After` for a session still connecting with nothing to report yet.
 pub const STARTING_RETRY_AFTER: Duration = Duration::from_secs(2);
 
@@ -93,39 +90,17 @@ async fn create(
     answer(state, created)
 }
 
-/// The phone's current state: this process's session, else the store (a
-/// session from before a restart). Stored states do not say who started
-/// them, so only callers who may see every session read those.
+/// The phone's current state: this process's running session, else the
+/// store (an ended session, or one from before a restart).
 async fn show(
     State(app): State<AppState>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PairState>, ApiError> {
     let actor = actor(&app, &caller);
-    if let Some(state) = app.sessions.get(&phone, &actor)? {
-        return Ok(Json(state));
-    }
-    if !actor.sees_all {
-        return Err(ApiError::SessionNotFound);
-    }
-    let key = app.sessions.settings().key(&phone);
-    let read = tokio::time::timeout(STORE_READ_TIMEOUT, app.sessions.store().get(&key)).await;
-    match read {
-        Ok(Ok(Some(json))) => serde_json::from_str::<PairState>(&json)
-            .map(|state| Json(state.orphaned()))
-            .map_err(|e| {
-                tracing::error!(phone = %phone, error = %e, "stored state does not parse");
-                ApiError::Internal
-            }),
-        Ok(Ok(None)) => Err(ApiError::SessionNotFound),
-        Ok(Err(e)) => {
-            tracing::warn!(phone = %phone, error = %e, "store read failed");
-            Err(ApiError::StoreUnavailable)
-        }
-        Err(_) => {
-            tracing::warn!(phone = %phone, "store read timed out");
-            Err(ApiError::StoreUnavailable)
-        }
+    match app.sessions.get(&phone, &actor).await? {
+        Some(state) => Ok(Json(state)),
+        None => Err(ApiError::SessionNotFound),
     }
 }
 

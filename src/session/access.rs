@@ -6,7 +6,10 @@
 //! user id.
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
 
 /// Who started a session: `user:<supabase id>`, `key:<key id>`, or
 /// `anonymous`. Cheap to clone.
@@ -27,6 +30,18 @@ impl Owner {
     /// A caller nobody can tell apart (no callers configured).
     pub fn anonymous() -> Self {
         Self(Arc::from("anonymous"))
+    }
+
+    /// A one-way tag of this owner for the stored state: equal owners get
+    /// equal tags, and the tag does not give the user id back.
+    pub fn tag(&self) -> String {
+        let digest = Sha256::digest(format!("wa-pair owner v1:{}", self.0));
+        digest[..16]
+            .iter()
+            .fold(String::with_capacity(32), |mut hex, b| {
+                let _ = write!(hex, "{b:02x}");
+                hex
+            })
     }
 }
 
@@ -78,6 +93,13 @@ impl Actor {
     pub fn may_touch(&self, owner: &Owner) -> bool {
         self.sees_all || self.owner == *owner
     }
+
+    /// Whether this actor may read or act on a stored session whose owner
+    /// tag is `tag` (`None`: written without one, so only actors who see
+    /// everything).
+    pub fn may_touch_tagged(&self, tag: Option<&str>) -> bool {
+        self.sees_all || tag == Some(self.owner.tag().as_str())
+    }
 }
 
 #[cfg(test)]
@@ -99,6 +121,19 @@ mod tests {
 
         assert!(server.may_touch(&Owner::user("alice")));
         assert!(server.may_touch(&Owner::anonymous()));
+    }
+
+    #[test]
+    fn tags_match_their_owner_only_and_do_not_contain_the_id() {
+        let alice = Actor::restricted(Owner::user("alice"), 5);
+        let tag = Owner::user("alice").tag();
+
+        assert_eq!(tag.len(), 32);
+        assert!(!tag.contains("alice"));
+        assert!(alice.may_touch_tagged(Some(&tag)));
+        assert!(!alice.may_touch_tagged(Some(&Owner::user("bob").tag())));
+        assert!(!alice.may_touch_tagged(None));
+        assert!(Actor::trusted(Owner::anonymous()).may_touch_tagged(None));
     }
 
     #[test]

@@ -48,7 +48,7 @@ mod testing;
 pub use access::{Actor, Owner};
 pub use registry::{
     COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, PREVIOUS_SESSION_WAIT, RegistryCounts,
-    Sessions,
+    STORE_READ_TIMEOUT, Sessions,
 };
 pub use state::{PairState, Reason, Status};
 pub use task::{
@@ -87,6 +87,9 @@ pub enum SessionError {
         /// The caller's limit.
         limit: usize,
     },
+    /// The store did not answer a read this needed.
+    #[error("the state store is not reachable")]
+    StoreUnavailable,
     /// The phone had all the codes it may have this hour.
     #[error("this phone's code budget is spent")]
     CodeBudget {

@@ -1,7 +1,12 @@
 //! All sessions of the process, one per phone (single-flight): start or
 //! join, commands, shutdown.
+//!
+//! The registry holds running sessions only: a session leaves it when its
+//! task ends, and from then on its outcome is read from the store (which
+//! keeps it for `PAIR_OUTCOME_TTL_SECS`), so memory follows the open
+//! sessions, not the traffic of the last day.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::SessionError;
 use super::access::{Actor, Owner};
-use super::state::{PairState, Reason, Status};
+use super::state::{PairState, ReadState, Reason, Status};
 use super::task::{Command, Reply, Session, SessionSettings, ended, outcome_error};
 use crate::link::Linker;
 use crate::phone::PhoneNumber;
@@ -41,9 +46,12 @@ pub enum Joined {
 /// caller gets `busy` with a `Retry-After`.
 pub const PREVIOUS_SESSION_WAIT: Duration = Duration::from_secs(8);
 
-/// Below this many slots the outcome table is never shrunk: shrinking
-/// small tables would only make the next burst reallocate them.
-const OUTCOMES_SHRINK_FLOOR: usize = 64;
+/// How long a look-up waits for the store when this process has no running
+/// session for the phone: an answer must not hang on a slow store.
+pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Below this many slots the table of running sessions is never shrunk:
+/// shrinking small tables would only make the next burst reallocate them.
+const LIVE_SHRINK_FLOOR: usize = 64;
 
 /// A session whose task is running (it may have ended and still be
 /// releasing its link client).
@@ -60,23 +68,10 @@ struct Live {
     owner: Owner,
 }
 
-/// The final state of a session whose task is gone, and who started it.
-struct Outcome {
-    state: PairState,
-    owner: Owner,
-}
-
-/// What the registry knows: running sessions and recent outcomes.
+/// What the registry knows: the running sessions.
 #[derive(Default)]
 struct Registry {
     live: HashMap<PhoneNumber, Live>,
-    /// Final states of sessions whose tasks are gone, kept for
-    /// `PAIR_OUTCOME_TTL_SECS` (a linked phone is joined, not re-linked; a
-    /// refusal is served again without asking WhatsApp).
-    outcomes: HashMap<PhoneNumber, Outcome>,
-    /// The outcomes in the order they were kept, oldest first, so aged-out
-    /// ones are found without scanning them all.
-    ageing: VecDeque<(PhoneNumber, OffsetDateTime)>,
     /// How many running sessions each owner has (owners with none are not
     /// listed), so a per-caller cap is checked without a scan.
     open_by_owner: HashMap<Owner, usize>,
@@ -84,21 +79,6 @@ struct Registry {
 }
 
 impl Registry {
-    /// `phone`'s outcome, unless it has aged out.
-    fn outcome(&self, phone: &PhoneNumber, ttl: Duration) -> Option<&Outcome> {
-        self.outcomes
-            .get(phone)
-            .filter(|outcome| OffsetDateTime::now_utc() - outcome.state.updated_at < ttl)
-    }
-
-    fn keep_outcome(&mut self, state: PairState, owner: Owner, ttl: Duration) {
-        self.forget_aged(ttl);
-        self.ageing
-            .push_back((state.phone.clone(), state.updated_at));
-        self.outcomes
-            .insert(state.phone.clone(), Outcome { state, owner });
-    }
-
     /// Counts a session `owner` just started.
     fn opened_by(&mut self, owner: &Owner) {
         *self.open_by_owner.entry(owner.clone()).or_default() += 1;
@@ -113,44 +93,16 @@ impl Registry {
             }
         }
     }
-
-    /// Drops the outcomes older than `ttl` (the store forgets them at the
-    /// same time). Each outcome is looked at once, when it is the oldest.
-    fn forget_aged(&mut self, ttl: Duration) {
-        let now = OffsetDateTime::now_utc();
-        while let Some((phone, kept_at)) = self.ageing.front() {
-            if now - *kept_at < ttl {
-                break;
-            }
-            // A newer outcome for the same phone has its own place in line.
-            if self
-                .outcomes
-                .get(phone)
-                .is_some_and(|outcome| outcome.state.updated_at == *kept_at)
-            {
-                self.outcomes.remove(phone);
-            }
-            self.ageing.pop_front();
-        }
-        // A burst of sessions must not leave its table behind once aged out.
-        if self.outcomes.capacity() > OUTCOMES_SHRINK_FLOOR
-            && self.outcomes.len() * 4 < self.outcomes.capacity()
-        {
-            self.outcomes.shrink_to_fit();
-            self.ageing.shrink_to_fit();
-        }
-    }
 }
 
-/// Owned by a session's task; when the task ends (or unwinds), moves the
-/// session from the running ones to the outcomes and wakes whoever waits
-/// for its device store.
+/// Owned by a session's task; when the task ends (or unwinds), removes the
+/// session from the running ones (its outcome is in the store) and wakes
+/// whoever waits for its device store.
 struct Departure {
     registry: Arc<std::sync::Mutex<Registry>>,
     phone: PhoneNumber,
     id: u64,
     state: watch::Receiver<PairState>,
-    outcome_ttl: Duration,
     owner: Owner,
     /// Dropped last: closes every [`Live::released`].
     _released: watch::Sender<()>,
@@ -158,7 +110,7 @@ struct Departure {
 
 impl Drop for Departure {
     fn drop(&mut self) {
-        let last = self.state.borrow().clone();
+        let ended = self.state.borrow().status.is_terminal();
         let mut registry = lock(&self.registry);
         if registry
             .live
@@ -168,9 +120,13 @@ impl Drop for Departure {
             registry.live.remove(&self.phone);
         }
         registry.closed_by(&self.owner);
-        if last.status.is_terminal() {
-            registry.keep_outcome(last, self.owner.clone(), self.outcome_ttl);
-        } else {
+        // A burst of sessions must not leave its table behind once over.
+        if registry.live.capacity() > LIVE_SHRINK_FLOOR
+            && registry.live.len() * 4 < registry.live.capacity()
+        {
+            registry.live.shrink_to_fit();
+        }
+        if !ended {
             // The task unwound (a bug): forget it so the next POST starts
             // afresh rather than serve its frozen state.
             tracing::error!(phone = %self.phone, "session task died; its session is forgotten");
@@ -186,6 +142,8 @@ fn lock(registry: &std::sync::Mutex<Registry>) -> std::sync::MutexGuard<'_, Regi
 
 /// What one look at the registry found for a phone.
 enum Look {
+    /// No running session: look at the store.
+    NotRunning,
     /// A session to answer from: joined, or just started.
     Session(Joined, watch::Receiver<PairState>),
     /// An ended session still holding the phone's device store: wait for
@@ -207,8 +165,8 @@ pub struct Sessions {
 pub struct RegistryCounts {
     /// Sessions whose task is running (ending ones included).
     pub live: usize,
-    /// Outcomes kept for `PAIR_OUTCOME_TTL_SECS`.
-    pub outcomes: usize,
+    /// Owners with at least one running session.
+    pub owners: usize,
 }
 
 impl Sessions {
@@ -239,12 +197,62 @@ impl Sessions {
 
     /// How many sessions and outcomes are held right now.
     pub fn counts(&self) -> RegistryCounts {
-        let mut registry = lock(&self.registry);
-        registry.forget_aged(self.settings.outcome_ttl);
+        let registry = lock(&self.registry);
         RegistryCounts {
             live: registry.live.len(),
-            outcomes: registry.outcomes.len(),
+            owners: registry.open_by_owner.len(),
         }
+    }
+
+    /// `phone`'s state in the store, with its owner tag: `Ok(None)` when
+    /// there is none (or it does not parse, which is logged).
+    async fn stored(&self, phone: &PhoneNumber) -> Result<Option<ReadState>, SessionError> {
+        let key = self.settings.key(phone);
+        let read = tokio::time::timeout(STORE_READ_TIMEOUT, self.store.get(&key)).await;
+        match read {
+            Ok(Ok(Some(json))) => match serde_json::from_str::<ReadState>(&json) {
+                Ok(read) => Ok(Some(read)),
+                Err(e) => {
+                    tracing::error!(phone = %phone, error = %e, "stored state does not parse");
+                    Ok(None)
+                }
+            },
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(e)) => {
+                tracing::warn!(phone = %phone, error = %e, "store read failed");
+                Err(SessionError::StoreUnavailable)
+            }
+            Err(_) => {
+                tracing::warn!(phone = %phone, "store read timed out");
+                Err(SessionError::StoreUnavailable)
+            }
+        }
+    }
+
+    /// `phone`'s ended session as the store has it, if `actor` may see it.
+    /// A state that is not final was left by a process that is gone: it is
+    /// answered as that process's end.
+    async fn ended(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<Option<PairState>, SessionError> {
+        let Some(read) = self.stored(phone).await? else {
+            return Ok(None);
+        };
+        if !actor.may_touch_tagged(read.owner.as_deref()) {
+            // Untagged states predate owners: a user learns nothing of them.
+            return match read.owner {
+                Some(_) => Err(SessionError::Forbidden),
+                None => Ok(None),
+            };
+        }
+        // The registry was looked at first; a session that started since
+        // has its own, newer state.
+        if let Some(live) = lock(&self.registry).live.get(phone) {
+            return Ok(Some(live.state.borrow().clone()));
+        }
+        Ok(Some(read.state.orphaned()))
     }
 
     /// Joins `phone`'s live (or linked) session, or starts a new one.
@@ -265,13 +273,20 @@ impl Sessions {
         actor: &Actor,
         relink: bool,
     ) -> Result<(Joined, watch::Receiver<PairState>), SessionError> {
-        if !relink && !self.knows(phone) && self.linker.has_linked_device(phone).await {
-            return Err(SessionError::AlreadyLinked);
-        }
         let deadline = tokio::time::Instant::now() + PREVIOUS_SESSION_WAIT;
+        let mut looked_at_store = false;
         loop {
-            let mut released = match self.try_start_or_join(phone, actor, relink)? {
+            let look = self.try_start_or_join(phone, actor, relink, looked_at_store)?;
+            let mut released = match look {
                 Look::Session(joined, state) => return Ok((joined, state)),
+                Look::NotRunning => {
+                    if let Some(state) = self.ended_to_join(phone, actor, relink).await? {
+                        let (_, state) = watch::channel(state);
+                        return Ok((Joined::Existing, state));
+                    }
+                    looked_at_store = true;
+                    continue;
+                }
                 Look::WaitFor(released) => released,
             };
             // `Err` means the sender is gone: released, look again.
@@ -283,23 +298,44 @@ impl Sessions {
         }
     }
 
-    /// One look under the lock: the session to join, a new one, or what to
-    /// wait for before a new one can start.
-    /// Whether this process has a session or an outcome for `phone`.
-    fn knows(&self, phone: &PhoneNumber) -> bool {
-        let registry = lock(&self.registry);
-        registry.live.contains_key(phone)
-            || registry.outcome(phone, self.settings.outcome_ttl).is_some()
+    /// With no running session for `phone`: the stored outcome to answer
+    /// with instead of starting one (a link, or a refusal retrying cannot
+    /// fix), or `AlreadyLinked` for a device kept from before. `None`: start
+    /// a session. A store that does not answer does not stop a start.
+    async fn ended_to_join(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+        relink: bool,
+    ) -> Result<Option<PairState>, SessionError> {
+        let outcome = match self.stored(phone).await {
+            Ok(read) => read.filter(|read| read.state.status.is_terminal()),
+            Err(_) => None,
+        };
+        if let Some(read) = outcome
+            && ((read.state.status == Status::Linked && !relink) || self.holds_failure(&read.state))
+        {
+            if !actor.may_touch_tagged(read.owner.as_deref()) {
+                return Err(SessionError::Forbidden);
+            }
+            return Ok(Some(read.state));
+        }
+        if !relink && self.linker.has_linked_device(phone).await {
+            return Err(SessionError::AlreadyLinked);
+        }
+        Ok(None)
     }
 
+    /// One look under the lock. `looked_at_store`: the store was consulted
+    /// since the last look, so a session may start if none runs.
     fn try_start_or_join(
         &self,
         phone: &PhoneNumber,
         actor: &Actor,
         relink: bool,
+        looked_at_store: bool,
     ) -> Result<Look, SessionError> {
         let mut registry = lock(&self.registry);
-        registry.forget_aged(self.settings.outcome_ttl);
         if let Some(live) = registry.live.get(phone) {
             if !actor.may_touch(&live.owner) {
                 return Err(SessionError::Forbidden);
@@ -313,15 +349,8 @@ impl Sessions {
             }
             return Ok(Look::WaitFor(live.released.clone()));
         }
-        if let Some(outcome) = registry.outcome(phone, self.settings.outcome_ttl)
-            && ((outcome.state.status == Status::Linked && !relink)
-                || self.holds_failure(&outcome.state))
-        {
-            if !actor.may_touch(&outcome.owner) {
-                return Err(SessionError::Forbidden);
-            }
-            let (_, state) = watch::channel(outcome.state.clone());
-            return Ok(Look::Session(Joined::Existing, state));
+        if !looked_at_store {
+            return Ok(Look::NotRunning);
         }
         if *self.stopping.borrow() {
             return Err(SessionError::ShuttingDown);
@@ -350,13 +379,13 @@ impl Sessions {
             Arc::clone(&self.store),
             self.stopping.subscribe(),
         );
+        let session = session.owned_by(actor.owner.tag());
         let (released_tx, released) = watch::channel(());
         let departure = Departure {
             registry: Arc::clone(&self.registry),
             phone: phone.clone(),
             id,
             state: state.clone(),
-            outcome_ttl: self.settings.outcome_ttl,
             owner: actor.owner.clone(),
             _released: released_tx,
         };
@@ -395,25 +424,33 @@ impl Sessions {
         }
     }
 
-    /// The current state of `phone`'s session (or its recent outcome), if
-    /// this process has one; `Forbidden` if `actor` may not see it.
-    pub fn get(
+    /// The current state of `phone`'s session: the running one, else its
+    /// outcome from the store. `Forbidden` if `actor` may not see it.
+    pub async fn get(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<Option<PairState>, SessionError> {
+        if let Some(running) = self.running(phone, actor)? {
+            return Ok(Some(running));
+        }
+        self.ended(phone, actor).await
+    }
+
+    /// The state of `phone`'s running session, if any.
+    fn running(
         &self,
         phone: &PhoneNumber,
         actor: &Actor,
     ) -> Result<Option<PairState>, SessionError> {
         let registry = lock(&self.registry);
-        let (state, owner) = match registry.live.get(phone) {
-            Some(live) => (live.state.borrow().clone(), &live.owner),
-            None => match registry.outcome(phone, self.settings.outcome_ttl) {
-                Some(outcome) => (outcome.state.clone(), &outcome.owner),
-                None => return Ok(None),
-            },
+        let Some(live) = registry.live.get(phone) else {
+            return Ok(None);
         };
-        if !actor.may_touch(owner) {
+        if !actor.may_touch(&live.owner) {
             return Err(SessionError::Forbidden);
         }
-        Ok(Some(state))
+        Ok(Some(live.state.borrow().clone()))
     }
 
     /// A new code now for `phone`'s session.
@@ -440,24 +477,29 @@ impl Sessions {
         actor: &Actor,
         make: impl FnOnce(Reply) -> Command,
     ) -> Result<PairState, SessionError> {
-        let (commands, states) = {
+        let found = {
             let registry = lock(&self.registry);
-            let Some(live) = registry.live.get(phone) else {
-                return Err(match registry.outcome(phone, self.settings.outcome_ttl) {
-                    Some(outcome) if !actor.may_touch(&outcome.owner) => SessionError::Forbidden,
-                    Some(outcome) => ended(outcome.state.status),
-                    None => SessionError::NotFound,
-                });
-            };
-            if !actor.may_touch(&live.owner) {
-                return Err(SessionError::Forbidden);
-            }
-            let status = live.state.borrow().status;
-            if status.is_terminal() {
-                return Err(ended(status));
-            }
-            (live.commands.clone(), live.state.clone())
+            registry.live.get(phone).map(|live| {
+                (
+                    actor.may_touch(&live.owner),
+                    live.state.borrow().status,
+                    live.commands.clone(),
+                    live.state.clone(),
+                )
+            })
         };
+        let Some((allowed, status, commands, states)) = found else {
+            return Err(match self.ended(phone, actor).await? {
+                Some(outcome) if outcome.status.is_terminal() => ended(outcome.status),
+                _ => SessionError::NotFound,
+            });
+        };
+        if !allowed {
+            return Err(SessionError::Forbidden);
+        }
+        if status.is_terminal() {
+            return Err(ended(status));
+        }
         let (reply, answer) = oneshot::channel();
         let command = make(reply);
         let is_refresh = matches!(command, Command::Refresh(_));
@@ -551,7 +593,12 @@ mod tests {
         assert_eq!(script.requests.load(Ordering::SeqCst), 1);
         sessions.shutdown(Duration::from_secs(5)).await;
         assert_eq!(
-            sessions.get(&phone, &anyone()).unwrap().unwrap().reason,
+            sessions
+                .get(&phone, &anyone())
+                .await
+                .unwrap()
+                .unwrap()
+                .reason,
             Some(Reason::Interrupted)
         );
     }
@@ -700,16 +747,14 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_ended_session_leaves_only_its_outcome_and_that_ages_out() {
+    async fn an_ended_session_leaves_the_registry_and_its_outcome_is_read_from_the_store() {
         // Arrange
         let script = Arc::new(Script::default());
+        let store = Arc::new(MemoryStore::new());
         let sessions = Sessions::new(
-            SessionSettings {
-                outcome_ttl: Duration::from_secs(60),
-                ..settings()
-            },
+            settings(),
             Arc::new(ScriptedLinker(Arc::clone(&script))),
-            Arc::new(MemoryStore::new()),
+            Arc::clone(&store) as Arc<dyn PairingStore>,
         );
         let phones: Vec<PhoneNumber> = (0..100)
             .map(|n| PhoneNumber::parse(&format!("62812{n:08}")).unwrap())
@@ -722,22 +767,19 @@ mod tests {
         }
         until_released(&sessions).await;
         let after_cancels = sessions.counts();
-        // Outcome timestamps are wall-clock: age them for real, by reading
-        // the same registry with a 1 ms TTL once 5 ms have passed.
-        let aged = Sessions {
-            settings: Arc::new(SessionSettings {
-                outcome_ttl: Duration::from_millis(1),
-                ..settings()
-            }),
-            ..sessions
-        };
-        std::thread::sleep(Duration::from_millis(5));
-        let after_ageing = aged.counts();
+        let outcome = sessions.get(&phones[0], &anyone()).await;
+        let refresh = sessions.refresh(&phones[0], &anyone()).await;
 
         // Assert
         assert_eq!(after_cancels.live, 0, "no task, channel or client is left");
-        assert_eq!(after_cancels.outcomes, phones.len());
-        assert_eq!(after_ageing.outcomes, 0, "aged-out outcomes are forgotten");
+        assert_eq!(after_cancels.owners, 0, "no owner count is left");
+        assert_eq!(
+            outcome.unwrap().map(|state| state.status),
+            Some(Status::Cancelled),
+            "the outcome comes from the store"
+        );
+        assert_eq!(refresh, Err(SessionError::Ended("cancelled")));
+        assert_eq!(store.stored_entries(), phones.len() * 2, "state and budget");
         assert_eq!(
             script.opens.load(Ordering::SeqCst),
             script.shutdowns.load(Ordering::SeqCst),
@@ -843,7 +885,7 @@ mod tests {
             .start_or_join(&phone, &bob, false)
             .await
             .map(|(j, _)| j);
-        let read = sessions.get(&phone, &bob);
+        let read = sessions.get(&phone, &bob).await;
         let refreshed = sessions.refresh(&phone, &bob).await;
         let cancelled = sessions.cancel(&phone, &bob).await;
 
@@ -851,13 +893,13 @@ mod tests {
         assert_eq!(read, Err(SessionError::Forbidden));
         assert_eq!(refreshed, Err(SessionError::Forbidden));
         assert_eq!(cancelled, Err(SessionError::Forbidden));
-        assert!(matches!(sessions.get(&phone, &alice), Ok(Some(_))));
-        assert!(matches!(sessions.get(&phone, &anyone()), Ok(Some(_))));
+        assert!(matches!(sessions.get(&phone, &alice).await, Ok(Some(_))));
+        assert!(matches!(sessions.get(&phone, &anyone()).await, Ok(Some(_))));
         let ended = sessions.cancel(&phone, &alice).await.unwrap();
         assert_eq!(ended.status, Status::Cancelled);
         until_released(&sessions).await;
         assert_eq!(
-            sessions.get(&phone, &bob),
+            sessions.get(&phone, &bob).await,
             Err(SessionError::Forbidden),
             "the outcome keeps its owner too"
         );
@@ -988,6 +1030,8 @@ mod tests {
     async fn an_aged_out_outcome_is_forgotten_and_the_phone_can_link_again() {
         let (sessions, phone) = linked_registry(Duration::ZERO).await;
         until_released(&sessions).await;
+        // The store keeps an outcome at least a second.
+        tokio::time::sleep(Duration::from_secs(2)).await;
 
         let (joined, _) = sessions
             .start_or_join(&phone, &anyone(), false)

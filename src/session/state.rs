@@ -115,6 +115,31 @@ pub struct PairState {
     pub jid: Option<String>,
 }
 
+/// A state as the store holds it: the state, plus a one-way tag of who
+/// started the session, so any process can tell whether a signed-in user
+/// may see an ended session. The tag is a hash, never the user's id, and is
+/// never part of an API answer.
+#[derive(Serialize)]
+pub struct StoredState<'a> {
+    /// The state, its fields at the top level.
+    #[serde(flatten)]
+    pub state: &'a PairState,
+    /// [`Owner::tag`](super::Owner::tag) of who started the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<&'a str>,
+}
+
+/// A [`StoredState`] read back.
+#[derive(Deserialize)]
+pub struct ReadState {
+    /// The state.
+    #[serde(flatten)]
+    pub state: PairState,
+    /// Who started the session, when the writer recorded it.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
 impl fmt::Debug for PairState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the code: Debug output ends up in logs.

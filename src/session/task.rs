@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::SessionError;
-use super::state::{PairState, Reason, Status};
+use super::state::{PairState, Reason, Status, StoredState};
 use crate::config::Config;
 use crate::link::{IssuedCode, LinkError, LinkEvent, LinkSession, LinkedAccount, Linker};
 use crate::phone::PhoneNumber;
@@ -217,6 +217,9 @@ pub struct Session {
     rng: StdRng,
     store_heal_at: Option<Instant>,
     store_failures: u32,
+    /// [`Owner::tag`](super::Owner::tag) of who started the session, stored
+    /// with every state.
+    owner_tag: Option<String>,
 }
 
 impl Session {
@@ -253,8 +256,16 @@ impl Session {
             rng: StdRng::from_os_rng(),
             store_heal_at: None,
             store_failures: 0,
+            owner_tag: None,
         };
         (session, commands_tx, state_rx)
+    }
+
+    /// The same session, recording `tag` as its owner in the store.
+    #[must_use]
+    pub fn owned_by(mut self, tag: String) -> Self {
+        self.owner_tag = Some(tag);
+        self
     }
 
     /// Runs steps until the session ends, then releases the link client.
@@ -743,7 +754,11 @@ impl Session {
     }
 
     async fn write_store(&mut self) {
-        let json = match serde_json::to_string(&self.state) {
+        let stored = StoredState {
+            state: &self.state,
+            owner: self.owner_tag.as_deref(),
+        };
+        let json = match serde_json::to_string(&stored) {
             Ok(json) => json,
             Err(e) => {
                 tracing::error!(phone = %self.phone, error = %e, "state does not serialize");

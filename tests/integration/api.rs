@@ -12,7 +12,7 @@ use wa_pair::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
 use wiremock::matchers::{body_string_contains, method};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{FLOW_TIMEOUT, TestApp};
+use crate::helpers::{FLOW_TIMEOUT, TestApp, as_shown};
 
 const PHONE: &str = "628123456789";
 
@@ -48,8 +48,7 @@ async fn pair_returns_the_code_stores_it_for_ten_minutes_and_reports_the_link() 
     let status = response.status();
     let body = json(response).await;
     let code = body["code"].as_str().expect("a code").to_owned();
-    let stored: Value =
-        serde_json::from_str(&store.get("wa:pair:628123456789").await.unwrap().unwrap()).unwrap();
+    let stored = as_shown(&store.get("wa:pair:628123456789").await.unwrap().unwrap());
     let ttl = store.ttl_of("wa:pair:628123456789").unwrap();
     let linked = app.fake().enter_code(PHONE, &code).await;
     let after = app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
@@ -396,7 +395,8 @@ async fn an_overlong_or_unprintable_request_id_is_replaced_not_logged() {
 }
 
 #[tokio::test]
-async fn an_upstash_backed_pair_writes_one_set_per_state_change_and_counts_its_code_once() {
+async fn an_upstash_backed_pair_reads_once_writes_one_set_per_state_change_and_counts_its_code_once()
+ {
     // Arrange
     let upstash = MockServer::start().await;
     Mock::given(method("POST"))
@@ -416,8 +416,8 @@ async fn an_upstash_backed_pair_writes_one_set_per_state_change_and_counts_its_c
     // Act
     let body = json(app.post_pair(PHONE).await).await;
 
-    // Assert: `starting`, the code counted, then `pending` with the code;
-    // nothing else.
+    // Assert: a look for a recent outcome, `starting`, the code counted,
+    // then `pending` with the code; nothing else.
     let requests = upstash.received_requests().await.unwrap();
     let commands: Vec<Vec<String>> = requests
         .iter()
@@ -426,19 +426,24 @@ async fn an_upstash_backed_pair_writes_one_set_per_state_change_and_counts_its_c
             serde_json::from_slice(&r.body).unwrap()
         })
         .collect();
-    assert_eq!(commands.len(), 3, "{commands:?}");
-    assert_eq!(commands[1][0], "EVAL");
+    assert_eq!(commands.len(), 4, "{commands:?}");
     assert_eq!(
-        commands[1][2..],
+        commands[0],
+        ["GET", "wa:pair:628123456789"],
+        "a recent outcome?"
+    );
+    assert_eq!(commands[2][0], "EVAL");
+    assert_eq!(
+        commands[2][2..],
         ["1", "wa:pair:budget:628123456789", "3600"]
     );
-    let states: Vec<Value> = [&commands[0], &commands[2]]
+    let states: Vec<Value> = [&commands[1], &commands[3]]
         .iter()
         .map(|command| {
             assert_eq!(command[0], "SET");
             assert_eq!(command[1], "wa:pair:628123456789");
             assert_eq!(command[3..], ["EX", "600"]);
-            serde_json::from_str(&command[2]).unwrap()
+            as_shown(&command[2])
         })
         .collect();
     assert_eq!(states[0]["status"], "starting");
@@ -480,8 +485,7 @@ async fn shutdown_stores_pending_sessions_as_interrupted_and_finishes_in_time() 
     let took = app.shutdown().await;
 
     assert!(took < app.config.shutdown_grace, "{took:?}");
-    let stored: Value =
-        serde_json::from_str(&store.get("wa:pair:628123456789").await.unwrap().unwrap()).unwrap();
+    let stored = as_shown(&store.get("wa:pair:628123456789").await.unwrap().unwrap());
     assert_eq!(stored["status"], "failed");
     assert_eq!(stored["reason"], "interrupted");
     assert!(stored["code"].is_null());
@@ -565,8 +569,7 @@ async fn a_dropped_whatsapp_connection_replaces_the_code_in_the_store() {
 
     // Assert
     assert_ne!(replaced["code"], first["code"]);
-    let stored: Value =
-        serde_json::from_str(&store.get("wa:pair:628123456789").await.unwrap().unwrap()).unwrap();
+    let stored = as_shown(&store.get("wa:pair:628123456789").await.unwrap().unwrap());
     assert_eq!(stored, replaced);
     let linked = app
         .fake()
@@ -676,10 +679,11 @@ async fn connections_past_the_limit_wait_until_an_idle_one_is_cut_off() {
 }
 
 #[tokio::test]
-async fn after_a_restart_a_linked_number_is_not_relinked_unless_forced() {
-    // Arrange: link the number, then stop the service.
-    let store: Arc<dyn PairingStore> = Arc::new(MemoryStore::new());
-    let mut before = TestApp::spawn_with(Arc::clone(&store), |_| {}).await;
+async fn a_linked_number_whose_outcome_is_gone_is_not_relinked_unless_forced() {
+    // Arrange: link the number, then stop the service. The next one starts
+    // on an empty store, as after PAIR_OUTCOME_TTL_SECS (within it, a POST
+    // joins the stored `linked` outcome).
+    let mut before = TestApp::spawn_with(Arc::new(MemoryStore::new()), |_| {}).await;
     let code = json(before.post_pair(PHONE).await).await["code"]
         .as_str()
         .expect("a code")
@@ -692,7 +696,10 @@ async fn after_a_restart_a_linked_number_is_not_relinked_unless_forced() {
     let data_dir = before.data_dir().to_path_buf();
 
     // Act
-    let after = TestApp::spawn_with(store, move |config| config.data_dir = data_dir).await;
+    let after = TestApp::spawn_with(Arc::new(MemoryStore::new()), move |config| {
+        config.data_dir = data_dir;
+    })
+    .await;
     let plain = after.post_pair(PHONE).await;
     let plain_status = plain.status();
     let plain_body = json(plain).await;

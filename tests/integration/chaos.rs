@@ -152,7 +152,7 @@ async fn store_agrees_with_get(app: &TestApp, store: &MemoryStore, phone: &str) 
     match stored {
         None => assert_eq!(answer.status(), StatusCode::NOT_FOUND, "{phone}"),
         Some(json) => {
-            let stored: Value = serde_json::from_str(&json).expect("stored JSON");
+            let stored = crate::helpers::as_shown(&json);
             let shown: Value = answer.json().await.expect("JSON body");
             assert_eq!(shown, stored, "GET and the store disagree on {phone}");
         }

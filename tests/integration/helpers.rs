@@ -330,3 +330,13 @@ pub async fn settled_fds(limit: usize, patience: Duration) -> usize {
     }
     open_fds()
 }
+
+/// A stored state as the API shows it: the store also keeps a one-way tag
+/// of who started the session, which no answer carries.
+pub fn as_shown(stored: &str) -> serde_json::Value {
+    let mut state: serde_json::Value = serde_json::from_str(stored).expect("stored JSON");
+    if let Some(fields) = state.as_object_mut() {
+        fields.remove("owner");
+    }
+    state
+}
