@@ -11,14 +11,12 @@
 //! Every code costs one PBKDF2-HMAC-SHA256 with 131,072 rounds inside the
 //! client; that dominates the latency and is WhatsApp's protocol, not ours.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use fake_wa::FakeWhatsApp;
 use wa_pair::config::Config;
-use wa_pair::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
-use wa_pair::startup::App;
-use wa_pair::store::MemoryStore;
 
 /// Phones paired one after the other for the latency figures.
 const SEQUENTIAL: usize = 30;
@@ -34,26 +32,7 @@ async fn main() {
         data_dir: data_dir.path().to_path_buf(),
         ..Config::default()
     };
-    let linker = WhatsAppLinker::new(WhatsAppSettings {
-        data_dir: config.data_dir.clone(),
-        ws_url: Some(fake.ws_url()),
-        version: Some((2, 3000, 1_023_456_789)),
-        code_request_timeout: None,
-    })
-    .expect("linker");
-    let app = App::build_with(
-        &config,
-        Arc::new(linker),
-        Arc::new(MemoryStore::new()),
-        Default::default(),
-    )
-    .await
-    .expect("app");
-    let base = format!("http://{}", app.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.serve(async move {
-        let _ = stopped.await;
-    }));
+    let common::Service { base, stop, server } = common::serve(&config, &fake).await;
     let http = reqwest::Client::new();
 
     // Warm-up: first connection, lazy statics, SQLite.

@@ -13,11 +13,13 @@
 //! and `role` are checked here so the log can say which one failed.
 
 use std::collections::HashMap;
+use std::sync::Mutex as SyncMutex;
 use std::time::Duration;
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -35,6 +37,14 @@ pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// Clock skew tolerated on `exp` and `nbf`, between Supabase's clock and ours.
 pub const CLOCK_LEEWAY: Duration = Duration::from_secs(30);
+/// How long a verified token is remembered. A page polls with the same
+/// token every second or two, and an ES256 signature check costs about ten
+/// times a whole `GET` (see the auth benchmark); a minute bounds how long a
+/// token stays accepted after its key is withdrawn, like the JWKS refetch.
+pub const VERIFIED_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Most verified tokens remembered; past it the memory is cleared (the
+/// next request of each caller verifies again).
+pub const MAX_VERIFIED_TOKENS: usize = 10_000;
 /// The audience of a signed-in user's access token.
 pub const USER_AUDIENCE: &str = "authenticated";
 /// The `role` claim of a token that speaks for the project itself.
@@ -98,6 +108,8 @@ impl TokenRefusal {
 /// The claims we read. Unknown claims are ignored.
 #[derive(Debug, Deserialize)]
 struct Claims {
+    /// Required by the validation, so always there.
+    exp: u64,
     #[serde(default)]
     iss: Option<String>,
     #[serde(default)]
@@ -150,6 +162,17 @@ pub struct SupabaseTokens {
     /// An async lock: whoever finds an unknown `kid` fetches while the
     /// others wait for the result instead of fetching too.
     cache: Mutex<KeyCache>,
+    /// Tokens verified lately, by SHA-256 of the token.
+    verified: SyncMutex<HashMap<[u8; 32], Verified>>,
+}
+
+/// A token that passed every check.
+#[derive(Clone)]
+struct Verified {
+    subject: TokenSubject,
+    /// The token's `exp`, still checked on every use.
+    exp: u64,
+    at: Instant,
 }
 
 impl std::fmt::Debug for SupabaseTokens {
@@ -180,6 +203,7 @@ impl SupabaseTokens {
             http,
             refetch_interval: JWKS_REFETCH_INTERVAL,
             cache: Mutex::default(),
+            verified: SyncMutex::default(),
         }
     }
 
@@ -197,8 +221,50 @@ impl SupabaseTokens {
         token.iter().filter(|&&b| b == b'.').count() == 2
     }
 
-    /// Checks `token` and says whom it speaks for.
+    /// Checks `token` and says whom it speaks for. A token verified within
+    /// [`VERIFIED_TOKEN_TTL`] is not checked again, except for its expiry.
     pub async fn verify(&self, token: &str) -> Result<TokenSubject, TokenRefusal> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(subject) = self.remembered(&digest)? {
+            return Ok(subject);
+        }
+        let (subject, exp) = self.check(token).await?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= MAX_VERIFIED_TOKENS {
+            verified.clear();
+            verified.shrink_to(MAX_VERIFIED_TOKENS);
+        }
+        verified.insert(
+            digest,
+            Verified {
+                subject: subject.clone(),
+                exp,
+                at: Instant::now(),
+            },
+        );
+        Ok(subject)
+    }
+
+    /// The subject of a token verified lately; `Err(Expired)` once its
+    /// `exp` has passed.
+    fn remembered(&self, digest: &[u8; 32]) -> Result<Option<TokenSubject>, TokenRefusal> {
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(found) = verified.get(digest).cloned() else {
+            return Ok(None);
+        };
+        if found.at.elapsed() >= VERIFIED_TOKEN_TTL {
+            verified.remove(digest);
+            return Ok(None);
+        }
+        if jsonwebtoken::get_current_timestamp() > found.exp + CLOCK_LEEWAY.as_secs() {
+            verified.remove(digest);
+            return Err(TokenRefusal::Expired);
+        }
+        Ok(Some(found.subject))
+    }
+
+    /// Every check of `token`: its subject and `exp`.
+    async fn check(&self, token: &str) -> Result<(TokenSubject, u64), TokenRefusal> {
         let header = decode_header(token).map_err(|_| TokenRefusal::Malformed)?;
         let (algorithm, key) = match header.alg {
             Algorithm::HS256 => {
@@ -225,7 +291,8 @@ impl SupabaseTokens {
         let claims = decode::<Claims>(token, &key, &validation)
             .map_err(|e| refusal_of(e.kind()))?
             .claims;
-        self.subject_of(claims)
+        let exp = claims.exp;
+        Ok((self.subject_of(claims)?, exp))
     }
 
     fn subject_of(&self, claims: Claims) -> Result<TokenSubject, TokenRefusal> {
@@ -491,6 +558,38 @@ mod tests {
 
         assert_eq!(tokens.verify("a.b.c").await, Err(TokenRefusal::Malformed));
         assert!(tokens.verify(&unsigned).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_still_refused_once_expired() {
+        let tokens = tokens();
+        let mut claims = user_claims();
+        claims["exp"] = json!(now() - CLOCK_LEEWAY.as_secs() + 1);
+        let token = hs256(claims);
+        assert!(tokens.verify(&token).await.is_ok(), "within the leeway");
+
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let later = tokens.verify(&token).await;
+
+        assert_eq!(later, Err(TokenRefusal::Expired));
+    }
+
+    #[tokio::test]
+    async fn a_forged_token_is_not_let_in_by_the_memory_of_a_good_one() {
+        let tokens = tokens();
+        let good = hs256(user_claims());
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &user_claims(),
+            &EncodingKey::from_secret(b"another-secret-another-secret-another"),
+        )
+        .expect("token encodes");
+        assert!(tokens.verify(&good).await.is_ok());
+
+        assert_eq!(
+            tokens.verify(&forged).await,
+            Err(TokenRefusal::BadSignature)
+        );
     }
 
     #[test]
