@@ -150,12 +150,25 @@ impl StepOutcome {
     }
 }
 
-/// What one code attempt came to, short of a link error.
-enum Attempt {
-    /// WhatsApp issued a code.
-    Issued(IssuedCode),
-    /// The phone's budget is spent for this long; WhatsApp was not asked.
-    BudgetSpent(Duration),
+/// What ended the wait for something WhatsApp was asked (a connection, a
+/// code).
+enum InFlight<T> {
+    /// The answer.
+    Done(Result<T, LinkError>),
+    /// A link event that ends the session arrived first.
+    Event(LinkEvent),
+    /// A cancel arrived first.
+    Cancel(Reply),
+    /// The service is stopping.
+    Stop,
+}
+
+/// Whether `event` ends the session (so it must not wait behind a request).
+fn ends_the_session(event: &LinkEvent) -> bool {
+    matches!(
+        event,
+        LinkEvent::Linked(_) | LinkEvent::LinkedButNotSaved | LinkEvent::Failed { .. }
+    )
 }
 
 /// The phone's code budget in the store.
@@ -418,53 +431,90 @@ impl Session {
 
     /// Asks for a code (opening the link client first if needed), then
     /// answers the refreshes in `waiting`. While WhatsApp is being asked, a
-    /// stop or a cancel interrupts and further refreshes join this request.
+    /// stop or a cancel interrupts, further refreshes join this request, and
+    /// the link client's events are still read: a link that completes while
+    /// a code is being asked for ends the session `linked`, whatever comes
+    /// after it.
     async fn request_code(&mut self, mut waiting: Vec<Reply>) -> StepOutcome {
         self.next_request = None;
-        let mut link = self.link.take();
-        let linker = Arc::clone(&self.linker);
-        let phone = self.phone.clone();
         let mut stopping = self.stopping.clone();
-        let budget = CodeBudget {
-            store: Arc::clone(&self.store),
-            key: self.settings.budget_key(&phone),
-            per_hour: self.settings.codes_per_hour,
-        };
-        let result = {
-            let attempt = async {
-                if link.is_none() {
-                    link = Some(linker.open(&phone).await?);
-                }
-                // Counted once connected, right before WhatsApp is asked: a
-                // connection that never came up notified nobody.
-                if let Some(wait) = budget.take(&phone).await {
-                    return Ok(Attempt::BudgetSpent(wait));
-                }
-                match &link {
-                    Some(link) => link.handle.request_code().await.map(Attempt::Issued),
-                    None => Err(LinkError::Closed),
+        if self.link.is_none() {
+            let opened = {
+                let open = self.linker.open(&self.phone);
+                tokio::pin!(open);
+                loop {
+                    tokio::select! {
+                        result = &mut open => break InFlight::Done(result),
+                        () = stop_requested(&mut stopping) => break InFlight::Stop,
+                        command = self.commands.recv() => match command {
+                            Some(Command::Refresh(reply)) => waiting.push(reply),
+                            Some(Command::Cancel(reply)) => break InFlight::Cancel(reply),
+                            None => break InFlight::Stop,
+                        },
+                    }
                 }
             };
-            tokio::pin!(attempt);
-            loop {
-                tokio::select! {
-                    result = &mut attempt => break Ok(result),
-                    () = stop_requested(&mut stopping) => break Err(None),
-                    command = self.commands.recv() => match command {
-                        Some(Command::Refresh(reply)) => waiting.push(reply),
-                        Some(Command::Cancel(reply)) => break Err(Some(reply)),
-                        None => break Err(None),
-                    },
+            match opened {
+                InFlight::Done(Ok(link)) => self.link = Some(link),
+                InFlight::Done(Err(error)) => {
+                    let outcome = self.request_failed(error).await;
+                    self.answer(waiting, &outcome);
+                    return outcome;
+                }
+                InFlight::Cancel(reply) => return self.cancel(reply, waiting).await,
+                InFlight::Stop | InFlight::Event(_) => {
+                    let outcome = self.interrupted().await;
+                    self.answer(waiting, &outcome);
+                    return outcome;
                 }
             }
+        }
+        // Counted once connected, right before WhatsApp is asked: a
+        // connection that never came up notified nobody.
+        let budget = CodeBudget {
+            store: Arc::clone(&self.store),
+            key: self.settings.budget_key(&self.phone),
+            per_hour: self.settings.codes_per_hour,
         };
-        self.link = link;
-        let outcome = match result {
-            Err(None) => self.interrupted().await,
-            Err(Some(cancel)) => return self.cancel(cancel, waiting).await,
-            Ok(Ok(Attempt::Issued(issued))) => self.code_issued(issued).await,
-            Ok(Ok(Attempt::BudgetSpent(wait))) => self.budget_spent(wait).await,
-            Ok(Err(e)) => self.request_failed(e).await,
+        if let Some(wait) = budget.take(&self.phone).await {
+            let outcome = self.budget_spent(wait).await;
+            self.answer(waiting, &outcome);
+            return outcome;
+        }
+        let asked = match self.link.as_mut() {
+            Some(link) => {
+                let request = link.handle.request_code();
+                tokio::pin!(request);
+                let mut events_open = true;
+                loop {
+                    tokio::select! {
+                        // A link already reported wins over anything queued.
+                        biased;
+                        event = link.events.recv(), if events_open => match event {
+                            Some(event) if ends_the_session(&event) => break InFlight::Event(event),
+                            // Superseded by the code being asked for.
+                            Some(_) => {}
+                            // The request itself will say what went wrong.
+                            None => events_open = false,
+                        },
+                        result = &mut request => break InFlight::Done(result),
+                        () = stop_requested(&mut stopping) => break InFlight::Stop,
+                        command = self.commands.recv() => match command {
+                            Some(Command::Refresh(reply)) => waiting.push(reply),
+                            Some(Command::Cancel(reply)) => break InFlight::Cancel(reply),
+                            None => break InFlight::Stop,
+                        },
+                    }
+                }
+            }
+            None => InFlight::Done(Err(LinkError::Closed)),
+        };
+        let outcome = match asked {
+            InFlight::Done(Ok(issued)) => self.code_issued(issued).await,
+            InFlight::Done(Err(error)) => self.request_failed(error).await,
+            InFlight::Event(event) => self.on_link_event(Some(event)).await,
+            InFlight::Cancel(reply) => return self.cancel(reply, waiting).await,
+            InFlight::Stop => self.interrupted().await,
         };
         self.answer(waiting, &outcome);
         outcome
@@ -1018,6 +1068,34 @@ mod tests {
             matches!(after_drop, StepOutcome::Retrying { .. }),
             "one drop after a sound refresh is not the second failure: {after_drop:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_during_a_code_request_wins_over_a_cancel_that_follows_it() {
+        let mut f = fixture(settings());
+        f.session.step().await;
+        tokio::time::advance(MANUAL_REFRESH_DEBOUNCE * 2).await;
+        f.script.hang.store(true, Ordering::SeqCst);
+        let (refresh, _) = oneshot::channel();
+        f.commands.send(Command::Refresh(refresh)).await.unwrap();
+        let script = Arc::clone(&f.script);
+        let commands = f.commands.clone();
+
+        let (outcome, ()) = tokio::join!(f.session.step(), async move {
+            // The refresh is in flight (WhatsApp silent) when the phone links,
+            // and a DELETE comes right after.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            script.emit(LinkEvent::Linked(LinkedAccount {
+                jid: "628123456789:1@s.whatsapp.net".into(),
+                lid: None,
+                platform: None,
+            }));
+            let (cancel, _) = oneshot::channel();
+            commands.send(Command::Cancel(cancel)).await.unwrap();
+        });
+
+        assert_eq!(outcome, StepOutcome::Ended(Status::Linked));
+        assert_eq!(f.states.borrow().status, Status::Linked);
     }
 
     #[tokio::test(start_paused = true)]
