@@ -54,7 +54,7 @@ pub use state::{PairState, Reason, Status};
 pub use task::{
     CODE_BUDGET_WINDOW, Command, FINAL_HEAL_ATTEMPTS, MANUAL_REFRESH_DEBOUNCE,
     MIN_EVENT_REFRESH_GAP, MIN_REFRESH_INTERVAL, REFRESH_MARGIN, Reply, STORE_HEAL_BACKOFF,
-    STORE_WRITE_BUDGET, Session, SessionSettings, StepOutcome,
+    STORE_WRITE_BUDGET, Session, SessionSettings, StepOutcome, WAIT_TTL_MARGIN,
 };
 
 /// Why a command to a session could not be carried out.

@@ -44,6 +44,10 @@ pub const MIN_EVENT_REFRESH_GAP: Duration = Duration::from_secs(5);
 /// "Refresh Kode" pressed again within this long of a new code returns that
 /// code instead of asking WhatsApp for yet another (double clicks, retries).
 pub const MANUAL_REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
+/// A state stored while its session waits (a backoff, the code budget)
+/// lives at least this long past the end of the wait, so a reader of the
+/// store never finds the key gone while the session is still there.
+pub const WAIT_TTL_MARGIN: Duration = Duration::from_secs(60);
 /// The window of the per-phone code budget (`PAIR_CODES_PER_HOUR`): it opens
 /// with the first code and does not slide.
 pub const CODE_BUDGET_WINDOW: Duration = Duration::from_secs(3600);
@@ -815,7 +819,14 @@ impl Session {
                 return;
             }
         };
-        let ttl = self.settings.ttl_for(self.state.status);
+        let mut ttl = self.settings.ttl_for(self.state.status);
+        if let Some(at) = self
+            .next_request
+            .filter(|_| !self.state.status.is_terminal())
+        {
+            // WhatsApp's backoff or the code budget can outlast the code TTL.
+            ttl = ttl.max(at.saturating_duration_since(Instant::now()) + WAIT_TTL_MARGIN);
+        }
         let result =
             tokio::time::timeout(STORE_WRITE_BUDGET, self.store.set(&self.key, &json, ttl)).await;
         match result {
@@ -1232,6 +1243,24 @@ mod tests {
         assert!(
             waited >= after && waited - after < Duration::from_millis(1),
             "waited {waited:?}, backoff said {after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_longer_than_the_code_ttl_keeps_the_stored_state_until_after_it() {
+        let mut f = fixture(settings());
+        f.script.push(Err(LinkError::Refused {
+            status: 429,
+            text: "rate-overlimit".into(),
+            backoff: Some(Duration::from_secs(3600)),
+        }));
+
+        f.session.step().await;
+
+        assert_eq!(
+            f.store.inner.ttl_of("wa:pair:628123456789"),
+            Some(Duration::from_secs(3600) + WAIT_TTL_MARGIN),
+            "a 600 s TTL would drop the key 50 minutes before the retry"
         );
     }
 
