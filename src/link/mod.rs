@@ -18,6 +18,7 @@
 pub mod backups;
 pub mod http_client;
 pub mod tasks;
+pub mod version;
 pub mod whatsapp;
 
 use std::fmt;

@@ -44,6 +44,7 @@ use whatsapp_rust_tokio_transport::TokioWebSocketTransportFactory;
 
 use super::http_client::ReqwestHttpClient;
 use super::tasks::{ClientRuntime, TaskScope};
+use super::version::{ServiceWorker, SharedVersion, VersionSource};
 use super::{
     Invalidation, IssuedCode, LinkError, LinkEvent, LinkHandle, LinkSession, LinkedAccount, Linker,
     PairingCode,
@@ -98,16 +99,30 @@ pub struct WhatsAppSettings {
 pub struct WhatsAppLinker {
     settings: Arc<WhatsAppSettings>,
     http: ReqwestHttpClient,
+    /// WhatsApp Web's version for every client, when `WA_VERSION` is unset.
+    version: Arc<SharedVersion>,
 }
 
 impl WhatsAppLinker {
-    /// A linker with the given settings.
+    /// A linker with the given settings; without a version pin, WhatsApp
+    /// Web's version is fetched once for all its clients.
     pub fn new(settings: WhatsAppSettings) -> Result<Self, LinkError> {
         let http = ReqwestHttpClient::new().map_err(|e| LinkError::Client(e.to_string()))?;
-        Ok(Self {
+        let source = ServiceWorker(Arc::new(http.clone()));
+        Ok(Self::with_version_source(settings, http, source))
+    }
+
+    /// A linker whose clients get WhatsApp Web's version from `source`.
+    pub fn with_version_source(
+        settings: WhatsAppSettings,
+        http: ReqwestHttpClient,
+        source: impl VersionSource,
+    ) -> Self {
+        Self {
             settings: Arc::new(settings),
             http,
-        })
+            version: Arc::new(SharedVersion::new(source)),
+        }
     }
 
     /// Path of `phone`'s device store.
@@ -130,6 +145,7 @@ impl Linker for WhatsAppLinker {
             phone: phone.clone(),
             settings: Arc::clone(&self.settings),
             http: self.http.clone(),
+            version: Arc::clone(&self.version),
             flags: Arc::new(Flags::default()),
             events: events_tx,
             running: tokio::sync::Mutex::new(None),
@@ -163,6 +179,7 @@ struct WhatsAppSession {
     phone: PhoneNumber,
     settings: Arc<WhatsAppSettings>,
     http: ReqwestHttpClient,
+    version: Arc<SharedVersion>,
     flags: Arc<Flags>,
     events: mpsc::UnboundedSender<LinkEvent>,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -329,7 +346,11 @@ impl WhatsAppSession {
                 let phone = phone.clone();
                 async move { on_event(&event, client, &events, &flags, &phone).await }
             });
-        if let Some(version) = self.settings.version {
+        let version = match self.settings.version {
+            Some(pinned) => Some(pinned),
+            None => self.version.current().await,
+        };
+        if let Some(version) = version {
             builder = builder.with_version(version);
         }
         match builder.build().await {

@@ -366,3 +366,47 @@ async fn dropping_a_session_after_shutdown_leaves_the_next_sessions_files_alone(
     // Assert
     assert!(path.exists(), "the next session's device store was deleted");
 }
+
+/// A version source that counts its fetches.
+struct CountingVersions(std::sync::Arc<std::sync::atomic::AtomicU32>);
+
+#[async_trait::async_trait]
+impl wa_pair::link::version::VersionSource for CountingVersions {
+    async fn fetch(&self) -> anyhow::Result<(u32, u32, u32)> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(crate::helpers::PINNED_VERSION)
+    }
+}
+
+#[tokio::test]
+async fn without_a_version_pin_clients_share_one_version_fetch() {
+    // Arrange
+    let harness = LinkHarness::start().await;
+    let fetches = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let linker = wa_pair::link::whatsapp::WhatsAppLinker::with_version_source(
+        wa_pair::link::whatsapp::WhatsAppSettings {
+            data_dir: harness.data_dir.path().to_path_buf(),
+            ws_url: Some(harness.fake.ws_url()),
+            version: None,
+            code_request_timeout: None,
+        },
+        wa_pair::link::http_client::ReqwestHttpClient::new().expect("HTTP client"),
+        CountingVersions(std::sync::Arc::clone(&fetches)),
+    );
+
+    // Act
+    let codes = join_all((0..3).map(|n| {
+        let linker = &linker;
+        async move {
+            let session = linker.open(&phone(n)).await.expect("opens");
+            let code = session.handle.request_code().await;
+            session.handle.shutdown().await;
+            code
+        }
+    }))
+    .await;
+
+    // Assert
+    assert!(codes.iter().all(Result::is_ok), "{codes:?}");
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
