@@ -77,6 +77,10 @@ impl Service {
             .env("DATA_DIR", data_dir)
             .env("PAIR_SESSION_MAX_SECS", SESSION_MAX_SECS.to_string())
             .env("PAIR_OUTCOME_TTL_SECS", OUTCOME_TTL_SECS.to_string())
+            // One client drives every session: per-caller limits would
+            // stop the soak, not measure it.
+            .env("RATE_LIMIT_STARTS_PER_MIN", "1000000")
+            .env("RATE_LIMIT_READS_PER_MIN", "1000000")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
