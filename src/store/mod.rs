@@ -1,0 +1,249 @@
+//! Key-value storage with TTL for pending pairings.
+//!
+//! Keys look like `wa:pair:628123456789`; values are JSON text that the
+//! caller serializes. Two backends implement [`PairingStore`], each in its
+//! own file: [`MemoryStore`] (`memory`: in-process, for development and
+//! tests) and [`UpstashStore`] (`upstash`: Upstash Redis over its REST API).
+
+mod memory;
+mod upstash;
+
+pub use memory::{MEMORY_PRUNE_MIN_ENTRIES, MemoryStore};
+pub use upstash::{
+    DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_RETRIES, DEFAULT_REQUEST_TIMEOUT,
+    MAX_CONNECT_TIMEOUT, MAX_RETRY_AFTER_WAIT, UpstashSettings, UpstashStore,
+};
+
+use std::time::Duration;
+
+/// What a failed store operation went wrong with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store refused the credentials (HTTP 401 or 403).
+    #[error("store refused the credentials (HTTP 401/403); check the configured token")]
+    Unauthorized,
+    /// The store is throttling us (HTTP 429 or an exhausted request quota).
+    #[error(
+        "store rate limit reached{}",
+        .retry_after.map(|wait| format!(" (retry after {wait:?})")).unwrap_or_default()
+    )]
+    RateLimited {
+        /// How long the store asked us to wait, when it said.
+        retry_after: Option<Duration>,
+    },
+    /// The store failed internally (HTTP 5xx).
+    #[error("store server error (HTTP {status}): {message}")]
+    Server {
+        /// HTTP status code.
+        status: u16,
+        /// Error text from the store, shortened.
+        message: String,
+    },
+    /// The store refused the command (other 4xx, or a 2xx carrying `{"error":..}`).
+    #[error("store rejected the command (HTTP {status}): {message}")]
+    Rejected {
+        /// HTTP status code.
+        status: u16,
+        /// Error text from the store, shortened.
+        message: String,
+    },
+    /// The store did not answer within the request timeout.
+    #[error("store request timed out")]
+    Timeout,
+    /// The store could not be reached (DNS, connect, TLS, broken connection).
+    #[error("could not reach the store: {0}")]
+    Transport(String),
+    /// The store answered with something that is not a valid reply.
+    #[error("unexpected reply from the store: {0}")]
+    Protocol(String),
+    /// The store settings are unusable (bad URL, empty token, zero timeout).
+    #[error("invalid store settings: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether trying the same operation again later may succeed.
+    ///
+    /// `RateLimited`, `Server`, `Timeout` and `Transport` are transient;
+    /// `Unauthorized`, `Rejected`, `Protocol` and `Config` will fail the same
+    /// way every time.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited { .. } | Self::Server { .. } | Self::Timeout | Self::Transport(_)
+        )
+    }
+
+    /// The wait the store asked for, if this is a rate limit that said so.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A key-value store with per-key expiry that holds pairing records.
+#[async_trait::async_trait]
+pub trait PairingStore: Send + Sync + 'static {
+    /// Writes `value` under `key`, expiring after `ttl` (whole seconds, at least 1).
+    ///
+    /// A sub-second remainder rounds up, so an entry never expires earlier
+    /// than asked; a zero `ttl` becomes one second. Overwriting a key resets
+    /// its expiry.
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Reads the value under `key`; `None` when it is missing or expired.
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Removes `key`; removing a missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Cheap reachability check for readiness probes.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Counts one more event under `key`, in a window of `window` that opens
+    /// with its first event (a fixed window: later events do not extend it).
+    /// Returns the count, this event included, and the time the window has
+    /// left. One store command.
+    async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError>;
+
+    /// Short name for logs and /readyz ("memory", "upstash").
+    fn kind(&self) -> &'static str;
+}
+
+/// What [`PairingStore::count`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// Events in the window, the one just counted included.
+    pub count: u64,
+    /// Until the window closes and the count starts again from zero.
+    pub window_left: Duration,
+}
+
+/// The TTL in whole seconds as sent to the store: rounded up, at least 1.
+fn ttl_seconds(ttl: Duration) -> u64 {
+    let whole = ttl.as_secs();
+    let rounded = if ttl.subsec_nanos() > 0 {
+        whole.saturating_add(1)
+    } else {
+        whole
+    };
+    rounded.max(1)
+}
+
+/// Asks `store` whether it answers within `timeout`, logging why not.
+/// Shared by the startup check and `/readyz`, so both say the same thing
+/// (in particular the clear line for a rejected token).
+pub async fn probe(store: &dyn PairingStore, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, store.ping()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(StoreError::Unauthorized)) => {
+            tracing::error!(
+                store = store.kind(),
+                "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN"
+            );
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(store = store.kind(), error = %e, "store not reachable");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                store = store.kind(),
+                "store did not answer within {timeout:?}"
+            );
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn both_stores_can_be_shared_as_trait_objects() {
+        // Arrange
+        let upstash = UpstashStore::new(UpstashSettings::new("http://127.0.0.1:9", "t0ken"))
+            .expect("valid settings");
+
+        // Act
+        let stores: Vec<Arc<dyn PairingStore>> =
+            vec![Arc::new(MemoryStore::new()), Arc::new(upstash)];
+
+        // Assert
+        let kinds: Vec<&str> = stores.iter().map(|store| store.kind()).collect();
+        assert_eq!(kinds, ["memory", "upstash"]);
+    }
+
+    // StoreError
+
+    #[test]
+    fn only_transient_errors_are_retryable() {
+        // Arrange
+        let transient = [
+            StoreError::RateLimited { retry_after: None },
+            StoreError::Server {
+                status: 503,
+                message: String::new(),
+            },
+            StoreError::Timeout,
+            StoreError::Transport(String::new()),
+        ];
+        let permanent = [
+            StoreError::Unauthorized,
+            StoreError::Rejected {
+                status: 400,
+                message: String::new(),
+            },
+            StoreError::Protocol(String::new()),
+            StoreError::Config(String::new()),
+        ];
+
+        // Act
+        let transient_flags: Vec<bool> = transient.iter().map(StoreError::is_retryable).collect();
+        let permanent_flags: Vec<bool> = permanent.iter().map(StoreError::is_retryable).collect();
+
+        // Assert
+        assert!(transient_flags.iter().all(|retryable| *retryable));
+        assert!(permanent_flags.iter().all(|retryable| !retryable));
+    }
+
+    #[test]
+    fn a_rate_limit_error_mentions_the_requested_wait() {
+        // Arrange
+        let error = StoreError::RateLimited {
+            retry_after: Some(Duration::from_secs(7)),
+        };
+
+        // Act
+        let shown = error.to_string();
+
+        // Assert
+        assert!(shown.contains("retry after 7s"), "{shown}");
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn ttl_seconds_rounds_up_and_is_at_least_one() {
+        // Arrange
+        let cases = [
+            (Duration::ZERO, 1),
+            (Duration::from_millis(1), 1),
+            (Duration::from_secs(600), 600),
+            (Duration::from_millis(600_001), 601),
+            (Duration::MAX, u64::MAX),
+        ];
+
+        for (ttl, expected) in cases {
+            // Act
+            let seconds = ttl_seconds(ttl);
+
+            // Assert
+            assert_eq!(seconds, expected, "{ttl:?}");
+        }
+    }
+}
