@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{Counted, PairingStore, StoreError, ttl_seconds};
+use crate::phone::mask_phone;
 use crate::retry::Backoff;
 
 /// Default per-request timeout for Upstash calls.
@@ -502,30 +503,16 @@ fn scrub_token(error: &mut StoreError, token: &str) {
     }
 }
 
-/// Masks the phone number at the end of a key for logging.
-///
-/// Keeps the first and last four of the trailing digits
-/// (`wa:pair:628123456789` → `wa:pair:6281****6789`); eight or fewer
-/// trailing digits are masked entirely, and a key without trailing digits
-/// holds no phone number and is returned unchanged.
+/// Masks the phone number at the end of a key for logging, the way every
+/// phone is masked ([`mask_phone`]: `wa:pair:628123456789` →
+/// `wa:pair:6281****6789`); a key without trailing digits holds no phone
+/// number and is returned unchanged.
 fn mask_key(key: &str) -> String {
-    /// Digits kept visible at each end of a long enough phone number.
-    const VISIBLE: usize = 4;
-
     let split = key.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-    let Some((prefix, digits)) = key.split_at_checked(split) else {
-        return "****".to_owned();
-    };
-    if digits.is_empty() {
-        return key.to_owned();
-    }
-    let head = digits.get(..VISIBLE);
-    let tail = digits.get(digits.len().saturating_sub(VISIBLE)..);
-    match (head, tail) {
-        (Some(head), Some(tail)) if digits.len() > 2 * VISIBLE => {
-            format!("{prefix}{head}****{tail}")
-        }
-        _ => format!("{prefix}****"),
+    match key.split_at_checked(split) {
+        Some((_, "")) => key.to_owned(),
+        Some((prefix, digits)) => format!("{prefix}{}", mask_phone(digits)),
+        None => "****".to_owned(),
     }
 }
 
@@ -756,12 +743,13 @@ mod tests {
     }
 
     #[test]
-    fn a_short_trailing_number_is_masked_entirely() {
+    fn a_short_trailing_number_is_masked_like_any_phone() {
         // Arrange / Act
         let masked = mask_key("wa:pair:12345678");
 
         // Assert
-        assert_eq!(masked, "wa:pair:****");
+        assert_eq!(masked, format!("wa:pair:{}", mask_phone("12345678")));
+        assert!(!masked.contains("345"), "{masked}");
     }
 
     #[test]
