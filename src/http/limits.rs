@@ -102,26 +102,19 @@ impl CallerLimits {
         client: Option<IpAddr>,
         starts: bool,
     ) -> Result<(), Duration> {
-        let (key, buckets) = match caller {
-            Caller::Server { key_id } => (
-                format!("key:{key_id}"),
-                if starts {
-                    &self.server_starts
-                } else {
-                    &self.server_reads
-                },
-            ),
-            Caller::User { id } => (
-                format!("user:{id}"),
-                if starts { &self.starts } else { &self.reads },
-            ),
-            Caller::Anonymous => (
-                match client {
-                    Some(ip) => format!("ip:{ip}"),
-                    None => "ip:unknown".to_owned(),
-                },
-                if starts { &self.starts } else { &self.reads },
-            ),
+        let key = match caller {
+            Caller::Server { key_id } => format!("key:{key_id}"),
+            Caller::User { id } => format!("user:{id}"),
+            Caller::Anonymous => match client {
+                Some(ip) => format!("ip:{ip}"),
+                None => "ip:unknown".to_owned(),
+            },
+        };
+        let buckets = match (matches!(caller, Caller::Server { .. }), starts) {
+            (true, true) => &self.server_starts,
+            (true, false) => &self.server_reads,
+            (false, true) => &self.starts,
+            (false, false) => &self.reads,
         };
         if self.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.prune();

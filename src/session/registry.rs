@@ -232,7 +232,7 @@ impl Sessions {
     /// `phone`'s ended session as the store has it, if `actor` may see it.
     /// A state that is not final was left by a process that is gone: it is
     /// answered as that process's end.
-    async fn ended(
+    async fn stored_outcome(
         &self,
         phone: &PhoneNumber,
         actor: &Actor,
@@ -434,7 +434,7 @@ impl Sessions {
         if let Some(running) = self.running(phone, actor)? {
             return Ok(Some(running));
         }
-        self.ended(phone, actor).await
+        self.stored_outcome(phone, actor).await
     }
 
     /// The state of `phone`'s running session, if any.
@@ -489,7 +489,7 @@ impl Sessions {
             })
         };
         let Some((allowed, status, commands, states)) = found else {
-            return Err(match self.ended(phone, actor).await? {
+            return Err(match self.stored_outcome(phone, actor).await? {
                 Some(outcome) if outcome.status.is_terminal() => ended(outcome.status),
                 _ => SessionError::NotFound,
             });
@@ -569,11 +569,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn registry_runs_one_session_per_phone_however_many_join() {
         let script = Arc::new(Script::default());
-        let sessions = Sessions::new(
-            settings(),
-            Arc::new(ScriptedLinker(Arc::clone(&script))),
-            Arc::new(MemoryStore::new()),
-        );
+        let sessions = scripted(Arc::clone(&script));
         let phone = PhoneNumber::parse("628123456789").unwrap();
 
         let mut joins: Vec<Joined> = Vec::new();
@@ -605,11 +601,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn registry_refuses_new_phones_beyond_the_cap_but_still_joins_open_ones() {
-        let sessions = Sessions::new(
-            settings(),
-            Arc::new(ScriptedLinker(Arc::new(Script::default()))),
-            Arc::new(MemoryStore::new()),
-        );
+        let sessions = scripted(Arc::default());
         let phones: Vec<PhoneNumber> = (0..=MAX_OPEN_SESSIONS)
             .map(|n| PhoneNumber::parse(&format!("62812{n:08}")).unwrap())
             .collect();
@@ -631,11 +623,7 @@ mod tests {
     }
 
     fn registry(script: &Arc<Script>) -> (Sessions, PhoneNumber) {
-        let sessions = Sessions::new(
-            settings(),
-            Arc::new(ScriptedLinker(Arc::clone(script))),
-            Arc::new(MemoryStore::new()),
-        );
+        let sessions = scripted(Arc::clone(script));
         (sessions, PhoneNumber::parse("628123456789").unwrap())
     }
 
@@ -804,11 +792,7 @@ mod tests {
     async fn a_kept_linked_device_is_not_paired_again_unless_relinked() {
         let script = Arc::new(Script::default());
         script.linked_device.store(true, Ordering::SeqCst);
-        let sessions = Sessions::new(
-            settings(),
-            Arc::new(ScriptedLinker(Arc::clone(&script))),
-            Arc::new(MemoryStore::new()),
-        );
+        let sessions = scripted(Arc::clone(&script));
         let phone = PhoneNumber::parse("628123456789").unwrap();
 
         let refused = sessions
@@ -832,11 +816,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_linked_outcome_is_joined_but_a_relink_starts_a_new_session() {
         let script = Arc::new(Script::default());
-        let sessions = Sessions::new(
-            settings(),
-            Arc::new(ScriptedLinker(Arc::clone(&script))),
-            Arc::new(MemoryStore::new()),
-        );
+        let sessions = scripted(Arc::clone(&script));
         let phone = PhoneNumber::parse("628123456789").unwrap();
         until_pending(&sessions, &phone).await;
         script.emit(LinkEvent::Linked(LinkedAccount {
@@ -860,6 +840,15 @@ mod tests {
         assert_eq!(relinked, Ok(Joined::Created));
     }
 
+    /// Sessions over `script`'s linker, default settings, a memory store.
+    fn scripted(script: Arc<Script>) -> Sessions {
+        Sessions::new(
+            settings(),
+            Arc::new(ScriptedLinker(script)),
+            Arc::new(MemoryStore::new()),
+        )
+    }
+
     /// An actor that may do anything (a server caller).
     fn anyone() -> Actor {
         Actor::trusted(Owner::server("key-1"))
@@ -867,11 +856,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_user_can_neither_see_nor_join_nor_command_another_users_session() {
-        let sessions = Sessions::new(
-            settings(),
-            Arc::new(ScriptedLinker(Arc::new(Script::default()))),
-            Arc::new(MemoryStore::new()),
-        );
+        let sessions = scripted(Arc::default());
         let phone = PhoneNumber::parse("628123456789").unwrap();
         let alice = Actor::restricted(Owner::user("alice"), 5);
         let bob = Actor::restricted(Owner::user("bob"), 5);
@@ -907,11 +892,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_restricted_caller_opens_at_most_its_limit_and_others_are_not_held_back() {
-        let sessions = Sessions::new(
-            settings(),
-            Arc::new(ScriptedLinker(Arc::new(Script::default()))),
-            Arc::new(MemoryStore::new()),
-        );
+        let sessions = scripted(Arc::default());
         let phones: Vec<PhoneNumber> = (0..4)
             .map(|n| PhoneNumber::parse(&format!("62812{n:08}")).unwrap())
             .collect();

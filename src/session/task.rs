@@ -175,40 +175,6 @@ fn ends_the_session(event: &LinkEvent) -> bool {
     )
 }
 
-/// The phone's code budget in the store.
-struct CodeBudget {
-    store: Arc<dyn PairingStore>,
-    key: String,
-    per_hour: u32,
-}
-
-impl CodeBudget {
-    /// Takes one code from the budget; `Some(wait)` when none is left. A
-    /// store that does not answer does not hold codes back (a store outage
-    /// must not stop pairing); that is logged.
-    async fn take(&self, phone: &PhoneNumber) -> Option<Duration> {
-        let counted = tokio::time::timeout(
-            STORE_WRITE_BUDGET,
-            self.store.count(&self.key, CODE_BUDGET_WINDOW),
-        )
-        .await;
-        match counted {
-            Ok(Ok(counted)) if counted.count > u64::from(self.per_hour) => {
-                Some(counted.window_left.max(Duration::from_secs(1)))
-            }
-            Ok(Ok(_)) => None,
-            Ok(Err(error)) => {
-                tracing::warn!(phone = %phone, error = %error, event = "code_budget_unchecked", "code budget could not be counted; issuing anyway");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(phone = %phone, error = "timed out", event = "code_budget_unchecked", "code budget could not be counted; issuing anyway");
-                None
-            }
-        }
-    }
-}
-
 /// One phone's pairing session. Owned by its task; see the module docs.
 pub struct Session {
     phone: PhoneNumber,
@@ -475,12 +441,7 @@ impl Session {
         }
         // Counted once connected, right before WhatsApp is asked: a
         // connection that never came up notified nobody.
-        let budget = CodeBudget {
-            store: Arc::clone(&self.store),
-            key: self.settings.budget_key(&self.phone),
-            per_hour: self.settings.codes_per_hour,
-        };
-        if let Some(wait) = budget.take(&self.phone).await {
+        if let Some(wait) = self.take_code_from_budget().await {
             let outcome = self.budget_spent(wait).await;
             self.answer(waiting, &outcome);
             return outcome;
@@ -522,6 +483,33 @@ impl Session {
         };
         self.answer(waiting, &outcome);
         outcome
+    }
+
+    /// Takes one code from the phone's budget; `Some(wait)` when none is
+    /// left. A store that does not answer does not hold codes back (a store
+    /// outage must not stop pairing); that is logged.
+    async fn take_code_from_budget(&self) -> Option<Duration> {
+        let key = self.settings.budget_key(&self.phone);
+        let counted = tokio::time::timeout(
+            STORE_WRITE_BUDGET,
+            self.store.count(&key, CODE_BUDGET_WINDOW),
+        )
+        .await;
+        let error = match counted {
+            Ok(Ok(counted)) if counted.count > u64::from(self.settings.codes_per_hour) => {
+                return Some(counted.window_left.max(Duration::from_secs(1)));
+            }
+            Ok(Ok(_)) => return None,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        tracing::warn!(
+            phone = %self.phone,
+            error,
+            event = "code_budget_unchecked",
+            "code budget could not be counted; issuing anyway"
+        );
+        None
     }
 
     /// The phone had all its codes for this window: no new code until
