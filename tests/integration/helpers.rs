@@ -305,6 +305,27 @@ pub fn fds_into(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// How long a closed device store may take to let go of its files.
+///
+/// r2d2 opens SQLite connections on a shared background thread that holds
+/// the pool for the moment it takes to open one; when that open races with
+/// our shutdown, the last reference (and so the files) is dropped on that
+/// thread a few milliseconds after `shutdown` returns.
+pub const FILES_CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits up to [`FILES_CLOSE_WITHIN`] until no descriptor of this process
+/// points into `dir`; returns those still open then (empty when all closed).
+pub async fn fds_into_after_close(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let deadline = std::time::Instant::now() + FILES_CLOSE_WITHIN;
+    loop {
+        let open = fds_into(dir);
+        if open.is_empty() || std::time::Instant::now() >= deadline {
+            return open;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Names of the files in `dir`, sorted.
 pub fn files_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)

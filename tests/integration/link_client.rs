@@ -8,7 +8,10 @@ use wa_pair::link::{Invalidation, LinkError, LinkEvent, Linker};
 use whatsapp_rust::store::persistence_manager::PersistenceManager;
 use whatsapp_rust_sqlite_storage::SqliteStore;
 
-use crate::helpers::{FLOW_TIMEOUT, LinkHarness, fds_into, files_in, next_event, open_fds, phone};
+use crate::helpers::{
+    FLOW_TIMEOUT, LinkHarness, fds_into, fds_into_after_close, files_in, next_event, open_fds,
+    phone,
+};
 
 #[tokio::test]
 async fn code_links_when_typed_on_the_phone_and_the_device_is_persisted() {
@@ -275,7 +278,7 @@ async fn shutdown_closes_the_device_store_and_deletes_an_unlinked_devices_files(
     // Assert: nothing waits for a timer; shutdown has released it all.
     assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
     assert_eq!(
-        fds_into(harness.data_dir.path()),
+        fds_into_after_close(harness.data_dir.path()).await,
         Vec::<std::path::PathBuf>::new()
     );
     assert_eq!(files_in(harness.data_dir.path()), Vec::<String>::new());
@@ -314,7 +317,7 @@ async fn shutdown_keeps_a_linked_devices_files_but_closes_them() {
         "the linked device's store stays"
     );
     assert_eq!(
-        fds_into(harness.data_dir.path()),
+        fds_into_after_close(harness.data_dir.path()).await,
         Vec::<std::path::PathBuf>::new()
     );
 }
