@@ -61,6 +61,10 @@ pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
 /// at a time; five leaves room for a retry on each without letting one
 /// account take the service-wide cap.
 pub const DEFAULT_SESSIONS_PER_USER: usize = 5;
+/// Default for `PAIR_WARM_CLIENTS`: two ready connections cover a request
+/// and the one right after it while the pool refills, and cost WhatsApp
+/// one new connection a minute when nobody pairs.
+pub const DEFAULT_WARM_CLIENTS: usize = 2;
 /// Default for `HTTP_HEADER_TIMEOUT_SECS`: a real client sends its headers
 /// in one packet; ten seconds covers a slow mobile link, and bounds how long
 /// a client that sends nothing (or a byte at a time) holds a connection.
@@ -143,6 +147,7 @@ const API_KEYS: &str = "API_KEYS";
 const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
 const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
 const SESSIONS_PER_USER: &str = "PAIR_SESSIONS_PER_USER";
+const WARM_CLIENTS: &str = "PAIR_WARM_CLIENTS";
 const HEADER_TIMEOUT: &str = "HTTP_HEADER_TIMEOUT_SECS";
 const STARTS_PER_MINUTE: &str = "RATE_LIMIT_STARTS_PER_MIN";
 const READS_PER_MINUTE: &str = "RATE_LIMIT_READS_PER_MIN";
@@ -180,6 +185,7 @@ pub const VARIABLES: &[&str] = &[
     ALLOW_UNAUTHENTICATED,
     CORS_ALLOWED_ORIGINS,
     SESSIONS_PER_USER,
+    WARM_CLIENTS,
     HEADER_TIMEOUT,
     MAX_CONNECTIONS,
     STARTS_PER_MINUTE,
@@ -271,6 +277,10 @@ pub struct Config {
     /// from `PAIR_SESSIONS_PER_USER` (default `5`); at least 1. Server
     /// callers act for many users and are bounded by the service-wide cap.
     pub sessions_per_user: usize,
+    /// Connected, unpaired WhatsApp clients kept ready so a new session only
+    /// has to ask for its code, from `PAIR_WARM_CLIENTS` (default `2`, at
+    /// most 16); `0` turns the pool off.
+    pub warm_clients: usize,
     /// Longest time a client has to send a request's headers, from
     /// `HTTP_HEADER_TIMEOUT_SECS` (default `10`); then it is disconnected.
     pub header_timeout: Duration,
@@ -328,6 +338,7 @@ impl Default for Config {
             allow_unauthenticated: DEFAULT_ALLOW_UNAUTHENTICATED,
             cors_allowed_origins: Vec::new(),
             sessions_per_user: DEFAULT_SESSIONS_PER_USER,
+            warm_clients: DEFAULT_WARM_CLIENTS,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             starts_per_minute: DEFAULT_STARTS_PER_MINUTE,
@@ -487,6 +498,12 @@ impl Config {
                 DEFAULT_SESSIONS_PER_USER,
                 "a whole number from 1 to 1000",
                 |v| parse_unsigned::<usize>(v).filter(|n| (1..=1000).contains(n)),
+            )?,
+            warm_clients: vars.parse(
+                WARM_CLIENTS,
+                DEFAULT_WARM_CLIENTS,
+                "a whole number from 0 to 16",
+                |v| parse_unsigned::<usize>(v).filter(|n| *n <= 16),
             )?,
             header_timeout: vars.parse(
                 HEADER_TIMEOUT,
@@ -1100,6 +1117,7 @@ mod tests {
                 "https://app.example.com, http://localhost:5173",
             ),
             (SESSIONS_PER_USER, "2"),
+            (WARM_CLIENTS, "0"),
             (HEADER_TIMEOUT, "3"),
             (MAX_CONNECTIONS, "64"),
             (STARTS_PER_MINUTE, "5"),
@@ -1150,6 +1168,7 @@ mod tests {
                 "http://localhost:5173".to_owned(),
             ],
             sessions_per_user: 2,
+            warm_clients: 0,
             header_timeout: Duration::from_secs(3),
             max_connections: 64,
             starts_per_minute: 5,

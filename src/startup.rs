@@ -87,6 +87,8 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     sessions: Arc<Sessions>,
+    /// Kept for its warm pool, which `serve` runs until shutdown.
+    linker: Arc<dyn Linker>,
     grace: Duration,
     data_dir: std::path::PathBuf,
     backup_retention: Duration,
@@ -118,6 +120,8 @@ impl App {
             ws_url: config.wa_ws_url.clone(),
             version: config.wa_version_parts(),
             code_request_timeout: None,
+            warm_clients: config.warm_clients,
+            warm_max_age: None,
         };
         let sandbox = sandbox::start(config, &mut settings).await?;
         let linker: Arc<dyn Linker> =
@@ -138,7 +142,7 @@ impl App {
         let _ = PhoneNumber::parse("628123456789");
         let sessions = Arc::new(Sessions::new(
             SessionSettings::from_config(config),
-            linker,
+            Arc::clone(&linker),
             Arc::clone(&store),
         ));
         let state = AppState {
@@ -165,6 +169,7 @@ impl App {
             listener,
             router: router(state),
             sessions,
+            linker,
             grace: config.shutdown_grace,
             data_dir: config.data_dir.clone(),
             backup_retention: config.backup_retention,
@@ -207,6 +212,9 @@ impl App {
             self.backup_retention,
             stop_rx.clone(),
         ));
+        let linker = Arc::clone(&self.linker);
+        let warm_stop = stop_rx.clone();
+        let warm_pool = tokio::spawn(async move { linker.keep_warm(warm_stop).await });
         let sessions = Arc::clone(&self.sessions);
         let session_grace = self.grace.mul_f64(SESSION_SHARE_OF_GRACE);
         let mut sessions_stop = stop_rx.clone();
@@ -231,6 +239,7 @@ impl App {
                 server.await;
                 let _ = sessions_done.await;
                 let _ = sweeper.await;
+                let _ = warm_pool.await;
             } => {}
             _ = hard_deadline => {
                 tracing::warn!("shutdown grace of {grace:?} ran out; exiting anyway");

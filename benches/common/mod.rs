@@ -28,6 +28,8 @@ pub async fn serve(config: &Config, fake: &FakeWhatsApp) -> Service {
         ws_url: Some(fake.ws_url()),
         version: Some(PINNED_VERSION),
         code_request_timeout: None,
+        warm_clients: config.warm_clients,
+        ..Default::default()
     })
     .expect("linker");
     let app = App::build_with(

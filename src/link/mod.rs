@@ -1,4 +1,4 @@
-//! Talking to WhatsApp: one *link session* per phone number asks the
+//! Talking to WhatsApp: one *link client* per phone number asks the
 //! multi-device protocol for 8-character pairing codes and reports what
 //! happens to them.
 //!
@@ -11,7 +11,7 @@
 //! 1. [`Linker::open`] connects a link client for the phone.
 //! 2. [`LinkHandle::request_code`] asks WhatsApp for a code (again whenever
 //!    the caller wants a fresh one; the previous one dies).
-//! 3. [`LinkEvent`]s arrive on [`LinkSession::events`]: the code was
+//! 3. [`LinkEvent`]s arrive on [`OpenedLink::events`]: the code was
 //!    invalidated, WhatsApp refused, the phone linked, the session failed.
 //! 4. [`LinkHandle::shutdown`] ends it; nothing keeps running afterwards.
 
@@ -111,7 +111,7 @@ pub struct LinkedAccount {
     pub platform: Option<String>,
 }
 
-/// Something that happened in a link session after it was opened.
+/// Something that happened to a link client after it was opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
     /// A code was issued (informational: [`LinkHandle::request_code`]
@@ -166,7 +166,7 @@ pub enum LinkError {
     #[error("session storage failed: {0}")]
     Storage(String),
     /// The session was shut down.
-    #[error("link session is closed")]
+    #[error("link client is closed")]
     Closed,
     /// Anything else from the client library.
     #[error("link client failed: {0}")]
@@ -205,21 +205,23 @@ impl LinkError {
     }
 }
 
-/// An open link session: the handle to act on it and its event stream.
-pub struct LinkSession {
+/// A phone's link client, opened: the handle to act on it and its event
+/// stream. (A *session* is the pairing the service runs; this is the
+/// WhatsApp side of one.)
+pub struct OpenedLink {
     /// Operations on the session.
     pub handle: Box<dyn LinkHandle>,
     /// Everything that happens to the session, in order.
     pub events: mpsc::UnboundedReceiver<LinkEvent>,
 }
 
-impl fmt::Debug for LinkSession {
+impl fmt::Debug for OpenedLink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LinkSession").finish_non_exhaustive()
+        f.debug_struct("OpenedLink").finish_non_exhaustive()
     }
 }
 
-/// Operations on one open link session.
+/// Operations on one opened link client.
 #[async_trait]
 pub trait LinkHandle: Send + Sync {
     /// Asks WhatsApp for a code, replacing (and killing) any code issued
@@ -231,16 +233,23 @@ pub trait LinkHandle: Send + Sync {
     async fn shutdown(&self);
 }
 
-/// Opens link sessions. Object-safe so the service holds `Arc<dyn Linker>`.
+/// Opens link clients. Object-safe so the service holds `Arc<dyn Linker>`.
 #[async_trait]
 pub trait Linker: Send + Sync + 'static {
     /// Connects a link client for `phone`, ready for [`LinkHandle::request_code`].
-    async fn open(&self, phone: &PhoneNumber) -> Result<LinkSession, LinkError>;
+    async fn open(&self, phone: &PhoneNumber) -> Result<OpenedLink, LinkError>;
 
     /// Whether a device linked for `phone` is kept here (a new link would
     /// replace it). Unlinked devices' files are deleted when their session
     /// ends, so a device file means a link, or a crash mid-pairing.
     async fn has_linked_device(&self, phone: &PhoneNumber) -> bool;
+
+    /// Keeps whatever the linker prepares ahead of requests (the warm pool)
+    /// until `stop` turns true, then releases it. Returns at once when
+    /// there is nothing to keep.
+    async fn keep_warm(&self, stop: tokio::sync::watch::Receiver<bool>) {
+        let _ = stop;
+    }
 }
 
 #[cfg(test)]

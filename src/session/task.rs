@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::SessionError;
 use super::state::{PairState, Reason, Status, StoredState};
 use crate::config::Config;
-use crate::link::{IssuedCode, LinkError, LinkEvent, LinkSession, LinkedAccount, Linker};
+use crate::link::{IssuedCode, LinkError, LinkEvent, LinkedAccount, Linker, OpenedLink};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
 use crate::store::PairingStore;
@@ -182,7 +182,7 @@ pub struct Session {
     settings: Arc<SessionSettings>,
     linker: Arc<dyn Linker>,
     store: Arc<dyn PairingStore>,
-    link: Option<LinkSession>,
+    link: Option<OpenedLink>,
     state: PairState,
     published: watch::Sender<PairState>,
     commands: mpsc::Receiver<Command>,
@@ -852,7 +852,7 @@ async fn stop_requested(stopping: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn next_link_event(link: &mut Option<LinkSession>) -> Option<LinkEvent> {
+async fn next_link_event(link: &mut Option<OpenedLink>) -> Option<LinkEvent> {
     match link {
         Some(link) => link.events.recv().await,
         None => std::future::pending().await,

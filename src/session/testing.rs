@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::SessionSettings;
-use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, LinkSession, Linker, PairingCode};
+use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, Linker, OpenedLink, PairingCode};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
 use crate::store::{Counted, MemoryStore, PairingStore, StoreError};
@@ -54,7 +54,7 @@ impl Linker for ScriptedLinker {
         self.0.linked_device.load(Ordering::SeqCst)
     }
 
-    async fn open(&self, _phone: &PhoneNumber) -> Result<LinkSession, LinkError> {
+    async fn open(&self, _phone: &PhoneNumber) -> Result<OpenedLink, LinkError> {
         self.0.opens.fetch_add(1, Ordering::SeqCst);
         assert!(
             !self.0.panic_on_open.load(Ordering::SeqCst),
@@ -62,7 +62,7 @@ impl Linker for ScriptedLinker {
         );
         let (tx, rx) = mpsc::unbounded_channel();
         *self.0.events.lock().unwrap() = Some(tx);
-        Ok(LinkSession {
+        Ok(OpenedLink {
             handle: Box::new(ScriptedHandle(Arc::clone(&self.0))),
             events: rx,
         })

@@ -50,6 +50,21 @@ impl LinkHarness {
             ws_url: Some(self.fake.ws_url()),
             version: Some(PINNED_VERSION),
             code_request_timeout: timeout,
+            ..Default::default()
+        })
+        .expect("linker")
+    }
+
+    /// The real linker with a warm pool of `size` clients replaced at
+    /// `max_age`.
+    pub fn warm_linker(&self, size: usize, max_age: Duration) -> WhatsAppLinker {
+        WhatsAppLinker::new(WhatsAppSettings {
+            data_dir: self.data_dir.path().to_path_buf(),
+            ws_url: Some(self.fake.ws_url()),
+            version: Some(PINNED_VERSION),
+            warm_clients: size,
+            warm_max_age: Some(max_age),
+            ..Default::default()
         })
         .expect("linker")
     }
@@ -67,6 +82,10 @@ fn test_config() -> (wa_pair::config::Config, TempDir) {
         starts_per_minute: 1_000_000,
         reads_per_minute: 1_000_000,
         codes_per_hour: 1000,
+        // Most tests count the fake's connections per session; the warm
+        // pool's own connections would blur that. `tests/integration/warm.rs`
+        // runs the service with the pool on.
+        warm_clients: 0,
         ..wa_pair::config::Config::default()
     };
     (config, data_dir)
@@ -132,6 +151,8 @@ impl TestApp {
             ws_url: Some(fake.ws_url()),
             version: Some(PINNED_VERSION),
             code_request_timeout: None,
+            warm_clients: config.warm_clients,
+            ..Default::default()
         })
         .expect("linker");
         let app = wa_pair::startup::App::build_with(

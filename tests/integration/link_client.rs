@@ -392,6 +392,7 @@ async fn without_a_version_pin_clients_share_one_version_fetch() {
             ws_url: Some(harness.fake.ws_url()),
             version: None,
             code_request_timeout: None,
+            ..Default::default()
         },
         wa_pair::link::http_client::ReqwestHttpClient::new().expect("HTTP client"),
         CountingVersions(std::sync::Arc::clone(&fetches)),

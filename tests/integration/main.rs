@@ -14,3 +14,4 @@ mod sandbox;
 mod soak;
 mod supabase_auth;
 mod upstash_contract;
+mod warm;

@@ -154,6 +154,8 @@ struct State {
     phones: HashMap<String, Phone>,
     faults: VecDeque<(Option<String>, Fault)>,
     connections: HashMap<u64, Connection>,
+    /// Client connections accepted since the fake started.
+    accepted: u64,
     /// IQs the fake sent and awaits an answer for, by id.
     pending_iqs: HashMap<String, oneshot::Sender<Node>>,
 }
@@ -293,16 +295,27 @@ impl FakeWhatsApp {
         }
     }
 
+    /// Number of client connections accepted since the fake started.
+    pub fn accepted_connections(&self) -> u64 {
+        self.shared.lock().accepted
+    }
+
     /// Waits until no client connection is open, or `timeout` passes.
     pub async fn wait_for_no_connections(&self, timeout: Duration) -> bool {
+        self.wait_for_open_connections(0, timeout).await
+    }
+
+    /// Waits until exactly `count` client connections are open, or
+    /// `timeout` passes.
+    pub async fn wait_for_open_connections(&self, count: usize, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.shared.changed.notified();
-            if self.open_connections() == 0 {
+            if self.open_connections() == count {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.open_connections() == 0;
+                return self.open_connections() == count;
             }
         }
     }
@@ -569,12 +582,16 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
 
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    shared.lock().connections.insert(
-        id,
-        Connection {
-            commands: tx.clone(),
-        },
-    );
+    {
+        let mut state = shared.lock();
+        state.accepted += 1;
+        state.connections.insert(
+            id,
+            Connection {
+                commands: tx.clone(),
+            },
+        );
+    }
     shared.changed.notify_waiters();
 
     let result = async {

@@ -1,0 +1,241 @@
+//! A device store's files on disk: deleting an unlinked one, setting a
+//! replaced one aside, and bringing a warm client's linked device home.
+//!
+//! A device store is SQLite's main file plus its side files (`-wal`,
+//! `-shm`, `-journal`), which are only consistent together: every move
+//! here moves them all, and only once the store is closed.
+
+use std::path::{Path, PathBuf};
+
+use crate::link::LinkError;
+
+/// SQLite's side files of a store, beside the main file.
+const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
+/// Suffix of the marker a warm client's store gets when its phone links:
+/// the marker holds the file name the device belongs under.
+const HOME_MARKER: &str = ".home";
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", path.display()))
+}
+
+/// Deletes an unlinked device's store: `path`, SQLite's side files and any
+/// home marker.
+pub(super) async fn remove_device_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal", HOME_MARKER] {
+        let file = with_suffix(path, suffix);
+        match tokio::fs::remove_file(&file).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // The path holds the phone number: name only the kind of file.
+            Err(e) => tracing::warn!(
+                file = if suffix.is_empty() { "db" } else { suffix },
+                error = %e,
+                "could not delete an unlinked device's file"
+            ),
+        }
+    }
+}
+
+/// Moves `path` (and SQLite's side files) to `path.replaced-<unix time>`.
+pub(super) async fn set_aside(path: &Path) -> Result<PathBuf, LinkError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let target = PathBuf::from(format!("{}.replaced-{stamp}", path.display()));
+    tokio::fs::rename(path, &target)
+        .await
+        .map_err(|e| LinkError::Storage(format!("setting aside {path:?}: {e}")))?;
+    for suffix in ["-wal", "-shm"] {
+        let side = with_suffix(path, suffix);
+        if tokio::fs::try_exists(&side).await.unwrap_or(false) {
+            let _ = tokio::fs::rename(&side, with_suffix(&target, suffix)).await;
+        }
+    }
+    Ok(target)
+}
+
+/// Records, next to a warm client's store, that its device linked and
+/// belongs at `home`: if the process dies before the store is closed and
+/// moved, the next start moves it (see [`recover_warm_dir`]).
+pub(super) async fn write_home_marker(store: &Path, home: &Path) {
+    let Some(name) = home.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    if let Err(e) = tokio::fs::write(with_suffix(store, HOME_MARKER), name).await {
+        tracing::warn!(error = %e, "could not record where a linked device belongs");
+    }
+}
+
+/// Moves a closed, linked store from `store` to `home` with its side files,
+/// and drops its home marker. Never overwrites: an existing `home` is set
+/// aside first.
+pub(super) async fn move_home(store: &Path, home: &Path) -> Result<(), LinkError> {
+    if tokio::fs::try_exists(home).await.unwrap_or(false) {
+        set_aside(home).await?;
+    }
+    for suffix in SIDE_FILES {
+        let side = with_suffix(store, suffix);
+        match tokio::fs::rename(&side, with_suffix(home, suffix)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LinkError::Storage(format!("moving {side:?}: {e}"))),
+        }
+    }
+    tokio::fs::rename(store, home)
+        .await
+        .map_err(|e| LinkError::Storage(format!("moving {store:?}: {e}")))?;
+    let _ = tokio::fs::remove_file(with_suffix(store, HOME_MARKER)).await;
+    Ok(())
+}
+
+/// What [`recover_warm_dir`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Linked devices moved to where they belong.
+    pub moved: usize,
+    /// Unlinked stores deleted.
+    pub deleted: usize,
+}
+
+/// Cleans up after a process that stopped without closing its warm
+/// clients: a store with a home marker linked a phone and is moved to
+/// `data_dir/<name>`; every other file is an unlinked device and is deleted.
+/// Only one process may use a data directory (as for the device stores).
+pub async fn recover_warm_dir(data_dir: &Path, warm_dir: &Path) -> std::io::Result<Recovered> {
+    let mut recovered = Recovered::default();
+    let mut entries = match tokio::fs::read_dir(warm_dir).await {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(recovered),
+        Err(e) => return Err(e),
+    };
+    let mut stores = Vec::new();
+    while let Some(entry) = entries.next_entry().await? {
+        if let Some(name) = entry.file_name().to_str()
+            && name.ends_with(".db")
+        {
+            stores.push(entry.path());
+        }
+    }
+    for store in stores {
+        let marker = with_suffix(&store, HOME_MARKER);
+        match tokio::fs::read_to_string(&marker).await {
+            Ok(name) if is_plain_file_name(name.trim()) => {
+                match move_home(&store, &data_dir.join(name.trim())).await {
+                    Ok(()) => recovered.moved += 1,
+                    Err(e) => tracing::error!(error = %e, "could not recover a linked device"),
+                }
+            }
+            _ => {
+                remove_device_files(&store).await;
+                recovered.deleted += 1;
+            }
+        }
+    }
+    // Side files whose main file is gone.
+    let mut entries = tokio::fs::read_dir(warm_dir).await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let _ = tokio::fs::remove_file(entry.path()).await;
+    }
+    Ok(recovered)
+}
+
+/// A marker's content must name a file in the data directory, nothing more.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.ends_with(".db")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+        && !name.starts_with('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn touch(path: &Path, content: &str) {
+        tokio::fs::write(path, content).await.unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn recovery_moves_a_marked_store_home_and_deletes_the_rest() {
+        // Arrange
+        let data = tempfile::tempdir().unwrap();
+        let warm = data.path().join(".warm");
+        tokio::fs::create_dir(&warm).await.unwrap();
+        touch(&warm.join("1.db"), "linked").await;
+        touch(&warm.join("1.db-wal"), "wal").await;
+        touch(&warm.join("1.db.home"), "6281234567890.db").await;
+        touch(&warm.join("2.db"), "unlinked").await;
+        touch(&warm.join("2.db-shm"), "shm").await;
+        touch(&warm.join("3.db-wal"), "orphan").await;
+
+        // Act
+        let recovered = recover_warm_dir(data.path(), &warm).await.unwrap();
+
+        // Assert
+        assert_eq!(
+            recovered,
+            Recovered {
+                moved: 1,
+                deleted: 1
+            }
+        );
+        assert_eq!(names(&warm), Vec::<String>::new());
+        assert_eq!(
+            names(data.path()),
+            vec![".warm", "6281234567890.db", "6281234567890.db-wal"]
+        );
+        let moved = tokio::fs::read_to_string(data.path().join("6281234567890.db"))
+            .await
+            .unwrap();
+        assert_eq!(moved, "linked");
+    }
+
+    #[tokio::test]
+    async fn recovery_ignores_a_marker_that_points_outside_the_data_dir() {
+        // Arrange
+        let data = tempfile::tempdir().unwrap();
+        let warm = data.path().join(".warm");
+        tokio::fs::create_dir(&warm).await.unwrap();
+        touch(&warm.join("1.db"), "x").await;
+        touch(&warm.join("1.db.home"), "../../etc/passwd.db").await;
+
+        // Act
+        let recovered = recover_warm_dir(data.path(), &warm).await.unwrap();
+
+        // Assert
+        assert_eq!(recovered.deleted, 1);
+        assert_eq!(names(data.path()), vec![".warm"]);
+    }
+
+    #[tokio::test]
+    async fn moving_home_sets_an_existing_device_aside_instead_of_overwriting_it() {
+        // Arrange
+        let data = tempfile::tempdir().unwrap();
+        let store = data.path().join("warm.db");
+        let home = data.path().join("628.db");
+        touch(&store, "new").await;
+        touch(&home, "old").await;
+
+        // Act
+        move_home(&store, &home).await.unwrap();
+
+        // Assert
+        let names = names(data.path());
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[1].starts_with("628.db.replaced-"), "{names:?}");
+        assert_eq!(tokio::fs::read_to_string(&home).await.unwrap(), "new");
+    }
+}

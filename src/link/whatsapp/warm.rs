@@ -1,0 +1,353 @@
+//! The warm pool: link clients connected before anyone asks.
+//!
+//! A code costs a WebSocket connect, the Noise handshake and a login as an
+//! unregistered device before WhatsApp will even take the code request
+//! (itself one PBKDF2 and one round trip). None of the first part depends
+//! on the phone, so the pool does it ahead: it keeps up to
+//! `PAIR_WARM_CLIENTS` connected clients, each on its own empty device
+//! store in `DATA_DIR/.warm/`. [`Linker::open`](crate::link::Linker::open)
+//! takes the freshest; the pool refills in the background.
+//!
+//! The pool's one task ([`WarmPool::run`], owned by `App::serve`) does all
+//! the slow work: connecting, replacing clients before WhatsApp's QR refs
+//! run out ([`WARM_CLIENT_MAX_AGE`](super::WARM_CLIENT_MAX_AGE)), stopping
+//! the ones `take` found dead, and closing everything at shutdown. `take`
+//! itself never waits. [`WarmPool::step`] is one turn of that loop, so
+//! tests can drive it.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::client::{ClientFactory, Running, Wiring};
+use super::files::{recover_warm_dir, remove_device_files};
+use super::{SOCKET_WAIT, WARM_CLIENT_MAX_AGE};
+use crate::link::{LinkError, LinkEvent};
+
+/// Name of the pool's directory inside `DATA_DIR`.
+pub const WARM_DIR: &str = ".warm";
+/// First wait after a failed connect; doubles up to [`RETRY_MAX`]. WhatsApp
+/// unreachable must not turn the pool into a connect loop.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between connect attempts while WhatsApp is unreachable.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A connected, unpaired client waiting for a phone.
+pub(super) struct WarmClient {
+    /// Its (empty) device store in the pool's directory.
+    pub store: PathBuf,
+    pub running: Running,
+    pub wiring: Wiring,
+    pub events: mpsc::UnboundedReceiver<LinkEvent>,
+    connected_at: Instant,
+}
+
+impl WarmClient {
+    /// Whether a phone can still use it: connected, young enough, and no
+    /// event on its mailbox says the connection went. Drains the mailbox
+    /// (QR rotations are all it carries otherwise; nobody shows them).
+    fn is_usable(&mut self, now: Instant, max_age: Duration) -> bool {
+        let mut lost = false;
+        while let Ok(event) = self.events.try_recv() {
+            lost |= matches!(
+                event,
+                LinkEvent::CodeInvalidated(_) | LinkEvent::Failed { .. }
+            );
+        }
+        !lost && self.running.is_connected() && now.duration_since(self.connected_at) < max_age
+    }
+
+    /// Closes the client and deletes its store.
+    async fn discard(self) {
+        self.running.stop().await;
+        remove_device_files(&self.store).await;
+    }
+}
+
+/// What one [`WarmPool::step`] did.
+#[derive(Debug)]
+pub enum WarmStep {
+    /// Connected one more client.
+    Added,
+    /// Closed this many clients that were too old, dead, or left behind.
+    Retired(usize),
+    /// As many clients ready as wanted; the oldest expires at `next_expiry`.
+    Full {
+        /// When the next client is due for replacement.
+        next_expiry: Option<Instant>,
+    },
+    /// A connect failed.
+    Failed(LinkError),
+    /// The pool is stopped; nothing more to do.
+    Stopped,
+}
+
+#[derive(Default)]
+struct Ready {
+    /// Ready clients, oldest first.
+    clients: VecDeque<WarmClient>,
+    /// Clients `take` found unusable; the pool's task closes them.
+    retired: Vec<WarmClient>,
+    stopped: bool,
+}
+
+struct Shared {
+    factory: ClientFactory,
+    size: usize,
+    max_age: Duration,
+    dir: PathBuf,
+    ready: Mutex<Ready>,
+    /// Woken by `take`: a client left, or one was found dead.
+    wanted: Notify,
+    /// Cancelled at shutdown: a connect in flight gives up.
+    closing: CancellationToken,
+    next_id: AtomicU64,
+}
+
+/// Up to `PAIR_WARM_CLIENTS` connected, unpaired link clients.
+#[derive(Clone)]
+pub struct WarmPool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for WarmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmPool")
+            .field("size", &self.shared.size)
+            .field("ready", &self.ready())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WarmPool {
+    pub(super) fn new(factory: ClientFactory) -> Self {
+        let settings = &factory.settings;
+        let shared = Shared {
+            size: settings.warm_clients,
+            max_age: settings.warm_max_age.unwrap_or(WARM_CLIENT_MAX_AGE),
+            dir: settings.data_dir.join(WARM_DIR),
+            factory,
+            ready: Mutex::new(Ready::default()),
+            wanted: Notify::new(),
+            closing: CancellationToken::new(),
+            next_id: AtomicU64::new(0),
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ready> {
+        // A panic while holding this lock leaves plain data behind; the pool
+        // can go on with it.
+        self.shared
+            .ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many clients are ready now.
+    pub fn ready(&self) -> usize {
+        self.lock().clients.len()
+    }
+
+    /// How many clients the pool keeps ready.
+    pub fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    /// The freshest usable client, if any; never waits. The pool's task
+    /// replaces it (and closes any found dead on the way).
+    pub(super) fn take(&self) -> Option<WarmClient> {
+        let now = Instant::now();
+        let taken = {
+            let mut ready = self.lock();
+            let mut taken = None;
+            while !ready.stopped
+                && let Some(mut client) = ready.clients.pop_back()
+            {
+                if client.is_usable(now, self.shared.max_age) {
+                    taken = Some(client);
+                    break;
+                }
+                ready.retired.push(client);
+            }
+            taken
+        };
+        self.shared.wanted.notify_one();
+        taken
+    }
+
+    /// One turn of the pool's work: close what must go, else connect one
+    /// client if fewer than wanted are ready, else report when the next
+    /// one is due.
+    pub async fn step(&self) -> WarmStep {
+        let now = Instant::now();
+        let (retired, missing, next_expiry) = {
+            let mut ready = self.lock();
+            if ready.stopped {
+                return WarmStep::Stopped;
+            }
+            let mut retired = std::mem::take(&mut ready.retired);
+            let mut kept = VecDeque::with_capacity(ready.clients.len());
+            while let Some(mut client) = ready.clients.pop_front() {
+                if client.is_usable(now, self.shared.max_age) {
+                    kept.push_back(client);
+                } else {
+                    retired.push(client);
+                }
+            }
+            let next_expiry = kept
+                .front()
+                .map(|oldest| oldest.connected_at + self.shared.max_age);
+            ready.clients = kept;
+            let missing = self.shared.size.saturating_sub(ready.clients.len());
+            (retired, missing, next_expiry)
+        };
+        if !retired.is_empty() {
+            let count = retired.len();
+            futures::future::join_all(retired.into_iter().map(WarmClient::discard)).await;
+            return WarmStep::Retired(count);
+        }
+        if missing == 0 {
+            return WarmStep::Full { next_expiry };
+        }
+        match self.connect_one().await {
+            Ok(client) => {
+                let refused = {
+                    let mut ready = self.lock();
+                    if ready.stopped {
+                        Some(client)
+                    } else {
+                        ready.clients.push_back(client);
+                        None
+                    }
+                };
+                match refused {
+                    Some(client) => {
+                        client.discard().await;
+                        WarmStep::Stopped
+                    }
+                    None => WarmStep::Added,
+                }
+            }
+            Err(e) => WarmStep::Failed(e),
+        }
+    }
+
+    /// Connects one client on a fresh store; cleans up after itself when it
+    /// fails or the pool closes meanwhile.
+    async fn connect_one(&self) -> Result<WarmClient, LinkError> {
+        let dir = &self.shared.dir;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| LinkError::Storage(format!("creating {dir:?}: {e}")))?;
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let store = dir.join(format!("{}-{id}.db", std::process::id()));
+        let (wiring, events) = Wiring::new();
+        let running = match self.shared.factory.start(&store, &wiring).await {
+            Ok(running) => running,
+            Err(e) => {
+                remove_device_files(&store).await;
+                return Err(e);
+            }
+        };
+        let connected = tokio::select! {
+            connected = running.client.wait_for_socket(SOCKET_WAIT) => connected
+                .map_err(|_| LinkError::Timeout("connecting to WhatsApp")),
+            () = self.shared.closing.cancelled() => Err(LinkError::Closed),
+        };
+        let client = WarmClient {
+            store,
+            running,
+            wiring,
+            events,
+            connected_at: Instant::now(),
+        };
+        match connected {
+            Ok(()) => Ok(client),
+            Err(e) => {
+                client.discard().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps the pool full until `stop` turns true, then closes every
+    /// client it holds and deletes their stores. First finishes what an
+    /// earlier process left in the pool's directory.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) {
+        let data_dir = &self.shared.factory.settings.data_dir;
+        match recover_warm_dir(data_dir, &self.shared.dir).await {
+            Ok(recovered) if recovered.moved > 0 => tracing::warn!(
+                moved = recovered.moved,
+                deleted = recovered.deleted,
+                "moved devices linked just before the last stop into place"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not clean up the warm pool's directory"),
+        }
+        let mut retry = RETRY_FIRST;
+        loop {
+            let step = self.step();
+            tokio::pin!(step);
+            let outcome = tokio::select! {
+                outcome = &mut step => Some(outcome),
+                _ = stop.wait_for(|stop| *stop) => None,
+            };
+            let Some(outcome) = outcome else {
+                // Let the step finish: a connect in flight gives up and
+                // cleans up after itself.
+                self.shared.closing.cancel();
+                let _ = step.await;
+                break;
+            };
+            // After a failure only the backoff (or the stop) ends the wait:
+            // a `take` must not turn it into a connect loop.
+            let (until, on_demand) = match outcome {
+                WarmStep::Added | WarmStep::Retired(_) => {
+                    retry = RETRY_FIRST;
+                    continue;
+                }
+                WarmStep::Stopped => break,
+                WarmStep::Failed(e) => {
+                    tracing::warn!(error = %e, retry_in = ?retry, "warm link client could not connect");
+                    let until = Instant::now() + retry;
+                    retry = (retry * 2).min(RETRY_MAX);
+                    (until, false)
+                }
+                WarmStep::Full { next_expiry } => (
+                    next_expiry.unwrap_or_else(|| Instant::now() + self.shared.max_age),
+                    true,
+                ),
+            };
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => break,
+                () = self.shared.wanted.notified(), if on_demand => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+        self.close().await;
+    }
+
+    /// Closes every client the pool holds; `take` finds nothing from now on.
+    async fn close(&self) {
+        self.shared.closing.cancel();
+        let clients: Vec<WarmClient> = {
+            let mut ready = self.lock();
+            ready.stopped = true;
+            let mut all: Vec<WarmClient> = ready.clients.drain(..).collect();
+            all.append(&mut ready.retired);
+            all
+        };
+        futures::future::join_all(clients.into_iter().map(WarmClient::discard)).await;
+        // Empty now; a leftover would only be cleaned at the next start.
+        let _ = tokio::fs::remove_dir(&self.shared.dir).await;
+    }
+}
