@@ -18,7 +18,6 @@ use crate::http::server::ConnectionLimits;
 use crate::http::{AppState, router};
 use crate::link::Linker;
 use crate::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
-use crate::phone::PhoneNumber;
 use crate::session::{SessionSettings, Sessions};
 use crate::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
 
@@ -137,9 +136,6 @@ impl App {
         store: Arc<dyn PairingStore>,
         sandbox: Sandbox,
     ) -> Result<Self, StartupError> {
-        // The phone metadata loads lazily and takes a moment: not on the
-        // first request.
-        let _ = PhoneNumber::parse("628123456789");
         let sessions = Arc::new(Sessions::new(
             SessionSettings::from_config(config),
             Arc::clone(&linker),
