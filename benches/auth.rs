@@ -119,7 +119,7 @@ async fn serve(
         ..Config::default()
     };
     tweak(&mut config);
-    let service = common::serve(&config, fake).await;
+    let service = common::serve(&config, &fake.ws_url()).await;
     Setup {
         label,
         base: service.base.clone(),

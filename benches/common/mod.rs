@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use fake_wa::FakeWhatsApp;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wa_pair::config::Config;
@@ -21,11 +20,12 @@ pub struct Service {
     pub server: JoinHandle<std::io::Result<()>>,
 }
 
-/// Starts the service with `config` (memory store) against `fake`.
-pub async fn serve(config: &Config, fake: &FakeWhatsApp) -> Service {
+/// Starts the service with `config` (memory store) against the fake
+/// WhatsApp at `ws_url`.
+pub async fn serve(config: &Config, ws_url: &str) -> Service {
     let linker = WhatsAppLinker::new(WhatsAppSettings {
         data_dir: config.data_dir.clone(),
-        ws_url: Some(fake.ws_url()),
+        ws_url: Some(ws_url.to_owned()),
         version: Some(PINNED_VERSION),
         code_request_timeout: None,
         warm_clients: config.warm_clients,
