@@ -12,6 +12,8 @@
 //!    covers span-scoped user directives such as `[pairing]=trace` that an
 //!    `EnvFilter` would otherwise let through.
 
+mod flat_json;
+
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -25,6 +27,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
 use crate::config::LogFormat;
 
+pub use self::flat_json::{FlatJson, FlatJsonFields};
 pub use crate::phone::mask_phone;
 
 /// Log targets whose events are never written, at any level.
@@ -72,7 +75,7 @@ pub fn build_filter(user: &str) -> EnvFilter {
 
 /// Installs the global subscriber: `filter` (usually `RUST_LOG`, see
 /// [`build_filter`]) plus [`SecretTargetFilter`], writing to stdout as JSON
-/// lines (with the current span and span list) or in the pretty format.
+/// lines ([`FlatJson`]: Railway's shape) or in the pretty format.
 /// Also bridges the `log` crate into `tracing`.
 ///
 /// Safe to call more than once: later calls leave the first subscriber and
@@ -192,9 +195,8 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     fmt::layer()
-        .json()
-        .with_current_span(true)
-        .with_span_list(true)
+        .event_format(FlatJson)
+        .fmt_fields(FlatJsonFields)
         .with_writer(Redacting(writer))
 }
 
@@ -498,7 +500,7 @@ mod tests {
     }
 
     #[test]
-    fn captured_output_is_json_with_the_span_list() {
+    fn captured_output_is_flat_json_with_the_span_fields() {
         // Arrange
         let (subscriber, logs) = capture_subscriber();
 
@@ -513,9 +515,10 @@ mod tests {
         // Assert
         let line = output.lines().next().expect("one line");
         let json: serde_json::Value = serde_json::from_str(line).expect("json line");
-        assert_eq!(json["fields"]["message"], "requesting pairing");
-        assert_eq!(json["span"]["name"], "pair_session");
-        assert_eq!(json["spans"][0]["phone"], "6281****6789");
+        assert_eq!(json["message"], "requesting pairing");
+        assert_eq!(json["level"], "info");
+        assert_eq!(json["attempt"], 1);
+        assert_eq!(json["phone"], "6281****6789");
     }
 
     #[test]

@@ -1,0 +1,313 @@
+//! One JSON object per log line, flat, in the shape Railway's log explorer
+//! reads: `timestamp`, `level` (lower case), `message` and `target` at the
+//! top, then the fields of every span the event is in (outermost first),
+//! then the event's own fields, all at the top level too. Railway shows
+//! `message` as the line and turns every other top-level key into an
+//! attribute people filter on (`@level:error`, `@event:linked`).
+//!
+//! ```json
+//! {"timestamp":"2026-11-26T12:00:00.123456Z","level":"info","message":"request completed","target":"wa_pair::http","request_id":"…","method":"GET","route":"/pair/{phone}","status":404,"latency_ms":0}
+//! ```
+//!
+//! A key that appears twice (a span field and an event field of the same
+//! name) is written twice; JSON readers, Railway's included, keep the last,
+//! which is the event's own. Written by hand rather than through `serde`'s
+//! maps: one request line is on the hot path of every request.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The event format: see the module documentation.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FlatJson;
+
+/// How span fields are kept between their creation and an event: as the
+/// body of a JSON object (`"k":v,"k2":v2`), ready to be spliced in.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FlatJsonFields;
+
+impl<S, N> FormatEvent<S, N> for FlatJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        // Records bridged from the `log` crate carry their real target and
+        // level in `log.*` fields; `normalized_metadata` puts them back.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let mut line = String::with_capacity(256);
+        line.push_str("{\"timestamp\":\"");
+        SystemTime.format_time(&mut Writer::new(&mut line))?;
+        line.push_str("\",\"level\":\"");
+        line.push_str(level_name(meta.level()));
+        line.push('"');
+        // The message first, so it stays at the top whatever else follows.
+        let mut message = MessageOnly(&mut line);
+        event.record(&mut message);
+        line.push_str(",\"target\":");
+        push_json_str(&mut line, meta.target());
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                if let Some(fields) = extensions.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    line.push(',');
+                    line.push_str(fields.as_str());
+                }
+            }
+        }
+        let mut rest = Fields {
+            out: &mut line,
+            first: false,
+            skip_message: true,
+        };
+        event.record(&mut rest);
+        line.push_str("}\n");
+        writer.write_str(&line)
+    }
+}
+
+impl<'writer> FormatFields<'writer> for FlatJsonFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut body = String::new();
+        fields.record(&mut Fields {
+            out: &mut body,
+            first: true,
+            skip_message: false,
+        });
+        writer.write_str(&body)
+    }
+
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        let mut body = String::new();
+        fields.record(&mut Fields {
+            out: &mut body,
+            first: current.is_empty(),
+            skip_message: false,
+        });
+        current.fields.push_str(&body);
+        Ok(())
+    }
+}
+
+fn level_name(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => "error",
+        tracing::Level::WARN => "warn",
+        tracing::Level::INFO => "info",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::TRACE => "trace",
+    }
+}
+
+/// Writes `value` as a JSON string, quotes included.
+fn push_json_str(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Writes the `message` field, and nothing else, as `,"message":"…"`.
+struct MessageOnly<'a>(&'a mut String);
+
+impl Visit for MessageOnly<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(",\"message\":");
+            push_json_str(self.0, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            self.0.push_str(",\"message\":");
+            push_json_str(self.0, &format!("{value:?}"));
+        }
+    }
+}
+
+/// Writes fields as `"name":value` pairs separated by commas; numbers and
+/// booleans as JSON numbers and booleans, everything else as strings.
+struct Fields<'a> {
+    out: &'a mut String,
+    /// Whether nothing was written yet (no leading comma then).
+    first: bool,
+    /// The event's message has its own place; spans have none.
+    skip_message: bool,
+}
+
+impl Fields<'_> {
+    /// Starts a pair: the separator and the key. `None` when skipped.
+    fn key(&mut self, field: &Field) -> Option<()> {
+        // `log` records bridged into tracing carry their metadata as
+        // `log.*` fields; the target is already at the top.
+        if (self.skip_message && field.name() == "message") || field.name().starts_with("log.") {
+            return None;
+        }
+        if !self.first {
+            self.out.push(',');
+        }
+        self.first = false;
+        push_json_str(self.out, field.name());
+        self.out.push(':');
+        Some(())
+    }
+}
+
+impl Visit for Fields<'_> {
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.key(field).is_some() {
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.key(field).is_some() {
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.key(field).is_some() {
+            self.out.push_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if self.key(field).is_some() {
+            if value.is_finite() {
+                let _ = write!(self.out, "{value}");
+            } else {
+                push_json_str(self.out, &value.to_string());
+            }
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.key(field).is_some() {
+            push_json_str(self.out, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.key(field).is_some() {
+            push_json_str(self.out, &format!("{value:?}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+    use crate::telemetry::CapturedLogs;
+
+    fn one_line(emit: impl FnOnce()) -> serde_json::Value {
+        let logs = CapturedLogs::default();
+        let subscriber = tracing_subscriber::Registry::default().with(
+            tracing_subscriber::fmt::layer()
+                .event_format(FlatJson)
+                .fmt_fields(FlatJsonFields)
+                .with_writer(logs.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, emit);
+        let output = logs.contents();
+        let line = output.lines().next().expect("one line");
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    #[test]
+    fn an_event_is_one_flat_object_with_lower_case_level_and_message_on_top() {
+        // Act
+        let json = one_line(|| {
+            tracing::warn!(
+                event = "linked",
+                attempt = 2_u64,
+                ok = true,
+                "phone \"linked\"\n"
+            );
+        });
+
+        // Assert
+        assert_eq!(json["level"], "warn");
+        assert_eq!(json["message"], "phone \"linked\"\n");
+        assert_eq!(json["event"], "linked");
+        assert_eq!(json["attempt"], 2);
+        assert_eq!(json["ok"], true);
+        assert!(json["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(json.get("fields").is_none());
+    }
+
+    #[test]
+    fn span_fields_are_flattened_into_the_line_and_later_records_too() {
+        // Act
+        let json = one_line(|| {
+            let outer = tracing::info_span!(
+                "request",
+                request_id = "r-1",
+                status = tracing::field::Empty
+            );
+            let _outer = outer.enter();
+            outer.record("status", 404_u64);
+            let inner = tracing::info_span!("session", phone = "6281****6789");
+            let _inner = inner.enter();
+            tracing::info!(latency_ms = 3_u64, "done");
+        });
+
+        // Assert
+        assert_eq!(json["request_id"], "r-1");
+        assert_eq!(json["status"], 404);
+        assert_eq!(json["phone"], "6281****6789");
+        assert_eq!(json["latency_ms"], 3);
+        assert_eq!(json["message"], "done");
+    }
+
+    #[test]
+    fn the_events_own_field_wins_over_a_spans_of_the_same_name() {
+        // Act
+        let json = one_line(|| {
+            let span = tracing::info_span!("request", status = 200_u64);
+            let _entered = span.enter();
+            tracing::info!(status = 500_u64, "answered");
+        });
+
+        // Assert
+        assert_eq!(json["status"], 500);
+    }
+}
