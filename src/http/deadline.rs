@@ -49,10 +49,12 @@ pub async fn enforce(
     } else {
         deadlines.default
     };
+    let request_id = crate::http::request_id(&request).to_owned();
     tokio::time::timeout(deadline, next.run(request))
         .await
         .map_err(|_| {
             tracing::warn!(
+                request_id,
                 deadline_ms = deadline.as_millis() as u64,
                 "request deadline passed"
             );

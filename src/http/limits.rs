@@ -171,6 +171,7 @@ pub async fn enforce(
     let starts = request.method() == Method::POST;
     if let Err(wait) = limits.check(&caller, client, starts) {
         tracing::warn!(
+            request_id = crate::http::request_id(&request),
             event = "rate_limited",
             starts,
             retry_after_ms = wait.as_millis() as u64,

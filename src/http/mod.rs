@@ -1,5 +1,5 @@
 //! The HTTP edge: `router(state)` assembles the routes each module
-//! contributes, plus request ids, one span per request and JSON for every
+//! contributes, plus request ids, one log line per request and JSON for every
 //! error (including axum's own rejections and unknown routes).
 
 pub mod auth;
@@ -23,8 +23,7 @@ use axum::http::HeaderName;
 use axum::response::Response;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
-use tracing::Span;
+use tracing::Instrument;
 
 pub use error::ApiError;
 
@@ -96,13 +95,7 @@ pub fn router(state: AppState) -> Router {
             ServiceBuilder::new()
                 .map_request(drop_unfit_request_id)
                 .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(request_span)
-                        .on_request(())
-                        .on_response(log_response)
-                        .on_failure(()),
-                )
+                .layer(axum::middleware::from_fn(log_request))
                 .layer(PropagateRequestIdLayer::new(request_id)),
         )
         .layer(cors)
@@ -125,37 +118,44 @@ fn drop_unfit_request_id(mut request: Request) -> Request {
     request
 }
 
-/// One span per request. Only the *matched* route goes in, never the raw
-/// path: `/pair/{phone}` must not put a phone number in the logs.
-fn request_span(request: &Request) -> Span {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
-        .unwrap_or("unmatched");
-    let request_id = request
+/// The request id a request carries (set or checked by the request-id
+/// layer before anything else runs), for log lines about it.
+pub fn request_id(request: &Request) -> &str {
+    request
         .headers()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    tracing::info_span!(
-        "request",
-        request_id,
-        method = %request.method(),
-        route,
-        status = tracing::field::Empty,
-        latency_ms = tracing::field::Empty,
-    )
+        .unwrap_or("")
 }
 
-fn log_response(response: &Response, latency: Duration, span: &Span) {
-    span.record("status", response.status().as_u16());
-    span.record("latency_ms", latency.as_millis() as u64);
+/// One line per request, written when the answer is ready: `request_id`,
+/// `method`, the *matched* route (never the raw path: `/pair/{phone}` must
+/// not put a phone number in the logs), `status` and `latency_ms`.
+///
+/// No span per request at the default level: creating, entering and
+/// leaving one on every poll cost more than the line itself. With
+/// `RUST_LOG=wa_pair=debug` a `request` span with the same fields wraps the
+/// request, so debug lines carry them; the few warnings about a request
+/// (refused, over budget, too slow) name its `request_id` themselves.
+async fn log_request(request: Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let request_id = request_id(&request).to_owned();
+    let span = tracing::debug_span!("request", request_id, method = %method, route);
+    let response = next.run(request).instrument(span).await;
     tracing::info!(
+        request_id,
+        method = %method,
+        route,
         status = response.status().as_u16(),
-        latency_ms = latency.as_millis() as u64,
+        latency_ms = started.elapsed().as_millis() as u64,
         "request completed"
     );
+    response
 }
 
 async fn route_not_found() -> ApiError {

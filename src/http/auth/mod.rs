@@ -217,6 +217,7 @@ pub async fn require_caller(
         }
         Err(refusal) => {
             tracing::warn!(
+                request_id = crate::http::request_id(&request),
                 reason = refusal.as_str(),
                 event = "unauthorized",
                 "request refused"
