@@ -18,6 +18,7 @@
 //! inside the client on both sides; that is WhatsApp's protocol, not ours.
 
 mod common;
+mod proc_stats;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -48,6 +49,8 @@ const PER_ROUND: usize = 10;
 const BETWEEN_REQUESTS: Duration = Duration::from_millis(150);
 /// Phones paired at once for the burst figures.
 const BURST: usize = 100;
+/// The warm pool's recommended size, measured against the bare library.
+const WARM_CLIENTS: usize = 2;
 /// Default number of open sessions for the memory figure.
 const DEFAULT_SESSIONS: usize = 1000;
 
@@ -219,11 +222,7 @@ async fn run_report() {
     let cold_dir = tempfile::tempdir().expect("temp dir");
     let warm_dir = tempfile::tempdir().expect("temp dir");
     let cold = common::serve(&config(cold_dir.path(), 0), &fake.ws_url).await;
-    let warm = common::serve(
-        &config(warm_dir.path(), wa_pair::config::DEFAULT_WARM_CLIENTS),
-        &fake.ws_url,
-    )
-    .await;
+    let warm = common::serve(&config(warm_dir.path(), WARM_CLIENTS), &fake.ws_url).await;
     // Warm-up on every side: lazy statics, SQLite, first connections.
     bare_code(bare_dir.path(), &fake.ws_url, phone(1, 1))
         .await
@@ -418,15 +417,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Resident set size of this process in KiB, from /proc (Linux only).
+/// Resident set size of this process in KiB.
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .expect("VmRSS in /proc/self/status")
+    proc_stats::rss_kib(std::process::id())
 }

@@ -15,6 +15,8 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod proc_stats;
+
 /// Runs per configuration.
 const RUNS: usize = 15;
 /// How long the service sits idle before its memory is read.
@@ -71,7 +73,7 @@ fn one_run(warm_clients: &str) -> (Duration, u64) {
         std::thread::sleep(Duration::from_micros(200));
     };
     std::thread::sleep(IDLE);
-    let rss = rss_kib(&child);
+    let rss = proc_stats::rss_kib(child.id());
     stop(&mut child);
     (elapsed, rss)
 }
@@ -94,18 +96,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-fn rss_kib(child: &Child) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .expect("VmRSS of the service")
 }
 
 fn stop(child: &mut Child) {
