@@ -13,6 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod proc_stats;
+
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -80,6 +82,9 @@ impl Service {
             // One client drives every session: per-caller limits would
             // stop the soak, not measure it.
             .env("RATE_LIMIT_STARTS_PER_MIN", "1000000")
+            // The warm pool's size (the service's default unless set), so
+            // a run can compare.
+            .env("PAIR_WARM_CLIENTS", pool_size().to_string())
             .env("RATE_LIMIT_READS_PER_MIN", "1000000")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -173,23 +178,32 @@ impl Service {
 
     fn measure(&self, data_dir: &Path) -> Sample {
         let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        let rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS");
+        let rss_kib = proc_stats::rss_kib(pid);
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .expect("fd dir")
             .count();
-        let files = std::fs::read_dir(data_dir)
-            .expect("data dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
+        let names = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // The warm pool's directory holds its ready clients' stores; it is
+        // checked against the pool's size, not counted as devices.
+        let pool = wa_pair::link::whatsapp::warm::WARM_DIR;
+        let files = names(data_dir).into_iter().filter(|f| f != pool).collect();
+        let pool_stores = names(&data_dir.join(pool))
+            .iter()
+            .filter(|f| f.ends_with(".db"))
+            .count();
         Sample {
             rss_kib,
             fds,
             files,
+            pool_stores,
         }
     }
 }
@@ -205,6 +219,8 @@ struct Sample {
     rss_kib: u64,
     fds: usize,
     files: Vec<String>,
+    /// Stores of ready clients in the warm pool's directory.
+    pool_stores: usize,
 }
 
 #[tokio::main]
@@ -253,10 +269,11 @@ async fn main() -> std::process::ExitCode {
         ("after, idle:", &after),
     ] {
         println!(
-            "{label:<23} RSS {:6.1} MiB, {:4} fds, {:4} files",
+            "{label:<23} RSS {:6.1} MiB, {:4} fds, {:4} files, {} warm-pool stores",
             mib(sample.rss_kib),
             sample.fds,
-            sample.files.len()
+            sample.files.len(),
+            sample.pool_stores
         );
     }
     println!(
@@ -266,12 +283,14 @@ async fn main() -> std::process::ExitCode {
     );
     let rss_ok = after.rss_kib <= before.rss_kib + RSS_SLACK_KIB;
     let fds_ok = after.fds <= before.fds + FD_SLACK;
-    let files_ok = stray.is_empty();
+    let pool_size = pool_size();
+    let files_ok = stray.is_empty() && after.pool_stores <= pool_size;
     println!(
-        "RSS growth {:+.1} MiB (bound 10), fds {:+} (bound 5), stray files {}: {}",
+        "RSS growth {:+.1} MiB (bound 10), fds {:+} (bound 5), stray files {}, warm-pool stores {} (bound {pool_size}): {}",
         mib(after.rss_kib) - mib(before.rss_kib),
         after.fds as i64 - before.fds as i64,
         stray.len(),
+        after.pool_stores,
         if rss_ok && fds_ok && files_ok {
             "PASS"
         } else {
@@ -284,4 +303,13 @@ async fn main() -> std::process::ExitCode {
     } else {
         std::process::ExitCode::FAILURE
     }
+}
+
+/// `PAIR_WARM_CLIENTS` for the service under test: this process's own
+/// setting, else the service's default.
+fn pool_size() -> usize {
+    std::env::var("PAIR_WARM_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(wa_pair::config::DEFAULT_WARM_CLIENTS)
 }

@@ -3,19 +3,21 @@
 //! A request flows top to bottom through these modules:
 //!
 //! - [`config`]: typed settings from the environment (and `.env`).
-//! - [`telemetry`]: tracing setup (JSON logs), redaction of codes and phones.
+//! - [`telemetry`]: tracing setup (flat JSON lines in Railway's shape),
+//!   redaction of codes and phones.
 //! - [`startup`]: builds the service from a [`config::Config`], serves it,
 //!   stops it gracefully.
 //! - [`http`]: the axum router, handlers, callers (API keys, Supabase
 //!   tokens), per-caller rate limits, CORS, request deadlines, the accept
 //!   loop with its connection limits, and the JSON error type.
-//! - [`phone`]: [`phone::PhoneNumber::parse`], the only way to get a phone.
+//! - [`phone`]: [`phone::PhoneNumber::parse`], the only way to get a phone
+//!   (country codes from libphonenumber, compiled in).
 //! - [`session`]: one task per phone: state machine, refresh timer, backoff;
 //!   the registry of running sessions (ended ones are read from the store),
 //!   who owns each session, and the per-phone code budget.
 //! - [`link`]: the `Linker` seam and the real `whatsapp-rust` link client,
-//!   each on a runtime that owns (and at the end, stops) its tasks; the
-//!   sweep of devices set aside by a re-link.
+//!   each on a runtime that owns (and at the end, stops) its tasks; the warm
+//!   pool of connected clients; the sweep of devices set aside by a re-link.
 //! - [`store`]: where states are kept: in memory or Upstash Redis (REST).
 //! - [`retry`]: exponential backoff with full jitter.
 
