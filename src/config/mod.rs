@@ -7,12 +7,17 @@
 //! format. A variable set to the empty string counts as unset, so
 //! `PORT=` in a compose file means "use the default".
 
+mod settings;
+
 use std::collections::HashMap;
 use std::env::VarError;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use self::settings::*;
+pub use self::settings::{SETTINGS, Setting, SettingDefault};
 
 /// Default [`Config::host`]: loopback, so a developer's `cargo run` is not
 /// reachable from the network; the Dockerfile sets `HOST=0.0.0.0`.
@@ -121,81 +126,6 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Far beyond any sensible TTL, yet small enough that `Instant + duration`
 /// and Redis expiry arithmetic can never overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
-
-const HOST: &str = "HOST";
-const PORT: &str = "PORT";
-const LOG_FORMAT: &str = "LOG_FORMAT";
-const RUST_LOG: &str = "RUST_LOG";
-const DATA_DIR: &str = "DATA_DIR";
-const WA_WS_URL: &str = "WA_WS_URL";
-const WA_VERSION: &str = "WA_VERSION";
-const WA_SANDBOX: &str = "WA_SANDBOX";
-const UPSTASH_URL: &str = "UPSTASH_REDIS_REST_URL";
-const UPSTASH_TOKEN: &str = "UPSTASH_REDIS_REST_TOKEN";
-const KEY_PREFIX: &str = "PAIR_KEY_PREFIX";
-const CODE_TTL: &str = "PAIR_CODE_TTL_SECS";
-const REFRESH: &str = "PAIR_REFRESH_SECS";
-const CODE_WAIT: &str = "PAIR_CODE_WAIT_SECS";
-const SESSION_MAX: &str = "PAIR_SESSION_MAX_SECS";
-const OUTCOME_TTL: &str = "PAIR_OUTCOME_TTL_SECS";
-const BACKOFF_BASE: &str = "PAIR_BACKOFF_BASE_MS";
-const BACKOFF_CAP: &str = "PAIR_BACKOFF_CAP_MS";
-const MAX_ATTEMPTS: &str = "PAIR_MAX_ATTEMPTS";
-const SHUTDOWN_GRACE: &str = "SHUTDOWN_GRACE_SECS";
-const SUPABASE_URL: &str = "SUPABASE_URL";
-const SUPABASE_KEY: &str = "SUPABASE_SERVICE_ROLE_KEY";
-const SUPABASE_JWT_SECRET: &str = "SUPABASE_JWT_SECRET";
-const API_KEYS: &str = "API_KEYS";
-const ALLOW_UNAUTHENTICATED: &str = "ALLOW_UNAUTHENTICATED";
-const CORS_ALLOWED_ORIGINS: &str = "CORS_ALLOWED_ORIGINS";
-const SESSIONS_PER_USER: &str = "PAIR_SESSIONS_PER_USER";
-const WARM_CLIENTS: &str = "PAIR_WARM_CLIENTS";
-const HEADER_TIMEOUT: &str = "HTTP_HEADER_TIMEOUT_SECS";
-const STARTS_PER_MINUTE: &str = "RATE_LIMIT_STARTS_PER_MIN";
-const READS_PER_MINUTE: &str = "RATE_LIMIT_READS_PER_MIN";
-const TRUST_PROXY: &str = "TRUST_PROXY";
-const CODES_PER_HOUR: &str = "PAIR_CODES_PER_HOUR";
-const BACKUP_RETENTION: &str = "DEVICE_BACKUP_RETENTION_SECS";
-const MAX_CONNECTIONS: &str = "HTTP_MAX_CONNECTIONS";
-
-/// Every variable [`Config`] reads; [`Config::from_env`] looks up exactly these.
-pub const VARIABLES: &[&str] = &[
-    HOST,
-    PORT,
-    LOG_FORMAT,
-    RUST_LOG,
-    DATA_DIR,
-    WA_WS_URL,
-    WA_VERSION,
-    WA_SANDBOX,
-    UPSTASH_URL,
-    UPSTASH_TOKEN,
-    KEY_PREFIX,
-    CODE_TTL,
-    REFRESH,
-    CODE_WAIT,
-    SESSION_MAX,
-    OUTCOME_TTL,
-    BACKOFF_BASE,
-    BACKOFF_CAP,
-    MAX_ATTEMPTS,
-    SHUTDOWN_GRACE,
-    SUPABASE_URL,
-    SUPABASE_KEY,
-    SUPABASE_JWT_SECRET,
-    API_KEYS,
-    ALLOW_UNAUTHENTICATED,
-    CORS_ALLOWED_ORIGINS,
-    SESSIONS_PER_USER,
-    WARM_CLIENTS,
-    HEADER_TIMEOUT,
-    MAX_CONNECTIONS,
-    STARTS_PER_MINUTE,
-    READS_PER_MINUTE,
-    TRUST_PROXY,
-    CODES_PER_HOUR,
-    BACKUP_RETENTION,
-];
 
 const SECONDS: &str = "a whole number of seconds from 1 to 31536000";
 const MILLISECONDS: &str = "a whole number of milliseconds from 1 to 31536000000";
@@ -363,8 +293,8 @@ impl Config {
     /// value is not valid UTF-8 or the `.env` file exists but is malformed.
     pub fn from_env() -> Result<Self, ConfigError> {
         load_dotenv()?;
-        let mut vars = Vec::with_capacity(VARIABLES.len());
-        for &name in VARIABLES {
+        let mut vars = Vec::with_capacity(SETTINGS.len());
+        for name in SETTINGS.iter().map(|setting| setting.name) {
             // `std::env::var` rather than `vars()`: the latter panics on a
             // non-UTF-8 value anywhere in the environment.
             match std::env::var(name) {
@@ -989,21 +919,80 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_and_env_example_document_every_variable() {
-        let readme = include_str!("../README.md");
-        let example = include_str!("../.env.example");
+    fn the_readme_table_is_the_settings_table() {
+        // Arrange
+        let readme = include_str!("../../README.md");
+        let rows: Vec<&str> = readme
+            .lines()
+            .filter(|line| line.starts_with("| `") && line.contains("` | "))
+            .filter(|line| {
+                let name = line
+                    .trim_start_matches("| `")
+                    .split('`')
+                    .next()
+                    .unwrap_or("");
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+            .collect();
 
-        for var in VARIABLES {
+        // Assert
+        for setting in SETTINGS {
+            let row = setting.readme_row();
             assert!(
-                readme.contains(&format!("| `{var}` |")),
-                "the README's configuration table lacks {var}"
+                rows.contains(&row.as_str()),
+                "the README's row for {} differs from config/settings.rs; expected:\n{row}",
+                setting.name
             );
+        }
+        assert_eq!(rows.len(), SETTINGS.len(), "a README row names no setting");
+    }
+
+    #[test]
+    fn env_example_lists_every_setting_with_its_default_and_nothing_else() {
+        // Arrange
+        let example = include_str!("../../.env.example");
+        let assignments: Vec<(&str, &str)> = example
+            .lines()
+            .map(|line| line.trim_start_matches("# "))
+            .filter_map(|line| line.split_once('='))
+            .filter(|(name, _)| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+            .collect();
+
+        // Assert
+        for setting in SETTINGS {
+            let expected = match setting.default {
+                SettingDefault::Value(value) => value,
+                SettingDefault::Unset(_) => "",
+            };
             assert!(
-                example.lines().any(|line| line
-                    .trim_start_matches("# ")
-                    .starts_with(&format!("{var}="))),
-                ".env.example lacks {var}"
+                assignments.contains(&(setting.name, expected)),
+                ".env.example lacks {}={expected}",
+                setting.name
             );
+        }
+        for (name, _) in &assignments {
+            assert!(
+                SETTINGS.iter().any(|setting| setting.name == *name),
+                ".env.example sets {name}, which is no setting"
+            );
+        }
+    }
+
+    #[test]
+    fn each_written_default_is_the_default_the_service_uses() {
+        let unset = config(&[]).expect("defaults are valid");
+        for setting in SETTINGS {
+            if let SettingDefault::Value(value) = setting.default {
+                let written = config(&[(setting.name, value)])
+                    .unwrap_or_else(|e| panic!("{}={value} is refused: {e}", setting.name));
+                assert_eq!(
+                    written, unset,
+                    "{}={value} is not the default",
+                    setting.name
+                );
+            }
         }
     }
 
@@ -1133,7 +1122,7 @@ mod tests {
         let config = config(&vars).expect("valid");
 
         // Assert
-        assert_eq!(vars.len(), VARIABLES.len());
+        assert_eq!(vars.len(), SETTINGS.len());
         let expected = Config {
             host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port: 3000,
