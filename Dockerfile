@@ -31,6 +31,7 @@ RUN mkdir -p src crates/fake-wa/src benches \
     && echo 'fn main() {}' > benches/soak.rs \
     && echo 'fn main() {}' > benches/auth.rs \
     && echo 'fn main() {}' > benches/startup.rs \
+    && echo 'fn main() {}' > benches/retention.rs \
     && : > src/lib.rs \
     && : > crates/fake-wa/src/lib.rs \
     && cargo build --release --locked --bin wa-pair \
