@@ -83,8 +83,19 @@ async fn run_report() {
     println!(
         "memory kept per ended session ({SESSIONS} sessions, {CONCURRENCY} at a time, cancelled)"
     );
+    // `RETENTION_FAKE=in-process` runs the fake inside this process, as the
+    // sandbox (and so the soak) does, to see what it keeps.
+    let in_process = std::env::var("RETENTION_FAKE").as_deref() == Ok("in-process");
     for warm in [0usize, 2, 0, 2] {
-        let fake = FakeProcess::spawn();
+        let (_child, _inner, ws_url) = if in_process {
+            let fake = fake_wa::FakeWhatsApp::start().await.expect("fake whatsapp");
+            let url = fake.ws_url();
+            (None, Some(fake), url)
+        } else {
+            let fake = FakeProcess::spawn();
+            let url = fake.ws_url.clone();
+            (Some(fake), None, url)
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let config = wa_pair::config::Config {
             port: 0,
@@ -95,7 +106,7 @@ async fn run_report() {
             codes_per_hour: 100_000_000,
             ..wa_pair::config::Config::default()
         };
-        let service = common::serve(&config, &fake.ws_url).await;
+        let service = common::serve(&config, &ws_url).await;
         let http = reqwest::Client::new();
         run(&http, &service.base, 0, 40).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
