@@ -18,14 +18,16 @@
 //! inside the client on both sides; that is WhatsApp's protocol, not ours.
 
 mod common;
+mod fake_process;
 mod proc_stats;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fake_process::{FakeProcess, ROLE, run_fake};
 use wa_pair::config::Config;
 use wa_pair::link::http_client::ReqwestHttpClient;
 use wa_pair::link::tasks::{ClientRuntime, TaskScope};
@@ -37,8 +39,6 @@ use whatsapp_rust::pair_code::PairCodeOptions;
 use whatsapp_rust_sqlite_storage::SqliteStore;
 use whatsapp_rust_tokio_transport::TokioWebSocketTransportFactory;
 
-/// Which part this process plays (unset: the report).
-const ROLE: &str = "WA_PAIR_BENCH_ROLE";
 /// Rounds of the sequential comparison; the report gives the median of the
 /// rounds' medians, so one noisy round cannot move it.
 const ROUNDS: usize = 5;
@@ -60,51 +60,6 @@ fn main() {
         Ok("fake") => runtime.block_on(run_fake()),
         Ok("bare-memory") => runtime.block_on(run_bare_memory()),
         _ => runtime.block_on(run_report()),
-    }
-}
-
-/// Child process: the fake WhatsApp, until the parent closes our stdin.
-async fn run_fake() {
-    let fake = fake_wa::FakeWhatsApp::start().await.expect("fake whatsapp");
-    println!("{}", fake.ws_url());
-    std::io::stdout().flush().expect("stdout");
-    tokio::task::spawn_blocking(|| {
-        let mut sink = String::new();
-        while std::io::stdin().read_line(&mut sink).unwrap_or(0) > 0 {}
-    })
-    .await
-    .expect("stdin watcher");
-}
-
-/// The fake WhatsApp in a child process; killed when dropped.
-struct FakeProcess {
-    child: Child,
-    ws_url: String,
-}
-
-impl FakeProcess {
-    fn spawn() -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .env(ROLE, "fake")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("fake process starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("fake prints its URL");
-        Self {
-            child,
-            ws_url: line.trim().to_owned(),
-        }
-    }
-}
-
-impl Drop for FakeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

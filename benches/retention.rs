@@ -5,19 +5,19 @@
 //!
 //! Run with `cargo bench --bench retention`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tikv_jemalloc_ctl::{epoch, stats};
 
+use fake_process::{FakeProcess, ROLE, run_fake};
+
 mod common;
+mod fake_process;
 mod proc_stats;
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-const ROLE: &str = "WA_PAIR_BENCH_ROLE";
 /// Sessions per measurement.
 const SESSIONS: usize = 600;
 /// Sessions at once.
@@ -28,49 +28,6 @@ fn main() {
     match std::env::var(ROLE).as_deref() {
         Ok("fake") => runtime.block_on(run_fake()),
         _ => runtime.block_on(run_report()),
-    }
-}
-
-async fn run_fake() {
-    let fake = fake_wa::FakeWhatsApp::start().await.expect("fake whatsapp");
-    println!("{}", fake.ws_url());
-    std::io::stdout().flush().expect("stdout");
-    tokio::task::spawn_blocking(|| {
-        let mut sink = String::new();
-        while std::io::stdin().read_line(&mut sink).unwrap_or(0) > 0 {}
-    })
-    .await
-    .expect("stdin watcher");
-}
-
-struct FakeProcess {
-    child: Child,
-    ws_url: String,
-}
-
-impl FakeProcess {
-    fn spawn() -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .env(ROLE, "fake")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("fake process starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("fake prints its URL");
-        Self {
-            child,
-            ws_url: line.trim().to_owned(),
-        }
-    }
-}
-
-impl Drop for FakeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

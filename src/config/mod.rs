@@ -66,11 +66,10 @@ pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
 /// at a time; five leaves room for a retry on each without letting one
 /// account take the service-wide cap.
 pub const DEFAULT_SESSIONS_PER_USER: usize = 5;
-/// Default for `PAIR_WARM_CLIENTS`: off for now. With two ready clients a
-/// code comes in 0.37x the bare library's time, but the soak benchmark
-/// measured +10.0 to +15.4 MiB of RSS over 2,000 sessions with the pool on
-/// against +5.0 and +9.5 MiB with it off (bound 10), not explained yet;
-/// until it is, the pool is opt-in (2 is the recommended size).
+/// Default for `PAIR_WARM_CLIENTS`: off for now. The pool makes codes much
+/// faster, but the soak benchmark grows past its bound with it on, for a
+/// reason not found yet (figures in `docs/BENCHMARKS.md`); until then the
+/// pool is opt-in, 2 being the recommended size.
 pub const DEFAULT_WARM_CLIENTS: usize = 0;
 /// Default for `HTTP_HEADER_TIMEOUT_SECS`: a real client sends its headers
 /// in one packet; ten seconds covers a slow mobile link, and bounds how long

@@ -90,6 +90,17 @@ pub(super) struct Running {
 }
 
 impl Running {
+    /// Starts `bot`'s run loop.
+    pub fn spawn(bot: Bot, tasks: TaskScope) -> Self {
+        let client = bot.client();
+        let run_loop = tokio::spawn(bot.spawn());
+        Self {
+            client,
+            run_loop,
+            tasks,
+        }
+    }
+
     /// Whether the client still has a live connection to WhatsApp.
     pub fn is_connected(&self) -> bool {
         !self.run_loop.is_finished() && self.client.is_connected()
@@ -209,19 +220,6 @@ impl ClientFactory {
     pub async fn start(&self, store: &Path, wiring: &Wiring) -> Result<Running, LinkError> {
         let (bot, tasks) = self.build(store, wiring).await?;
         Ok(Running::spawn(bot, tasks))
-    }
-}
-
-impl Running {
-    /// Starts `bot`'s run loop.
-    pub fn spawn(bot: Bot, tasks: TaskScope) -> Self {
-        let client = bot.client();
-        let run_loop = tokio::spawn(bot.spawn());
-        Self {
-            client,
-            run_loop,
-            tasks,
-        }
     }
 }
 

@@ -22,7 +22,8 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// Deletes an unlinked device's store: `path`, SQLite's side files and any
 /// home marker.
 pub(super) async fn remove_device_files(path: &Path) {
-    for suffix in ["", "-wal", "-shm", "-journal", HOME_MARKER] {
+    let all = std::iter::once("").chain(SIDE_FILES).chain([HOME_MARKER]);
+    for suffix in all {
         let file = with_suffix(path, suffix);
         match tokio::fs::remove_file(&file).await {
             Ok(()) => {}
@@ -54,6 +55,21 @@ pub(super) async fn set_aside(path: &Path) -> Result<PathBuf, LinkError> {
         }
     }
     Ok(target)
+}
+
+/// A new link needs a new device: the device already stored at `path` for
+/// `phone` is kept aside (see [`set_aside`]) rather than destroyed.
+pub(super) async fn keep_earlier_device_aside(
+    path: &Path,
+    phone: &crate::phone::PhoneNumber,
+) -> Result<(), LinkError> {
+    let kept = set_aside(path).await?;
+    tracing::warn!(
+        phone = %phone,
+        kept = %kept.display(),
+        "phone already had a linked device here; kept it aside and pairing a new one"
+    );
+    Ok(())
 }
 
 /// Records, next to a warm client's store, that its device linked and
@@ -92,7 +108,7 @@ pub(super) async fn move_home(store: &Path, home: &Path) -> Result<(), LinkError
 
 /// What [`recover_warm_dir`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Recovered {
+pub(super) struct Recovered {
     /// Linked devices moved to where they belong.
     pub moved: usize,
     /// Unlinked stores deleted.
@@ -103,7 +119,10 @@ pub struct Recovered {
 /// clients: a store with a home marker linked a phone and is moved to
 /// `data_dir/<name>`; every other file is an unlinked device and is deleted.
 /// Only one process may use a data directory (as for the device stores).
-pub async fn recover_warm_dir(data_dir: &Path, warm_dir: &Path) -> std::io::Result<Recovered> {
+pub(super) async fn recover_warm_dir(
+    data_dir: &Path,
+    warm_dir: &Path,
+) -> std::io::Result<Recovered> {
     let mut recovered = Recovered::default();
     let mut entries = match tokio::fs::read_dir(warm_dir).await {
         Ok(entries) => entries,

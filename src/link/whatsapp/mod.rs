@@ -52,8 +52,7 @@ use whatsapp_rust::pair_code::PairCodeOptions;
 use self::client::{
     ClientFactory, Flags, Running, Wiring, await_post_link_login, map_pair_error, release,
 };
-pub use self::files::{Recovered, recover_warm_dir};
-use self::files::{move_home, remove_device_files, set_aside};
+use self::files::{keep_earlier_device_aside, move_home, remove_device_files};
 use self::warm::{WarmClient, WarmPool};
 use super::http_client::ReqwestHttpClient;
 use super::version::{ServiceWorker, SharedVersion, VersionSource};
@@ -183,14 +182,8 @@ impl WhatsAppLinker {
     ) -> Result<OpenedLink, LinkError> {
         let home = Self::store_path(&self.factory.settings.data_dir, phone);
         if tokio::fs::try_exists(&home).await.unwrap_or(false) {
-            // As on the cold path: the earlier device's credentials are kept
-            // aside, not destroyed, when the number is linked anew.
-            let kept = set_aside(&home).await?;
-            tracing::warn!(
-                phone = %phone,
-                kept = %kept.display(),
-                "phone already had a linked device here; kept it aside and pairing a new one"
-            );
+            // As on the cold path, before the new device can ever land there.
+            keep_earlier_device_aside(&home, phone).await?;
         }
         let WarmClient {
             store,
@@ -291,17 +284,10 @@ impl PhoneClient {
                 .is_registered()
         {
             // An earlier link of this number left a registered device here.
-            // A new link needs a new device; keep the old credentials aside
-            // rather than destroy them.
             let client = bot.client();
             drop(bot);
             release(client, tasks).await;
-            let kept = set_aside(&self.store).await?;
-            tracing::warn!(
-                phone = %self.phone,
-                kept = %kept.display(),
-                "phone already had a linked device here; kept it aside and pairing a new one"
-            );
+            keep_earlier_device_aside(&self.store, &self.phone).await?;
             (bot, tasks) = self.factory.build(&self.store, &self.wiring).await?;
         }
         Ok(Running::spawn(bot, tasks))

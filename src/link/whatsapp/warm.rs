@@ -157,11 +157,6 @@ impl WarmPool {
         self.lock().clients.len()
     }
 
-    /// How many clients the pool keeps ready.
-    pub fn size(&self) -> usize {
-        self.shared.size
-    }
-
     /// The freshest usable client, if any; never waits. The pool's task
     /// replaces it (and closes any found dead on the way).
     pub(super) fn take(&self) -> Option<WarmClient> {
