@@ -204,7 +204,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: SESSIONS_PER_USER,
         default: SettingDefault::Value("5"),
-        doc: "Most pairing sessions one signed-in Supabase user may have open at once (1 to 1000); one more answers `429 too_many_sessions`. Server callers act for many users and are bounded only by the service-wide cap of 1000.",
+        doc: "Most pairing sessions one signed-in Supabase user (or, with `ALLOW_UNAUTHENTICATED=true`, one client address other than loopback) may have open at once (1 to 1000); one more answers `429 too_many_sessions`. Server callers act for many users and are bounded only by the service-wide cap of 1000.",
     },
     Setting {
         name: WARM_CLIENTS,

@@ -159,7 +159,7 @@ impl CallerLimits {
 /// `rate_limited` with `Retry-After` when the caller's bucket is empty.
 pub async fn enforce(
     State(limits): State<Arc<CallerLimits>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let caller = request
@@ -184,8 +184,16 @@ pub async fn enforce(
                 .to_owned(),
         });
     }
+    if let Some(ip) = client {
+        request.extensions_mut().insert(ClientIp(ip));
+    }
     Ok(next.run(request).await)
 }
+
+/// The client address [`enforce`] charged, for handlers that count
+/// anonymous callers apart.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,7 @@ use time::OffsetDateTime;
 use super::auth::Caller;
 use super::error::set_retry_after;
 use super::extract::{ApiJson, PhonePath};
+use super::limits::ClientIp;
 use super::{ApiError, AppState};
 use crate::phone::PhoneNumber;
 use crate::session::{Actor, Joined, Owner, PairState, Reason, Status};
@@ -43,12 +45,21 @@ pub struct PairRequest {
 
 /// What the registry knows of `caller`: users are held to their own
 /// sessions and `PAIR_SESSIONS_PER_USER` of them; server callers (and
-/// everyone, when no caller is configured) act on any.
-fn actor(app: &AppState, caller: &Caller) -> Actor {
+/// everyone, when no caller is configured) act on any. Anonymous callers
+/// from a non-loopback address (`ALLOW_UNAUTHENTICATED=true`) have the
+/// users' cap per address, so one address cannot take the service-wide
+/// cap; on loopback (a developer, the tests) only the service-wide cap
+/// holds.
+fn actor(app: &AppState, caller: &Caller, client: Option<ClientIp>) -> Actor {
     match caller {
         Caller::User { id } => Actor::restricted(Owner::user(id), app.sessions_per_user),
         Caller::Server { key_id } => Actor::trusted(Owner::server(key_id)),
-        Caller::Anonymous => Actor::trusted(Owner::anonymous()),
+        Caller::Anonymous => match client {
+            Some(ClientIp(ip)) if !ip.is_loopback() => {
+                Actor::counted(Owner::client(ip), app.sessions_per_user)
+            }
+            _ => Actor::trusted(Owner::anonymous()),
+        },
     }
 }
 
@@ -57,10 +68,11 @@ fn actor(app: &AppState, caller: &Caller) -> Actor {
 async fn create(
     State(app): State<AppState>,
     caller: Caller,
+    client: Option<Extension<ClientIp>>,
     ApiJson(request): ApiJson<PairRequest>,
 ) -> Result<Response, ApiError> {
     let phone = PhoneNumber::parse(&request.phone).map_err(ApiError::InvalidPhone)?;
-    let actor = actor(&app, &caller);
+    let actor = actor(&app, &caller, client.map(|Extension(ip)| ip));
     if request.force && !actor.sees_all {
         tracing::warn!(phone = %phone, "a user asked to force a re-link; only server callers may");
         return Err(ApiError::Forbidden);
@@ -97,7 +109,7 @@ async fn show(
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PairState>, ApiError> {
-    let actor = actor(&app, &caller);
+    let actor = actor(&app, &caller, None);
     match app.sessions.get(&phone, &actor).await? {
         Some(state) => Ok(Json(state)),
         None => Err(ApiError::SessionNotFound),
@@ -110,7 +122,10 @@ async fn refresh(
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Response, ApiError> {
-    let state = app.sessions.refresh(&phone, &actor(&app, &caller)).await?;
+    let state = app
+        .sessions
+        .refresh(&phone, &actor(&app, &caller, None))
+        .await?;
     answer(state, StatusCode::OK)
 }
 
@@ -121,7 +136,9 @@ async fn cancel(
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PairState>, ApiError> {
     Ok(Json(
-        app.sessions.cancel(&phone, &actor(&app, &caller)).await?,
+        app.sessions
+            .cancel(&phone, &actor(&app, &caller, None))
+            .await?,
     ))
 }
 

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -32,10 +33,22 @@ impl Owner {
         Self(Arc::from("anonymous"))
     }
 
+    /// An anonymous caller counted by its client address, so one address
+    /// cannot take the whole service-wide cap. Its stored [`tag`](Self::tag)
+    /// is the anonymous one: an address-derived hash would be personal data
+    /// (IPv4 hashes are easily reversed).
+    pub fn client(ip: IpAddr) -> Self {
+        Self(format!("ip:{ip}").into())
+    }
+
     /// A one-way tag of this owner for the stored state: equal owners get
     /// equal tags, and the tag does not give the user id back.
     pub fn tag(&self) -> String {
-        let digest = Sha256::digest(format!("wa-pair owner v1:{}", self.0));
+        let owner = match self.0.starts_with("ip:") {
+            true => "anonymous",
+            false => &self.0,
+        };
+        let digest = Sha256::digest(format!("wa-pair owner v1:{owner}"));
         digest[..16]
             .iter()
             .fold(String::with_capacity(32), |mut hex, b| {
@@ -51,6 +64,7 @@ impl fmt::Debug for Owner {
         // stays out of debug output of whole states.
         match self.0.split_once(':') {
             Some(("user", _)) => f.write_str("Owner(user)"),
+            Some(("ip", _)) => f.write_str("Owner(ip)"),
             _ => write!(f, "Owner({})", self.0),
         }
     }
@@ -77,6 +91,17 @@ impl Actor {
             owner,
             sees_all: true,
             open_limit: None,
+        }
+    }
+
+    /// An anonymous actor told apart by its address: it may touch every
+    /// session (anonymous callers cannot be held to their own), but has at
+    /// most `open_limit` open.
+    pub fn counted(owner: Owner, open_limit: usize) -> Self {
+        Self {
+            owner,
+            sees_all: true,
+            open_limit: Some(open_limit),
         }
     }
 
@@ -134,6 +159,17 @@ mod tests {
         assert!(!alice.may_touch_tagged(Some(&Owner::user("bob").tag())));
         assert!(!alice.may_touch_tagged(None));
         assert!(Actor::trusted(Owner::anonymous()).may_touch_tagged(None));
+    }
+
+    #[test]
+    fn an_address_owner_is_counted_apart_but_stored_as_anonymous() {
+        let a = Owner::client("203.0.113.1".parse().unwrap());
+        let b = Owner::client("203.0.113.2".parse().unwrap());
+
+        assert_ne!(a, b);
+        assert_ne!(a, Owner::anonymous());
+        assert_eq!(a.tag(), Owner::anonymous().tag());
+        assert_eq!(format!("{a:?}"), "Owner(ip)");
     }
 
     #[test]

@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use super::SessionError;
 use super::state::{PairState, Reason, Status, StoredState};
 use crate::config::Config;
-use crate::link::{IssuedCode, LinkError, LinkEvent, LinkedAccount, Linker, OpenedLink};
+use crate::link::{
+    Invalidation, IssuedCode, LinkError, LinkEvent, LinkedAccount, Linker, OpenedLink,
+};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
 use crate::store::PairingStore;
@@ -693,6 +695,22 @@ impl Session {
                 if self.state.status != Status::Pending {
                     return StepOutcome::Idle;
                 }
+                if why == Invalidation::Disconnected {
+                    // The real client reports a dropped connection this
+                    // way (its event stream lives on for the next request),
+                    // so this is the flapping connection's path: it backs
+                    // off and counts toward `PAIR_MAX_ATTEMPTS` like any
+                    // failure, instead of a fresh code (a notification on
+                    // the phone) every few seconds.
+                    tracing::info!(
+                        phone = %self.phone,
+                        reason = ?why,
+                        event = "code_invalidated",
+                        "the connection carrying the pairing dropped; retrying after a backoff"
+                    );
+                    self.last_issued = None;
+                    return self.request_failed(LinkError::Disconnected).await;
+                }
                 tracing::info!(
                     phone = %self.phone,
                     reason = ?why,
@@ -903,7 +921,6 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::link::Invalidation;
     use crate::session::testing::{FlakyStore, Script, ScriptedLinker, VALIDITY, settings};
 
     struct Fixture {
@@ -944,6 +961,40 @@ mod tests {
     /// Drops the link client's event stream, as a connection that went away.
     fn drop_connection(script: &Script) {
         script.events.lock().unwrap().take();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_reported_dropped_after_every_code_backs_off_and_gives_up() {
+        // Arrange: the real client keeps its event stream across drops and
+        // says `CodeInvalidated(Disconnected)` instead.
+        let mut f = fixture(SessionSettings {
+            max_attempts: 3,
+            ..settings()
+        });
+        let mut outcomes = Vec::new();
+
+        // Act
+        for _ in 0..3 {
+            outcomes.push(f.session.step().await);
+            f.script
+                .emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
+            outcomes.push(f.session.step().await);
+        }
+
+        // Assert
+        for (i, codes) in [(0, 1), (2, 2), (4, 3)] {
+            assert_eq!(outcomes[i], StepOutcome::CodeIssued { attempt: codes });
+        }
+        for i in [1, 3] {
+            assert!(
+                matches!(outcomes[i], StepOutcome::Retrying { .. }),
+                "a drop is a failure that backs off, not an invalidation: {:?}",
+                outcomes[i]
+            );
+        }
+        assert_eq!(outcomes[5], StepOutcome::Ended(Status::Failed));
+        assert_eq!(f.states.borrow().reason, Some(Reason::GaveUp));
+        assert_eq!(f.script.requests.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1150,7 +1201,7 @@ mod tests {
         let invalidated = Instant::now();
 
         f.script
-            .emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
+            .emit(LinkEvent::CodeInvalidated(Invalidation::RefreshRequested));
         let first = f.session.step().await;
         let stored_meanwhile = stored(&f.store).await.unwrap();
         let second = f.session.step().await;

@@ -579,6 +579,29 @@ async fn a_dropped_whatsapp_connection_replaces_the_code_in_the_store() {
 }
 
 #[tokio::test]
+async fn a_whatsapp_connection_that_drops_after_every_code_gives_up_after_max_attempts() {
+    // Arrange: a flapping connection (code, drop, code, drop) must not make
+    // WhatsApp notify the phone again every few seconds.
+    let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.max_attempts = 2;
+        config.backoff_base = Duration::from_millis(50);
+    })
+    .await;
+    json(app.post_pair(PHONE).await).await;
+
+    // Act
+    assert!(app.fake().drop_connection(PHONE));
+    app.wait_for_state(PHONE, |s| s["attempt"] == 2 && s["status"] == "pending")
+        .await;
+    assert!(app.fake().drop_connection(PHONE));
+    let ended = app.wait_for_state(PHONE, |s| s["status"] == "failed").await;
+
+    // Assert
+    assert_eq!(ended["reason"], "gave_up");
+    assert_eq!(ended["attempt"], 2);
+}
+
+#[tokio::test]
 async fn pair_answers_409_session_ended_when_a_delete_lands_while_it_waits_for_the_first_code() {
     // Arrange: WhatsApp stays silent, so the POST is still waiting.
     let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {

@@ -198,6 +198,7 @@ async fn a_thousand_posts_from_one_address_cannot_lock_out_another_address() {
     // Arrange
     let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
         config.starts_per_minute = 10;
+        config.sessions_per_user = 1000;
         config.trust_proxy = true;
     })
     .await;
@@ -227,6 +228,39 @@ async fn a_thousand_posts_from_one_address_cannot_lock_out_another_address() {
     assert!(limited.iter().all(|(_, retry_after)| retry_after.is_some()));
     assert_eq!(other.status(), StatusCode::CREATED);
     assert_eq!(app.sessions.counts().live, 11);
+}
+
+#[tokio::test]
+async fn an_anonymous_address_has_at_most_the_per_user_open_sessions() {
+    // Arrange: no callers configured, clients behind a trusted proxy.
+    let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
+        config.sessions_per_user = 2;
+        config.trust_proxy = true;
+    })
+    .await;
+
+    // Act
+    let mut statuses = Vec::new();
+    for phone in ["628100000001", "628100000002", "628100000003"] {
+        statuses.push(pair_from(&app, "203.0.113.1", phone).await.status());
+    }
+    let refused = pair_from(&app, "203.0.113.1", "628100000004").await;
+    let other = pair_from(&app, "203.0.113.2", "628100000005").await;
+
+    // Assert
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::CREATED,
+            StatusCode::CREATED,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(refused.headers()["retry-after"], "60");
+    let body: Value = refused.json().await.expect("JSON body");
+    assert_eq!(body["error"], "too_many_sessions");
+    assert_eq!(other.status(), StatusCode::CREATED);
+    assert_eq!(app.sessions.counts().live, 3);
 }
 
 #[tokio::test]
