@@ -9,7 +9,8 @@
 //!   stops it gracefully.
 //! - [`http`]: the axum router, handlers, callers (API keys, Supabase
 //!   tokens), per-caller rate limits, CORS, request deadlines, the accept
-//!   loop with its connection limits, and the JSON error type.
+//!   loop with its connection limits, the JSON error type and the OpenAPI
+//!   document (`/openapi.json`).
 //! - [`phone`]: [`phone::PhoneNumber::parse`], the only way to get a phone
 //!   (country codes from libphonenumber, compiled in).
 //! - [`session`]: one task per phone: state machine, refresh timer, backoff;

@@ -182,6 +182,12 @@ impl App {
         &self.sessions
     }
 
+    /// The service's router, to drive without a socket (tests check its
+    /// routes against the OpenAPI document).
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener

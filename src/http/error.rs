@@ -114,12 +114,19 @@ pub enum ApiError {
     CompanionUnavailable,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The JSON of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// Stable snake-case code (`invalid_phone`, `rate_limited`, ...), for
+    /// programs; the README's error table lists them all.
+    #[schema(value_type = String, example = "invalid_phone")]
     error: &'static str,
+    /// What went wrong and what to do, for people.
     message: String,
+    /// A corrected phone number, when one is likely (`invalid_phone` only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    suggestion: Option<&'a str>,
+    suggestion: Option<String>,
 }
 
 impl ApiError {
@@ -220,10 +227,10 @@ impl From<SessionError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let suggestion = match &self {
-            Self::InvalidPhone(e) => e.suggestion(),
+            Self::InvalidPhone(e) => e.suggestion().map(str::to_owned),
             _ => None,
         };
-        let body = Body {
+        let body = ErrorBody {
             error: self.code(),
             message: self.to_string(),
             suggestion,

@@ -48,6 +48,17 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
 /// The `{phone}` path segment, parsed.
 pub struct PhonePath(pub PhoneNumber);
 
+/// How the OpenAPI document describes the `{phone}` path segment.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(dead_code, reason = "read only by the OpenAPI derive")]
+pub struct PhoneParam {
+    /// Digits only, country code first, no `+` (8 to 15 digits; the
+    /// country calling code must exist, which no pattern says).
+    #[param(pattern = r"^[1-9][0-9]{7,14}$", example = "628123456789")]
+    phone: String,
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for PhonePath {
     type Rejection = ApiError;
 

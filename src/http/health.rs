@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::store;
 
@@ -14,23 +16,60 @@ use crate::store;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /healthz` and `GET /readyz`.
-pub fn routes() -> axum::Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
+/// `GET /healthz` answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
+/// `GET /readyz` answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Ready {
+    /// Always `ready`.
+    #[schema(example = "ready")]
+    status: &'static str,
+    /// The store that answered: `memory` or `upstash`.
+    #[schema(example = "upstash")]
+    store: &'static str,
 }
 
 /// Liveness: the process answers. Touches no dependency, so a store outage
 /// never gets the service restarted.
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process answers", body = Health)),
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// Readiness: the store answers.
-async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The store answers", body = Ready),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+)]
+async fn readyz(State(app): State<AppState>) -> Result<Json<Ready>, ApiError> {
     let store = app.sessions.store();
     if store::probe(store.as_ref(), READY_TIMEOUT).await {
-        Ok(Json(json!({"status": "ready", "store": store.kind()})))
+        Ok(Json(Ready {
+            status: "ready",
+            store: store.kind(),
+        }))
     } else {
         Err(ApiError::StoreUnavailable)
     }

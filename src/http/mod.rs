@@ -9,9 +9,10 @@ mod error;
 mod extract;
 mod health;
 pub mod limits;
+pub mod openapi;
 mod pair;
 #[cfg(feature = "sandbox")]
-mod sandbox;
+pub mod sandbox;
 pub mod server;
 
 use std::sync::Arc;
@@ -24,6 +25,8 @@ use axum::response::Response;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 
@@ -60,6 +63,13 @@ pub struct AppState {
 
 /// The whole API as a router over `state`.
 pub fn router(state: AppState) -> Router {
+    let (router, _) = router_and_document(state);
+    router
+}
+
+/// The whole API as a router over `state`, and the OpenAPI document of
+/// exactly the routes it serves (served at `/openapi.json` too).
+pub fn router_and_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let cors = cors::layer(&state.cors_allowed_origins);
     // Only the API routes need a caller: health checks stay open, and an
@@ -75,17 +85,33 @@ pub fn router(state: AppState) -> Router {
             state.callers.clone(),
             auth::require_caller,
         ));
-    let routes = Router::new().merge(api).merge(health::routes());
-    let deadlines = deadline::Deadlines::for_code_wait(state.code_wait);
+    let routes = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(api)
+        .merge(health::routes())
+        .routes(utoipa_axum::routes!(openapi::document));
     #[cfg(feature = "sandbox")]
     let routes = match state.sandbox.is_some() {
         true => routes.merge(sandbox::routes()),
         false => routes,
     };
-    routes
+    let (routes, mut document) = routes.split_for_parts();
+    openapi::add_shared_answers(&mut document);
+    let rendered = match document.to_json() {
+        Ok(json) => bytes::Bytes::from(json),
+        // The document is built from our own types; if it ever fails to
+        // serialize, the route still answers rather than the service
+        // refusing to start.
+        Err(e) => {
+            tracing::error!(error = %e, "the OpenAPI document does not serialize");
+            bytes::Bytes::from_static(b"{}")
+        }
+    };
+    let deadlines = deadline::Deadlines::for_code_wait(state.code_wait);
+    let router = routes
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::Extension(openapi::Rendered(rendered)))
         .layer(axum::middleware::from_fn_with_state(
             deadlines,
             deadline::enforce,
@@ -98,7 +124,8 @@ pub fn router(state: AppState) -> Router {
                 .layer(axum::middleware::from_fn(log_request))
                 .layer(PropagateRequestIdLayer::new(request_id)),
         )
-        .layer(cors)
+        .layer(cors);
+    (router, document)
 }
 
 /// Removes a client's request id that is too long or has characters other

@@ -4,17 +4,18 @@
 use std::time::Duration;
 
 use axum::Extension;
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use time::OffsetDateTime;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::Caller;
-use super::error::set_retry_after;
-use super::extract::{ApiJson, PhonePath};
+use super::error::{ErrorBody, set_retry_after};
+use super::extract::{ApiJson, PhoneParam, PhonePath};
 use super::limits::ClientIp;
 use super::{ApiError, AppState};
 use crate::phone::PhoneNumber;
@@ -23,19 +24,20 @@ use crate::session::{Actor, Joined, Owner, PairState, Reason, Status};
 /// `Retry-After` for a session still connecting with nothing to report yet.
 pub const STARTING_RETRY_AFTER: Duration = Duration::from_secs(2);
 
-/// The `/pair` routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/pair", post(create))
-        .route("/pair/{phone}", get(show).delete(cancel))
-        .route("/pair/{phone}/refresh", post(refresh))
+/// The `/pair` routes, each with its description.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(show, cancel))
+        .routes(routes!(refresh))
 }
 
 /// `POST /pair` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PairRequest {
     /// Digits only, country code first, no `+`.
+    #[schema(pattern = r"^[1-9][0-9]{7,14}$", example = "628123456789")]
     phone: String,
     /// Link the number again although a device is linked for it already
     /// (the old device's credentials are set aside). Server callers only.
@@ -65,6 +67,26 @@ fn actor(app: &AppState, caller: &Caller, client: Option<ClientIp>) -> Actor {
 
 /// Starts (or joins) the phone's session and answers with its first code,
 /// waiting up to `PAIR_CODE_WAIT_SECS` for it.
+#[utoipa::path(
+    post,
+    path = "/pair",
+    tag = "pairing",
+    request_body = PairRequest,
+    responses(
+        (status = 201, description = "A new session, with its first code", body = PairState),
+        (status = 200, description = "The phone's session was open already (joined), or has just ended", body = PairState),
+        (status = 202, description = "No code yet (WhatsApp is slow, or a retry is scheduled); `Retry-After` says when to look again with GET", body = PairState),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 403, description = "`forbidden` (`force` from a signed-in user) or `whatsapp_forbidden`", body = ErrorBody),
+        (status = 409, description = "`already_linked` or `session_ended`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_phone` (with `suggestion` when one is likely) or `pairing_unavailable`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`, `code_budget_exhausted` or `too_many_sessions` (`Retry-After`)", body = ErrorBody),
+        (status = 503, description = "`whatsapp_unavailable`, `store_unavailable`, `shutting_down`, `busy` or `at_capacity` (`Retry-After`)", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn create(
     State(app): State<AppState>,
     caller: Caller,
@@ -104,6 +126,20 @@ async fn create(
 
 /// The phone's current state: this process's running session, else the
 /// store (an ended session, or one from before a restart).
+#[utoipa::path(
+    get,
+    path = "/pair/{phone}",
+    tag = "pairing",
+    params(PhoneParam),
+    responses(
+        (status = 200, description = "The session's state", body = PairState),
+        (status = 403, description = "`forbidden`: another account started this session", body = ErrorBody),
+        (status = 404, description = "`not_found`: no session for this phone", body = ErrorBody),
+        (status = 422, description = "`invalid_phone`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn show(
     State(app): State<AppState>,
     caller: Caller,
@@ -117,6 +153,23 @@ async fn show(
 }
 
 /// A new code now ("Refresh Kode").
+#[utoipa::path(
+    post,
+    path = "/pair/{phone}/refresh",
+    tag = "pairing",
+    params(PhoneParam),
+    responses(
+        (status = 200, description = "The session with its new code (or the one issued in the last seconds)", body = PairState),
+        (status = 202, description = "No code yet; `Retry-After` says when to look again", body = PairState),
+        (status = 403, description = "`forbidden` or `whatsapp_forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no open session for this phone", body = ErrorBody),
+        (status = 409, description = "`session_ended`", body = ErrorBody),
+        (status = 422, description = "`invalid_phone` or `pairing_unavailable`", body = ErrorBody),
+        (status = 429, description = "`rate_limited` or `code_budget_exhausted` (`Retry-After`)", body = ErrorBody),
+        (status = 503, description = "`whatsapp_unavailable`, `store_unavailable`, `shutting_down` or `busy` (`Retry-After`)", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn refresh(
     State(app): State<AppState>,
     caller: Caller,
@@ -130,6 +183,21 @@ async fn refresh(
 }
 
 /// Cancels the phone's pending session.
+#[utoipa::path(
+    delete,
+    path = "/pair/{phone}",
+    tag = "pairing",
+    params(PhoneParam),
+    responses(
+        (status = 200, description = "The session, now `cancelled`", body = PairState),
+        (status = 403, description = "`forbidden`: another account started this session", body = ErrorBody),
+        (status = 404, description = "`not_found`: no open session for this phone", body = ErrorBody),
+        (status = 409, description = "`session_ended`: it ended before the cancel", body = ErrorBody),
+        (status = 422, description = "`invalid_phone`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `shutting_down` or `busy`", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn cancel(
     State(app): State<AppState>,
     caller: Caller,

@@ -1,45 +1,88 @@
 //! Sandbox only (`--features sandbox`, `WA_SANDBOX=1`): the phone's side of
 //! the in-process fake WhatsApp, so the whole flow runs with no phone.
 
-use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use fake_wa::{EnterCodeError, PhoneRecord};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use std::time::Duration;
 
-use super::extract::{ApiJson, PhonePath};
+use axum::Json;
+use axum::extract::State;
+use fake_wa::{EnterCodeError, PhoneRecord};
+use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::ErrorBody;
+use super::extract::{ApiJson, PhoneParam, PhonePath};
 use super::{ApiError, AppState};
 
+/// How long `enter-code` waits for the link client to answer the fake
+/// phone before answering `504 companion_unavailable`: the link client
+/// answers in well under a second, or (after several wrong codes in a row)
+/// not until it has given the phone a minute, and nobody should stare at a
+/// spinner for the fake's own 30 s stage timeout.
+pub const ENTER_CODE_WAIT: Duration = Duration::from_secs(10);
+
 /// The `/sandbox` routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/sandbox/phones/{phone}", get(show))
-        .route("/sandbox/phones/{phone}/enter-code", post(enter_code))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(show))
+        .routes(routes!(enter_code))
 }
 
 /// `POST /sandbox/phones/{phone}/enter-code` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EnterCode {
     /// The code as shown, `ABCD1234` or `ABCD-1234`.
+    #[schema(pattern = "^[A-Za-z0-9]{4}-?[A-Za-z0-9]{4}$", example = "ABCD-1234")]
     code: String,
 }
 
+/// `POST /sandbox/phones/{phone}/enter-code` answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Entered {
+    /// Always `true`: a code that does not link is an error.
+    linked: bool,
+    /// The linked device's JID.
+    jid: String,
+}
+
 /// Plays the person typing `code` into WhatsApp on the phone.
+#[utoipa::path(
+    post,
+    path = "/sandbox/phones/{phone}/enter-code",
+    tag = "sandbox",
+    params(PhoneParam),
+    request_body = EnterCode,
+    responses(
+        (status = 200, description = "The phone linked", body = Entered),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`no_code_requested` or `companion_gone`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_phone` or `wrong_code`", body = ErrorBody),
+        (status = 504, description = "`companion_unavailable`: the link client did not answer the fake phone", body = ErrorBody),
+    ),
+)]
 async fn enter_code(
     State(app): State<AppState>,
     PhonePath(phone): PhonePath,
     ApiJson(body): ApiJson<EnterCode>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Entered>, ApiError> {
     let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;
     let code: String = body
         .code
         .chars()
         .filter(|c| *c != '-' && !c.is_whitespace())
         .collect();
-    match fake.enter_code(phone.as_str(), &code).await {
-        Ok(linked) => Ok(Json(json!({"linked": true, "jid": linked.jid}))),
+    let entered = tokio::time::timeout(ENTER_CODE_WAIT, fake.enter_code(phone.as_str(), &code))
+        .await
+        .unwrap_or(Err(EnterCodeError::CompanionSilent(ENTER_CODE_WAIT)));
+    match entered {
+        Ok(linked) => Ok(Json(Entered {
+            linked: true,
+            jid: linked.jid,
+        })),
         Err(EnterCodeError::WrongCode | EnterCodeError::MalformedCode) => Err(ApiError::WrongCode),
         Err(EnterCodeError::NoCodeRequested) => Err(ApiError::NoCodeRequested),
         Err(EnterCodeError::CompanionGone) => Err(ApiError::CompanionGone),
@@ -51,6 +94,17 @@ async fn enter_code(
 }
 
 /// What the fake WhatsApp recorded for the phone.
+#[utoipa::path(
+    get,
+    path = "/sandbox/phones/{phone}",
+    tag = "sandbox",
+    params(PhoneParam),
+    responses(
+        (status = 200, description = "The fake phone's record (the companion's hello, the code typed, the link)", body = Object),
+        (status = 404, description = "`not_found`: the fake has no record of this phone", body = ErrorBody),
+        (status = 422, description = "`invalid_phone`", body = ErrorBody),
+    ),
+)]
 async fn show(
     State(app): State<AppState>,
     PhonePath(phone): PhonePath,

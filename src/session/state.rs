@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use crate::phone::PhoneNumber;
 
 /// Where a session is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// No code yet (connecting, or retrying after a failure).
@@ -46,7 +46,7 @@ impl Status {
 }
 
 /// Why a session ended (or why it is waiting), as a stable code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// The service shut down while the session was open.
@@ -70,9 +70,10 @@ pub enum Reason {
 
 /// The state of one phone's pairing, exactly as stored under
 /// `wa:pair:{phone}` and returned by the API.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PairState {
     /// The phone number, digits only.
+    #[schema(value_type = String, example = "628123456789")]
     pub phone: PhoneNumber,
     /// Where the session is.
     pub status: Status,

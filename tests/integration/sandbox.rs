@@ -42,3 +42,40 @@ async fn sandbox_walkthrough_links_a_phone_with_no_phone_and_no_internet() {
     assert_eq!(state["jid"], right["jid"]);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_link_client_that_stops_answering_the_phone_gets_504_within_the_sandbox_wait() {
+    // Arrange: found by the fuzzer. After three wrong codes in a row the
+    // link client stops answering the phone for a while; the fake would
+    // wait out its 30 s stage timeout and the request its deadline.
+    let mut app = TestApp::spawn_sandbox().await;
+    let enter_path = format!("/sandbox/phones/{PHONE}/enter-code");
+    let pair: Value = app.post_pair(PHONE).await.json().await.unwrap();
+    let wrong = if pair["code"] == "ZZZZZZZZ" {
+        "YYYYYYYY"
+    } else {
+        "ZZZZZZZZ"
+    };
+    for _ in 0..3 {
+        let answer = app.post_json(&enter_path, json!({ "code": wrong })).await;
+        assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+
+    // Act
+    let started = std::time::Instant::now();
+    let silent = app.post_json(&enter_path, json!({ "code": wrong })).await;
+    let waited = started.elapsed();
+
+    // Assert
+    assert_eq!(silent.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        silent.json::<Value>().await.unwrap()["error"],
+        "companion_unavailable"
+    );
+    let wait = wa_pair::http::sandbox::ENTER_CODE_WAIT;
+    assert!(
+        waited >= wait && waited < wait + std::time::Duration::from_secs(5),
+        "{waited:?}"
+    );
+    app.shutdown().await;
+}
