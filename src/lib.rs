@@ -19,12 +19,15 @@
 //! - [`link`]: the `Linker` seam and the real `whatsapp-rust` link client,
 //!   each on a runtime that owns (and at the end, stops) its tasks; the warm
 //!   pool of connected clients; the sweep of devices set aside by a re-link.
-//! - [`store`]: where states are kept: in memory or Upstash Redis (REST).
+//! - [`store`]: where states are kept: in memory or Upstash Redis (REST),
+//!   timed and counted for the metrics.
+//! - [`metrics`]: the Prometheus metrics served at `/metrics`.
 //! - [`retry`]: exponential backoff with full jitter.
 
 pub mod config;
 pub mod http;
 pub mod link;
+pub mod metrics;
 pub mod phone;
 pub mod retry;
 pub mod session;

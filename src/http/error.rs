@@ -41,6 +41,9 @@ pub enum ApiError {
     /// Authenticated, but the session was started by another caller.
     #[error("this pairing session was started by another account")]
     Forbidden,
+    /// A signed-in user asked for something only server callers may read.
+    #[error("only server callers (an API key) may read this")]
+    ServerCallersOnly,
     /// The caller has as many sessions open as it may.
     #[error(
         "you have {0} pairing sessions open already; finish or cancel one (DELETE /pair/{{phone}}) first"
@@ -138,7 +141,7 @@ impl ApiError {
             }
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::Forbidden | Self::ServerCallersOnly => StatusCode::FORBIDDEN,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -168,7 +171,7 @@ impl ApiError {
             Self::InvalidPhone(_) => "invalid_phone",
             Self::InvalidJson(_) => "invalid_json",
             Self::Unauthorized => "unauthorized",
-            Self::Forbidden => "forbidden",
+            Self::Forbidden | Self::ServerCallersOnly => "forbidden",
             Self::RequestTimeout => "request_timeout",
             Self::TooManySessions(_) => "too_many_sessions",
             Self::UnsupportedMediaType => "unsupported_media_type",

@@ -9,6 +9,7 @@ mod error;
 mod extract;
 mod health;
 pub mod limits;
+mod metrics;
 pub mod openapi;
 mod pair;
 #[cfg(feature = "sandbox")]
@@ -77,6 +78,7 @@ pub fn router_and_document(state: AppState) -> (Router, utoipa::openapi::OpenApi
     // Layers run outside in: the caller is known before its budget is
     // charged.
     let api = pair::routes()
+        .merge(metrics::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.limits),
             limits::enforce,

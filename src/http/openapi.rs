@@ -34,7 +34,7 @@ use crate::session::{PairState, Reason, Status};
     modifiers(&BearerAuth),
     tags(
         (name = "pairing", description = "Start, follow, refresh and cancel a pairing"),
-        (name = "operations", description = "Health, readiness, this document"),
+        (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "sandbox", description = "The fake phone, in sandbox mode only"),
     )
 )]

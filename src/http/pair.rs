@@ -93,6 +93,7 @@ async fn create(
     client: Option<Extension<ClientIp>>,
     ApiJson(request): ApiJson<PairRequest>,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     let phone = PhoneNumber::parse(&request.phone).map_err(ApiError::InvalidPhone)?;
     let actor = actor(&app, &caller, client.map(|Extension(ip)| ip));
     if request.force && !actor.sees_all {
@@ -117,6 +118,9 @@ async fn create(
         return Err(ApiError::SessionEnded(state.status.as_str()));
     }
     let created = if joined == Joined::Created {
+        if state.status == Status::Pending {
+            app.sessions.metrics().code_waited(started.elapsed());
+        }
         StatusCode::CREATED
     } else {
         StatusCode::OK

@@ -244,6 +244,12 @@ pub trait Linker: Send + Sync + 'static {
     /// ends, so a device file means a link, or a crash mid-pairing.
     async fn has_linked_device(&self, phone: &PhoneNumber) -> bool;
 
+    /// How many connected clients are ready for new sessions (the warm
+    /// pool); 0 when the linker keeps none.
+    fn warm_clients(&self) -> usize {
+        0
+    }
+
     /// Keeps whatever the linker prepares ahead of requests (the warm pool)
     /// until `stop` turns true, then releases it. Returns at once when
     /// there is nothing to keep.

@@ -19,8 +19,9 @@ use super::access::{Actor, Owner};
 use super::state::{PairState, ReadState, Reason, Status};
 use super::task::{Command, Reply, Session, SessionSettings, ended, outcome_error};
 use crate::link::Linker;
+use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
-use crate::store::PairingStore;
+use crate::store::{Metered, PairingStore};
 
 /// How long a refresh or cancel waits for the session to answer. A refresh
 /// still in progress then answers with the current state (`starting`).
@@ -158,6 +159,7 @@ pub struct Sessions {
     store: Arc<dyn PairingStore>,
     registry: Arc<std::sync::Mutex<Registry>>,
     stopping: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
 }
 
 /// How many entries the registry holds, for soak tests and diagnostics.
@@ -170,22 +172,35 @@ pub struct RegistryCounts {
 }
 
 impl Sessions {
-    /// An empty registry.
+    /// An empty registry over `store`, which it times and counts in its
+    /// [`Metrics`] (see [`Sessions::metrics`]).
     pub fn new(
         settings: SessionSettings,
         linker: Arc<dyn Linker>,
         store: Arc<dyn PairingStore>,
     ) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Self {
             settings: Arc::new(settings),
             linker,
-            store,
+            store: Arc::new(Metered::new(store, Arc::clone(&metrics))),
             registry: Arc::default(),
             stopping: watch::Sender::new(false),
+            metrics,
         }
     }
 
-    /// The store sessions write to.
+    /// What the sessions and their store counted.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Connected link clients ready for new sessions.
+    pub fn warm_clients(&self) -> usize {
+        self.linker.warm_clients()
+    }
+
+    /// The store sessions write to (timed and counted).
     pub fn store(&self) -> &Arc<dyn PairingStore> {
         &self.store
     }
@@ -379,7 +394,9 @@ impl Sessions {
             Arc::clone(&self.store),
             self.stopping.subscribe(),
         );
-        let session = session.owned_by(actor.owner.tag());
+        let session = session
+            .owned_by(actor.owner.tag())
+            .metered(Arc::clone(&self.metrics));
         let (released_tx, released) = watch::channel(());
         let departure = Departure {
             registry: Arc::clone(&self.registry),
@@ -389,6 +406,7 @@ impl Sessions {
             owner: actor.owner.clone(),
             _released: released_tx,
         };
+        self.metrics.session_started();
         tracing::info!(phone = %phone, event = "session_started", "pairing session started");
         let task = tokio::spawn(async move {
             let _departure = departure;

@@ -68,6 +68,22 @@ pub enum Reason {
     CodeBudget,
 }
 
+impl Reason {
+    /// The snake-case name used in JSON, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interrupted => "interrupted",
+            Self::GaveUp => "gave_up",
+            Self::WhatsappRefused => "whatsapp_refused",
+            Self::LoggedOut => "logged_out",
+            Self::MaxLifetime => "max_lifetime",
+            Self::Cancelled => "cancelled",
+            Self::Storage => "storage",
+            Self::CodeBudget => "code_budget",
+        }
+    }
+}
+
 /// The state of one phone's pairing, exactly as stored under
 /// `wa:pair:{phone}` and returned by the API.
 #[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::link::{
     Invalidation, IssuedCode, LinkError, LinkEvent, LinkedAccount, Linker, OpenedLink,
 };
+use crate::metrics::{CodeTrigger, Metrics};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
 use crate::store::PairingStore;
@@ -205,6 +206,8 @@ pub struct Session {
     /// [`Owner::tag`](super::Owner::tag) of who started the session, stored
     /// with every state.
     owner_tag: Option<String>,
+    /// Where codes, refusals and the ending are counted, when metered.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Session {
@@ -242,6 +245,7 @@ impl Session {
             store_heal_at: None,
             store_failures: 0,
             owner_tag: None,
+            metrics: None,
         };
         (session, commands_tx, state_rx)
     }
@@ -250,6 +254,14 @@ impl Session {
     #[must_use]
     pub fn owned_by(mut self, tag: String) -> Self {
         self.owner_tag = Some(tag);
+        self
+    }
+
+    /// The same session, counting its codes, refusals and ending in
+    /// `metrics`.
+    #[must_use]
+    pub fn metered(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -476,8 +488,13 @@ impl Session {
             }
             None => InFlight::Done(Err(LinkError::Closed)),
         };
+        let trigger = match (waiting.is_empty(), self.state.attempt) {
+            (false, _) => CodeTrigger::Manual,
+            (true, 0) => CodeTrigger::First,
+            (true, _) => CodeTrigger::Auto,
+        };
         let outcome = match asked {
-            InFlight::Done(Ok(issued)) => self.code_issued(issued).await,
+            InFlight::Done(Ok(issued)) => self.code_issued(issued, trigger).await,
             InFlight::Done(Err(error)) => self.request_failed(error).await,
             InFlight::Event(event) => self.on_link_event(Some(event)).await,
             InFlight::Cancel(reply) => return self.cancel(reply, waiting).await,
@@ -573,7 +590,10 @@ impl Session {
         StepOutcome::BudgetSpent { after }
     }
 
-    async fn code_issued(&mut self, issued: IssuedCode) -> StepOutcome {
+    async fn code_issued(&mut self, issued: IssuedCode, trigger: CodeTrigger) -> StepOutcome {
+        if let Some(metrics) = &self.metrics {
+            metrics.code_issued(trigger);
+        }
         let refresh_in = self
             .settings
             .refresh_every
@@ -608,6 +628,9 @@ impl Session {
     }
 
     async fn request_failed(&mut self, error: LinkError) -> StepOutcome {
+        if let (Some(metrics), Some(status)) = (&self.metrics, error.status()) {
+            metrics.whatsapp_refused(status);
+        }
         if let LinkError::Storage(cause) = &error {
             // Ours, not WhatsApp's: retried like any transient failure.
             tracing::error!(
@@ -772,6 +795,9 @@ impl Session {
             ..self.state.without_code(Status::Linked)
         };
         self.commit(state).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.session_ended(Status::Linked, None);
+        }
         tracing::info!(
             phone = %self.phone,
             attempt = self.state.attempt,
@@ -796,6 +822,9 @@ impl Session {
             ..self.state.without_code(status)
         };
         self.commit(state).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.session_ended(status, Some(reason));
+        }
         tracing::info!(
             phone = %self.phone,
             status = status.as_str(),

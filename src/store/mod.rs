@@ -4,11 +4,14 @@
 //! caller serializes. Two backends implement [`PairingStore`], each in its
 //! own file: [`MemoryStore`] (`memory`: in-process, for development and
 //! tests) and [`UpstashStore`] (`upstash`: Upstash Redis over its REST API).
+//! [`Metered`] (`metered`) wraps either for the metrics.
 
 mod memory;
+mod metered;
 mod upstash;
 
 pub use memory::{MEMORY_PRUNE_MIN_ENTRIES, MemoryStore};
+pub use metered::Metered;
 pub use upstash::{
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_RETRIES, DEFAULT_REQUEST_TIMEOUT,
     MAX_CONNECT_TIMEOUT, MAX_RETRY_AFTER_WAIT, UpstashSettings, UpstashStore,

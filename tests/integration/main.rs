@@ -9,6 +9,7 @@ mod flow_logs;
 mod helpers;
 mod link_client;
 mod log_redaction;
+mod metrics;
 mod openapi;
 #[cfg(feature = "sandbox")]
 mod sandbox;

@@ -132,7 +132,10 @@ async fn assert_document_matches_router(app: &App) {
     // Assert
     assert_eq!(status, StatusCode::OK);
     assert_eq!(document["openapi"], "3.1.0");
-    assert!(paths.contains("/pair"), "{paths:?}");
+    assert!(
+        paths.contains("/pair") && paths.contains("/metrics"),
+        "{paths:?}"
+    );
     let documented_paths: BTreeSet<String> =
         documented.iter().map(|(path, _)| path.clone()).collect();
     assert_eq!(paths, documented_paths, "routed paths vs documented paths");

@@ -223,6 +223,10 @@ impl Linker for WhatsAppLinker {
         }
     }
 
+    fn warm_clients(&self) -> usize {
+        self.warm.as_ref().map_or(0, WarmPool::ready)
+    }
+
     async fn keep_warm(&self, stop: watch::Receiver<bool>) {
         if let Some(pool) = &self.warm {
             pool.run(stop).await;

@@ -1,0 +1,164 @@
+//! [`Metered`]: any [`PairingStore`], timed and counted for the metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Counted, PairingStore, StoreError};
+use crate::metrics::Metrics;
+
+/// Wraps a store so every command's latency, and every failure, reaches
+/// [`Metrics`]. A command abandoned by its caller (a caller-side timeout
+/// drops the future) counts as failed: from the service's point of view
+/// it did not answer.
+pub struct Metered {
+    inner: Arc<dyn PairingStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Metered {
+    /// `inner`, reporting to `metrics`.
+    pub fn new(inner: Arc<dyn PairingStore>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+/// Records one command when it finishes, or as failed if it is dropped
+/// first.
+struct Timing<'a> {
+    metrics: &'a Metrics,
+    op: &'static str,
+    started: Instant,
+    finished: bool,
+}
+
+impl<'a> Timing<'a> {
+    fn start(metrics: &'a Metrics, op: &'static str) -> Self {
+        Self {
+            metrics,
+            op,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    fn finish<T>(mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.finished = true;
+        self.metrics
+            .store_command(self.op, self.started.elapsed(), result.is_ok());
+        result
+    }
+}
+
+impl Drop for Timing<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.metrics
+                .store_command(self.op, self.started.elapsed(), false);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PairingStore for Metered {
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        let timing = Timing::start(&self.metrics, "set");
+        timing.finish(self.inner.set(key, value, ttl).await)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let timing = Timing::start(&self.metrics, "get");
+        timing.finish(self.inner.get(key).await)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let timing = Timing::start(&self.metrics, "delete");
+        timing.finish(self.inner.delete(key).await)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let timing = Timing::start(&self.metrics, "ping");
+        timing.finish(self.inner.ping().await)
+    }
+
+    async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
+        let timing = Timing::start(&self.metrics, "count");
+        timing.finish(self.inner.count(key, window).await)
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A store that never answers.
+    struct Silent;
+
+    #[async_trait::async_trait]
+    impl PairingStore for Silent {
+        async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn get(&self, _: &str) -> Result<Option<String>, StoreError> {
+            std::future::pending().await
+        }
+        async fn delete(&self, _: &str) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn count(&self, _: &str, _: Duration) -> Result<Counted, StoreError> {
+            std::future::pending().await
+        }
+        fn kind(&self) -> &'static str {
+            "silent"
+        }
+    }
+
+    #[tokio::test]
+    async fn answered_commands_are_timed_without_errors() {
+        // Arrange
+        let metrics = Arc::new(Metrics::new());
+        let store = Metered::new(Arc::new(MemoryStore::new()), Arc::clone(&metrics));
+
+        // Act
+        store.set("k", "v", Duration::from_secs(5)).await.unwrap();
+        let read = store.get("k").await.unwrap();
+        let text = metrics.render(0, 0);
+
+        // Assert
+        assert_eq!(read.as_deref(), Some("v"));
+        assert!(
+            text.contains(r#"wa_pair_store_seconds_count{op="set"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"wa_pair_store_seconds_count{op="get"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("wa_pair_store_errors_total{"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_abandoned_by_a_caller_timeout_counts_as_failed() {
+        // Arrange
+        let metrics = Arc::new(Metrics::new());
+        let store = Metered::new(Arc::new(Silent), Arc::clone(&metrics));
+
+        // Act
+        let answer = tokio::time::timeout(Duration::from_secs(1), store.get("k")).await;
+        let text = metrics.render(0, 0);
+
+        // Assert
+        assert!(answer.is_err());
+        assert!(
+            text.contains(r#"wa_pair_store_errors_total{op="get"} 1"#),
+            "{text}"
+        );
+    }
+}
