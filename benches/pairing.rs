@@ -10,7 +10,10 @@
 //! - a burst of phones at once, both ways;
 //! - resident memory per pending session at `BENCH_SESSIONS` (default 1000)
 //!   open sessions, the service in this process and the bare library in a
-//!   child process of its own.
+//!   child process of its own; and the bare library once more on
+//!   whatsapp-rust's in-memory store instead of SQLite, which says how much
+//!   of a pending client is its SQLite device store (what keeping pending
+//!   devices in memory until they link could save).
 //!
 //! The fake runs in a child process (this same binary, re-executed with
 //! `WA_PAIR_BENCH_ROLE=fake`), so its CPU and memory are not counted as the
@@ -31,7 +34,8 @@ use fake_process::{FakeProcess, ROLE, run_fake};
 use wa_pair::config::Config;
 use wa_pair::link::http_client::ReqwestHttpClient;
 use wa_pair::link::tasks::{ClientRuntime, TaskScope};
-use wacore::store::DevicePropsOverride;
+use wacore::store::traits::Backend;
+use wacore::store::{DevicePropsOverride, InMemoryBackend};
 use waproto::whatsapp::device_props::PlatformType;
 use whatsapp_rust::Client;
 use whatsapp_rust::bot::{Bot, EventDelivery};
@@ -63,6 +67,19 @@ fn main() {
     }
 }
 
+/// Environment variable telling a `bare-memory` child which store to use:
+/// `memory` for whatsapp-rust's `InMemoryBackend`, else SQLite.
+const BARE_STORE: &str = "WA_PAIR_BENCH_BARE_STORE";
+
+/// The device store of a bare client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BareStore {
+    /// One SQLite file per client, as the service does.
+    Sqlite,
+    /// whatsapp-rust's in-memory store.
+    Memory,
+}
+
 /// A bare library client, built as the service builds its clients.
 struct BareClient {
     client: Arc<Client>,
@@ -73,13 +90,23 @@ struct BareClient {
 
 /// The bare library's cold path for `phone`: store, client, connect, code.
 async fn bare_code(dir: &Path, ws_url: &str, phone: String) -> BareClient {
+    bare_code_on(BareStore::Sqlite, dir, ws_url, phone).await
+}
+
+/// [`bare_code`] on a store of the caller's choice.
+async fn bare_code_on(store: BareStore, dir: &Path, ws_url: &str, phone: String) -> BareClient {
     let path = dir.join(format!("{phone}.db"));
-    let backend = SqliteStore::new_for_device(path.to_str().expect("UTF-8 path"), 1)
-        .await
-        .expect("store");
+    let backend: Arc<dyn Backend> = match store {
+        BareStore::Sqlite => Arc::new(
+            SqliteStore::new_for_device(path.to_str().expect("UTF-8 path"), 1)
+                .await
+                .expect("store"),
+        ),
+        BareStore::Memory => Arc::new(InMemoryBackend::new()),
+    };
     let (runtime, tasks) = ClientRuntime::new();
     let bot = Bot::builder()
-        .with_backend(backend)
+        .with_backend_arc(backend)
         .with_runtime(runtime)
         .with_transport_factory(TokioWebSocketTransportFactory::new().with_url(ws_url.to_owned()))
         .with_http_client(ReqwestHttpClient::new().expect("http"))
@@ -133,10 +160,19 @@ impl BareClient {
 /// prints the RSS they added, in KiB per client.
 async fn run_bare_memory() {
     let ws_url = std::env::var("WA_WS_URL").expect("fake URL");
+    let store = match std::env::var(BARE_STORE).as_deref() {
+        Ok("memory") => BareStore::Memory,
+        _ => BareStore::Sqlite,
+    };
+    // Numbers of their own, so the two children never share a phone.
+    let (warm_up, series) = match store {
+        BareStore::Sqlite => (phone(1, 0), 7),
+        BareStore::Memory => (phone(9, 0), 8),
+    };
     let sessions = sessions();
     let dir = tempfile::tempdir().expect("temp dir");
     // Warm-up: lazy statics, the r2d2 thread pool, the first connection.
-    bare_code(dir.path(), &ws_url, phone(1, 0))
+    bare_code_on(store, dir.path(), &ws_url, warm_up)
         .await
         .close()
         .await;
@@ -146,7 +182,7 @@ async fn run_bare_memory() {
         let opened = futures::future::join_all(
             chunk
                 .iter()
-                .map(|n| bare_code(dir.path(), &ws_url, phone(7, *n))),
+                .map(|n| bare_code_on(store, dir.path(), &ws_url, phone(series, *n))),
         )
         .await;
         clients.extend(opened);
@@ -265,7 +301,8 @@ async fn run_report() {
 
     // Memory: this process holds only the warm service from here on.
     let sessions = sessions();
-    let bare_kib = bare_memory(&fake.ws_url);
+    let bare_kib = bare_memory(&fake.ws_url, BareStore::Sqlite);
+    let in_memory_kib = bare_memory(&fake.ws_url, BareStore::Memory);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib();
     for chunk in (0..sessions).collect::<Vec<_>>().chunks(50) {
@@ -280,14 +317,26 @@ async fn run_report() {
         "  bare whatsapp-rust {bare_kib:.0} KiB, wa-pair {service_kib:.0} KiB ({:.3}x; target <= 270 KiB)",
         service_kib / bare_kib
     );
+    println!(
+        "  bare whatsapp-rust on its in-memory store {in_memory_kib:.0} KiB: the SQLite device store is {:.0} KiB of a pending client",
+        bare_kib - in_memory_kib
+    );
     let _ = warm.stop.send(());
     let _ = warm.server.await;
 }
 
 /// Runs the bare-library memory measurement in a child process.
-fn bare_memory(ws_url: &str) -> f64 {
+fn bare_memory(ws_url: &str, store: BareStore) -> f64 {
     let output = Command::new(std::env::current_exe().expect("own path"))
         .env(ROLE, "bare-memory")
+        .env(
+            BARE_STORE,
+            if store == BareStore::Memory {
+                "memory"
+            } else {
+                "sqlite"
+            },
+        )
         .env("WA_WS_URL", ws_url)
         .stderr(Stdio::inherit())
         .output()
