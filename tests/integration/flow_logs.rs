@@ -34,15 +34,7 @@ fn capture(filter: &str) -> (CapturedLogs, Option<tracing::subscriber::DefaultGu
 async fn run_flow() -> Vec<String> {
     let app = TestApp::spawn().await;
     let first: serde_json::Value = app.post_pair(PHONE).await.json().await.unwrap();
-    let refreshed: serde_json::Value = app
-        .http
-        .post(format!("{}/pair/{PHONE}/refresh", app.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let refreshed = app.refresh_json(PHONE).await;
     let code = refreshed["code"].as_str().unwrap().to_owned();
     let _ = app.fake().enter_code(PHONE, "ZZZZZZZZ").await;
     app.fake().enter_code(PHONE, &code).await.expect("links");

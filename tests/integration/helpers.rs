@@ -236,6 +236,18 @@ impl TestApp {
             .await
     }
 
+    /// `POST /pair/{phone}/refresh`, answered with JSON.
+    pub async fn refresh_json(&self, phone: &str) -> serde_json::Value {
+        self.http
+            .post(format!("{}/pair/{phone}/refresh", self.base))
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("JSON body")
+    }
+
     /// `DELETE {path}`.
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.http

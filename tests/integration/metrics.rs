@@ -34,15 +34,7 @@ async fn metrics_count_a_linked_and_a_cancelled_session_and_name_no_phone() {
     // asks WhatsApp for a new one.
     tokio::time::sleep(wa_pair::session::MANUAL_REFRESH_DEBOUNCE + Duration::from_millis(100))
         .await;
-    let refreshed: serde_json::Value = app
-        .http
-        .post(format!("{}/pair/{LINKED}/refresh", app.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let refreshed = app.refresh_json(LINKED).await;
     assert_ne!(first["code"], refreshed["code"]);
     app.fake()
         .enter_code(LINKED, refreshed["code"].as_str().unwrap())
