@@ -828,7 +828,7 @@ impl Session {
         tracing::info!(
             phone = %self.phone,
             status = status.as_str(),
-            reason = ?reason,
+            reason = reason.as_str(),
             event = status.as_str(),
             "pairing session ended"
         );
