@@ -12,6 +12,11 @@ use wa_pair::telemetry;
 /// growing although what it still used did not (the soak benchmark,
 /// `benches/soak.rs`, measured +22 MiB of RSS over 2,000 ended sessions with
 /// glibc; a heap profile showed 1.6 KiB per session still allocated).
+///
+/// jemalloc's `malloc` is unprefixed, so the bundled SQLite's own (C)
+/// allocations come here too: left on glibc, they grew the soak by +10 MiB
+/// with the warm pool on (it opens stores on more threads), against +2 to
+/// +4 MiB with glibc held to one arena (`MALLOC_ARENA_MAX=1`).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
