@@ -66,11 +66,10 @@ pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
 /// at a time; five leaves room for a retry on each without letting one
 /// account take the service-wide cap.
 pub const DEFAULT_SESSIONS_PER_USER: usize = 5;
-/// Default for `PAIR_WARM_CLIENTS`: off for now. The pool makes codes much
-/// faster, but the soak benchmark grows past its bound with it on, for a
-/// reason not found yet (figures in `docs/BENCHMARKS.md`); until then the
-/// pool is opt-in, 2 being the recommended size.
-pub const DEFAULT_WARM_CLIENTS: usize = 0;
+/// Default for `PAIR_WARM_CLIENTS`: two ready clients serve two people who
+/// start at the same moment, each costing one idle WhatsApp connection and
+/// its empty store (figures in `docs/BENCHMARKS.md`).
+pub const DEFAULT_WARM_CLIENTS: usize = 2;
 /// Default for `HTTP_HEADER_TIMEOUT_SECS`: a real client sends its headers
 /// in one packet; ten seconds covers a slow mobile link, and bounds how long
 /// a client that sends nothing (or a byte at a time) holds a connection.
@@ -209,8 +208,8 @@ pub struct Config {
     /// callers act for many users and are bounded by the service-wide cap.
     pub sessions_per_user: usize,
     /// Connected, unpaired WhatsApp clients kept ready so a new session only
-    /// has to ask for its code, from `PAIR_WARM_CLIENTS` (default `0`: off;
-    /// at most 16).
+    /// has to ask for its code, from `PAIR_WARM_CLIENTS` (default `2`; `0`
+    /// turns the pool off; at most 16).
     pub warm_clients: usize,
     /// Longest time a client has to send a request's headers, from
     /// `HTTP_HEADER_TIMEOUT_SECS` (default `10`); then it is disconnected.
@@ -1107,7 +1106,7 @@ mod tests {
                 "https://app.example.com, http://localhost:5173",
             ),
             (SESSIONS_PER_USER, "2"),
-            (WARM_CLIENTS, "2"),
+            (WARM_CLIENTS, "3"),
             (HEADER_TIMEOUT, "3"),
             (MAX_CONNECTIONS, "64"),
             (STARTS_PER_MINUTE, "5"),
@@ -1158,7 +1157,7 @@ mod tests {
                 "http://localhost:5173".to_owned(),
             ],
             sessions_per_user: 2,
-            warm_clients: 2,
+            warm_clients: 3,
             header_timeout: Duration::from_secs(3),
             max_connections: 64,
             starts_per_minute: 5,

@@ -208,8 +208,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: WARM_CLIENTS,
-        default: SettingDefault::Value("0"),
-        doc: "Connected, unpaired WhatsApp clients kept ready (0 to 16; `0`, the default, turns the pool off; 2 is the recommended size). A new session takes one and only asks for its code; the pool refills in the background and replaces each client after two minutes, before WhatsApp's QR refs run out. Off by default until a memory growth it shows in the soak benchmark is explained: see [warm pool](#warm-pool).",
+        default: SettingDefault::Value("2"),
+        doc: "Connected, unpaired WhatsApp clients kept ready (0 to 16; `0` turns the pool off). A new session takes one and only asks for its code; the pool refills in the background and replaces each client after two minutes, before WhatsApp's QR refs run out. Each costs one WhatsApp connection: see [warm pool](#warm-pool).",
     },
     Setting {
         name: HEADER_TIMEOUT,
