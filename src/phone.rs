@@ -150,12 +150,6 @@ impl PhoneNumber {
     pub fn masked(&self) -> String {
         mask_phone(&self.0)
     }
-
-    /// The WhatsApp user JID for this number: `{digits}@s.whatsapp.net`.
-    #[must_use]
-    pub fn jid(&self) -> String {
-        format!("{}@s.whatsapp.net", self.0)
-    }
 }
 
 impl fmt::Display for PhoneNumber {
@@ -690,18 +684,6 @@ mod tests {
         assert_eq!(displayed, "6281****6789");
         assert_eq!(debugged, "PhoneNumber(\"6281****6789\")");
         assert!(!debugged.contains("628123456789"));
-    }
-
-    #[test]
-    fn jid_appends_the_whatsapp_user_server() {
-        // Arrange
-        let number = PhoneNumber::parse("628123456789").expect("valid");
-
-        // Act
-        let jid = number.jid();
-
-        // Assert
-        assert_eq!(jid, "628123456789@s.whatsapp.net");
     }
 
     #[test]

@@ -205,11 +205,6 @@ impl Sessions {
         &self.store
     }
 
-    /// The session tunables.
-    pub fn settings(&self) -> &SessionSettings {
-        &self.settings
-    }
-
     /// How many sessions and outcomes are held right now.
     pub fn counts(&self) -> RegistryCounts {
         let registry = lock(&self.registry);

@@ -93,20 +93,6 @@ impl UpstashSettings {
             backoff: Backoff::new(DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP),
         }
     }
-
-    /// Longest a retried operation can take before it returns, every attempt
-    /// timing out and every retry waiting its longest.
-    ///
-    /// Useful for sizing an outer handler timeout. With the defaults this is
-    /// 4 × 5 s of requests plus 3 × 3 s of waits = 29 s; failures that come
-    /// back fast (5xx, refused connections) cost at most the 1.4 s of backoff.
-    pub fn worst_case_latency(&self) -> Duration {
-        let attempts = self.max_retries.saturating_add(1);
-        let requests = self.request_timeout.saturating_mul(attempts);
-        (0..self.max_retries)
-            .map(|attempt| self.backoff.ceiling(attempt).max(MAX_RETRY_AFTER_WAIT))
-            .fold(requests, Duration::saturating_add)
-    }
 }
 
 impl std::fmt::Debug for UpstashSettings {
@@ -534,18 +520,6 @@ mod tests {
         assert_eq!(settings.max_retries, DEFAULT_MAX_RETRIES);
         assert_eq!(settings.backoff.base, DEFAULT_BACKOFF_BASE);
         assert_eq!(settings.backoff.cap, DEFAULT_BACKOFF_CAP);
-    }
-
-    #[test]
-    fn worst_case_latency_of_the_defaults_is_twenty_nine_seconds() {
-        // Arrange
-        let settings = UpstashSettings::new("https://example.upstash.io", "secret");
-
-        // Act
-        let worst = settings.worst_case_latency();
-
-        // Assert
-        assert_eq!(worst, Duration::from_secs(29));
     }
 
     #[test]

@@ -50,15 +50,6 @@ pub enum Caller {
 /// with `role: service_role`).
 pub const SERVICE_ROLE_KEY_ID: &str = "supabase-service-role";
 
-impl Caller {
-    /// Whether this caller may act on sessions it did not start: server
-    /// callers act for many users, and without configured callers nobody can
-    /// be told apart.
-    pub fn acts_for_anyone(&self) -> bool {
-        !matches!(self, Self::User { .. })
-    }
-}
-
 /// The credentials callers are checked against.
 #[derive(Clone, Default)]
 pub struct Callers {
