@@ -992,23 +992,30 @@ mod tests {
         script.events.lock().unwrap().take();
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_reported_dropped_after_every_code_backs_off_and_gives_up() {
-        // Arrange: the real client keeps its event stream across drops and
-        // says `CodeInvalidated(Disconnected)` instead.
+    /// Three times: a step (a code), then `drop` the connection and step
+    /// again; with `PAIR_MAX_ATTEMPTS` 3. Returns the six outcomes.
+    async fn code_then_drop_three_times(drop: impl Fn(&Script)) -> (Fixture, Vec<StepOutcome>) {
         let mut f = fixture(SessionSettings {
             max_attempts: 3,
             ..settings()
         });
         let mut outcomes = Vec::new();
-
-        // Act
         for _ in 0..3 {
             outcomes.push(f.session.step().await);
-            f.script
-                .emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
+            drop(&f.script);
             outcomes.push(f.session.step().await);
         }
+        (f, outcomes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_reported_dropped_after_every_code_backs_off_and_gives_up() {
+        // Arrange, Act: the real client keeps its event stream across
+        // drops and says `CodeInvalidated(Disconnected)` instead.
+        let (f, outcomes) = code_then_drop_three_times(|script| {
+            script.emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
+        })
+        .await;
 
         // Assert
         for (i, codes) in [(0, 1), (2, 2), (4, 3)] {
@@ -1097,17 +1104,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_drops_after_every_code_backs_off_and_gives_up() {
-        let mut f = fixture(SessionSettings {
-            max_attempts: 3,
-            ..settings()
-        });
-        let mut outcomes = Vec::new();
-
-        for _ in 0..3 {
-            outcomes.push(f.session.step().await);
-            drop_connection(&f.script);
-            outcomes.push(f.session.step().await);
-        }
+        let (f, outcomes) = code_then_drop_three_times(drop_connection).await;
 
         assert!(matches!(
             outcomes[0],
