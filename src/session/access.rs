@@ -37,8 +37,16 @@ impl Owner {
     /// cannot take the whole service-wide cap. Its stored [`tag`](Self::tag)
     /// is the anonymous one: an address-derived hash would be personal data
     /// (IPv4 hashes are easily reversed).
+    /// IPv6 clients count by their /64: one subscriber usually has a whole
+    /// /64 and can pick any address in it.
     pub fn client(ip: IpAddr) -> Self {
-        Self(format!("ip:{ip}").into())
+        match ip {
+            IpAddr::V4(v4) => Self(format!("ip:{v4}").into()),
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                Self(format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3]).into())
+            }
+        }
     }
 
     /// A one-way tag of this owner for the stored state: equal owners get
@@ -170,6 +178,16 @@ mod tests {
         assert_ne!(a, Owner::anonymous());
         assert_eq!(a.tag(), Owner::anonymous().tag());
         assert_eq!(format!("{a:?}"), "Owner(ip)");
+    }
+
+    #[test]
+    fn ipv6_addresses_in_one_slash_64_are_one_owner() {
+        let a = Owner::client("2001:db8:1:2::1".parse().unwrap());
+        let b = Owner::client("2001:db8:1:2:ffff::9".parse().unwrap());
+        let c = Owner::client("2001:db8:1:3::1".parse().unwrap());
+
+        assert_eq!(a, b);
+        assert_ne!(a, c);
     }
 
     #[test]
