@@ -34,6 +34,18 @@ fn store_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 14))
 }
 
+/// How a store command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// The store answered.
+    Ok,
+    /// The store answered with an error (or could not be reached).
+    Failed,
+    /// Dropped before the store answered: a caller's timeout (a store that
+    /// does not answer in time), a cancelled request, a shutdown.
+    Abandoned,
+}
+
 /// What made a session ask WhatsApp for a code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CodeTrigger {
@@ -85,6 +97,7 @@ pub struct Metrics {
     sessions_ended: Family<EndLabels, Counter>,
     whatsapp_refusals: Family<StatusLabel, Counter>,
     store_errors: Family<OpLabel, Counter>,
+    store_abandoned: Family<OpLabel, Counter>,
     code_wait: Histogram,
     store_latency: Family<OpLabel, Histogram, fn() -> Histogram>,
     open_sessions: Gauge,
@@ -136,8 +149,14 @@ impl Metrics {
         let store_errors = Family::<OpLabel, Counter>::default();
         registry.register(
             "store_errors",
-            "State store commands that failed or timed out, by command",
+            "State store commands the store answered with an error (or could not be reached for), by command",
             store_errors.clone(),
+        );
+        let store_abandoned = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "store_abandoned",
+            "State store commands dropped before the store answered (a caller's timeout, a cancelled request, shutdown), by command",
+            store_abandoned.clone(),
         );
         let code_wait = Histogram::new(code_wait_buckets());
         registry.register(
@@ -172,6 +191,7 @@ impl Metrics {
             sessions_ended,
             whatsapp_refusals,
             store_errors,
+            store_abandoned,
             code_wait,
             store_latency,
             open_sessions,
@@ -218,14 +238,20 @@ impl Metrics {
         self.code_wait.observe(elapsed.as_secs_f64());
     }
 
-    /// A store command `op` took `elapsed` and succeeded or not.
-    pub fn store_command(&self, op: &'static str, elapsed: Duration, ok: bool) {
+    /// A store command `op` took `elapsed` and ended with `outcome`.
+    pub fn store_command(&self, op: &'static str, elapsed: Duration, outcome: StoreOutcome) {
         let label = OpLabel { op };
         self.store_latency
             .get_or_create(&label)
             .observe(elapsed.as_secs_f64());
-        if !ok {
-            self.store_errors.get_or_create(&label).inc();
+        match outcome {
+            StoreOutcome::Ok => {}
+            StoreOutcome::Failed => {
+                self.store_errors.get_or_create(&label).inc();
+            }
+            StoreOutcome::Abandoned => {
+                self.store_abandoned.get_or_create(&label).inc();
+            }
         }
     }
 
@@ -292,8 +318,8 @@ mod tests {
     fn store_errors_count_only_failed_commands_and_latency_counts_all() {
         let metrics = Metrics::new();
 
-        metrics.store_command("set", Duration::from_millis(2), true);
-        metrics.store_command("set", Duration::from_millis(3), false);
+        metrics.store_command("set", Duration::from_millis(2), StoreOutcome::Ok);
+        metrics.store_command("set", Duration::from_millis(3), StoreOutcome::Failed);
         let text = metrics.render(0, 0);
 
         assert!(

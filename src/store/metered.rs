@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Counted, PairingStore, StoreError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOutcome};
 
 /// Wraps a store so every command's latency, and every failure, reaches
-/// [`Metrics`]. A command abandoned by its caller (a caller-side timeout
-/// drops the future) counts as failed: from the service's point of view
-/// it did not answer.
+/// [`Metrics`]. A command dropped before the store answered (a caller-side
+/// timeout, a cancelled request, shutdown) is counted apart as abandoned,
+/// so cancelled requests do not look like store faults.
 pub struct Metered {
     inner: Arc<dyn PairingStore>,
     metrics: Arc<Metrics>,
@@ -22,7 +22,7 @@ impl Metered {
     }
 }
 
-/// Records one command when it finishes, or as failed if it is dropped
+/// Records one command when it finishes, or as abandoned if it is dropped
 /// first.
 struct Timing<'a> {
     metrics: &'a Metrics,
@@ -43,8 +43,12 @@ impl<'a> Timing<'a> {
 
     fn finish<T>(mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         self.finished = true;
+        let outcome = match result {
+            Ok(_) => StoreOutcome::Ok,
+            Err(_) => StoreOutcome::Failed,
+        };
         self.metrics
-            .store_command(self.op, self.started.elapsed(), result.is_ok());
+            .store_command(self.op, self.started.elapsed(), outcome);
         result
     }
 }
@@ -53,7 +57,7 @@ impl Drop for Timing<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.metrics
-                .store_command(self.op, self.started.elapsed(), false);
+                .store_command(self.op, self.started.elapsed(), StoreOutcome::Abandoned);
         }
     }
 }
@@ -145,7 +149,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_command_abandoned_by_a_caller_timeout_counts_as_failed() {
+    async fn a_command_abandoned_by_a_caller_timeout_counts_as_abandoned_not_failed() {
         // Arrange
         let metrics = Arc::new(Metrics::new());
         let store = Metered::new(Arc::new(Silent), Arc::clone(&metrics));
@@ -157,8 +161,9 @@ mod tests {
         // Assert
         assert!(answer.is_err());
         assert!(
-            text.contains(r#"wa_pair_store_errors_total{op="get"} 1"#),
+            text.contains(r#"wa_pair_store_abandoned_total{op="get"} 1"#),
             "{text}"
         );
+        assert!(!text.contains("wa_pair_store_errors_total{"), "{text}");
     }
 }
