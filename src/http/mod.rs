@@ -62,15 +62,9 @@ pub struct AppState {
     pub sandbox: Option<Arc<fake_wa::FakeWhatsApp>>,
 }
 
-/// The whole API as a router over `state`.
+/// The whole API as a router over `state`, serving at `/openapi.json` the
+/// OpenAPI document of exactly the routes it has.
 pub fn router(state: AppState) -> Router {
-    let (router, _) = router_and_document(state);
-    router
-}
-
-/// The whole API as a router over `state`, and the OpenAPI document of
-/// exactly the routes it serves (served at `/openapi.json` too).
-pub fn router_and_document(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let cors = cors::layer(&state.cors_allowed_origins);
     // Only the API routes need a caller: health checks stay open, and an
@@ -109,7 +103,7 @@ pub fn router_and_document(state: AppState) -> (Router, utoipa::openapi::OpenApi
         }
     };
     let deadlines = deadline::Deadlines::for_code_wait(state.code_wait);
-    let router = routes
+    routes
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -126,8 +120,7 @@ pub fn router_and_document(state: AppState) -> (Router, utoipa::openapi::OpenApi
                 .layer(axum::middleware::from_fn(log_request))
                 .layer(PropagateRequestIdLayer::new(request_id)),
         )
-        .layer(cors);
-    (router, document)
+        .layer(cors)
 }
 
 /// Removes a client's request id that is too long or has characters other

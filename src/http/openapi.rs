@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use bytes::Bytes;
 use utoipa::OpenApi;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 
 use super::error::ErrorBody;
@@ -67,6 +67,7 @@ impl utoipa::Modify for BearerAuth {
 /// `500 internal` everywhere; `401 unauthorized` and `429 rate_limited`
 /// on operations that name a caller (those listing [`BEARER`]).
 pub fn add_shared_answers(doc: &mut utoipa::openapi::OpenApi) {
+    let bearer = SecurityRequirement::new(BEARER, Vec::<String>::new());
     for item in doc.paths.paths.values_mut() {
         for operation in [
             &mut item.get,
@@ -84,12 +85,7 @@ pub fn add_shared_answers(doc: &mut utoipa::openapi::OpenApi) {
                 "`request_timeout`: the request took too long",
             );
             add_answer(operation, "500", "`internal`: a failure on our side");
-            let names_a_caller = operation.security.iter().flatten().any(|requirement| {
-                serde_json::to_value(requirement)
-                    .ok()
-                    .and_then(|v| v.as_object().map(|o| o.contains_key(BEARER)))
-                    .unwrap_or(false)
-            });
+            let names_a_caller = operation.security.iter().flatten().any(|r| *r == bearer);
             if names_a_caller {
                 add_answer(
                     operation,

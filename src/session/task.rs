@@ -591,9 +591,7 @@ impl Session {
     }
 
     async fn code_issued(&mut self, issued: IssuedCode, trigger: CodeTrigger) -> StepOutcome {
-        if let Some(metrics) = &self.metrics {
-            metrics.code_issued(trigger);
-        }
+        self.count(|metrics| metrics.code_issued(trigger));
         let refresh_in = self
             .settings
             .refresh_every
@@ -628,8 +626,8 @@ impl Session {
     }
 
     async fn request_failed(&mut self, error: LinkError) -> StepOutcome {
-        if let (Some(metrics), Some(status)) = (&self.metrics, error.status()) {
-            metrics.whatsapp_refused(status);
+        if let Some(status) = error.status() {
+            self.count(|metrics| metrics.whatsapp_refused(status));
         }
         if let LinkError::Storage(cause) = &error {
             // Ours, not WhatsApp's: retried like any transient failure.
@@ -795,9 +793,7 @@ impl Session {
             ..self.state.without_code(Status::Linked)
         };
         self.commit(state).await;
-        if let Some(metrics) = &self.metrics {
-            metrics.session_ended(Status::Linked, None);
-        }
+        self.count(|metrics| metrics.session_ended(Status::Linked, None));
         tracing::info!(
             phone = %self.phone,
             attempt = self.state.attempt,
@@ -822,9 +818,7 @@ impl Session {
             ..self.state.without_code(status)
         };
         self.commit(state).await;
-        if let Some(metrics) = &self.metrics {
-            metrics.session_ended(status, Some(reason));
-        }
+        self.count(|metrics| metrics.session_ended(status, Some(reason)));
         tracing::info!(
             phone = %self.phone,
             status = status.as_str(),
@@ -833,6 +827,13 @@ impl Session {
             "pairing session ended"
         );
         StepOutcome::Ended(status)
+    }
+
+    /// Counts something in the metrics, when this session is metered.
+    fn count(&self, record: impl FnOnce(&Metrics)) {
+        if let Some(metrics) = &self.metrics {
+            record(metrics);
+        }
     }
 
     /// Stores `state` (bounded in time), then publishes it.
