@@ -12,8 +12,8 @@
 //!   open sessions, the service in this process and the bare library in a
 //!   child process of its own; and the bare library once more on
 //!   whatsapp-rust's in-memory store instead of SQLite, which says how much
-//!   of a pending client is its SQLite device store (what keeping pending
-//!   devices in memory until they link could save).
+//!   of a pending client is its SQLite device store (the service keeps a
+//!   pending device in memory until it links).
 //!
 //! The fake runs in a child process (this same binary, re-executed with
 //! `WA_PAIR_BENCH_ROLE=fake`), so its CPU and memory are not counted as the

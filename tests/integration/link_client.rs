@@ -5,6 +5,7 @@ use std::time::Duration;
 use fake_wa::{EnterCodeError, Fault};
 use futures::future::join_all;
 use wa_pair::link::{Invalidation, LinkError, LinkEvent, Linker};
+use wacore::store::traits::{ProtocolStore, SignalStore};
 use whatsapp_rust::store::persistence_manager::PersistenceManager;
 use whatsapp_rust_sqlite_storage::SqliteStore;
 
@@ -53,12 +54,35 @@ async fn code_links_when_typed_on_the_phone_and_the_device_is_persisted() {
         "the new device logs in after the 515"
     );
 
+    // The new device uploads pre-keys at its first login; wait for them
+    // to be stored (in the device's file: it left memory at the link).
+    let path = wa_pair::link::whatsapp::WhatsAppLinker::store_path(harness.data_dir.path(), &phone);
+    let reader = SqliteStore::new_for_device(path.to_str().unwrap(), 1)
+        .await
+        .expect("the device's file exists once linked");
+    let deadline = std::time::Instant::now() + FLOW_TIMEOUT;
+    while reader.get_max_prekey_id().await.unwrap_or(0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pre-keys stored after the login"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(reader);
+
     session.handle.shutdown().await;
     assert!(harness.fake.wait_for_no_connections(FLOW_TIMEOUT).await);
-    let path = wa_pair::link::whatsapp::WhatsAppLinker::store_path(harness.data_dir.path(), &phone);
     let reopened = SqliteStore::new_for_device(path.to_str().unwrap(), 1)
         .await
         .expect("store reopens");
+    // What the library stored at and after the link, not only the keys:
+    // the device moved to disk from memory without losing any of it.
+    let mappings = reopened.get_all_lid_mappings().await.expect("mappings");
+    assert!(reopened.get_max_prekey_id().await.expect("pre-keys") > 0);
+    assert!(
+        mappings.iter().any(|m| m.phone_number == phone.as_str()),
+        "the account's own LID mapping, stored at pair-success, is in the file"
+    );
     let manager = PersistenceManager::new(std::sync::Arc::new(reopened))
         .await
         .expect("device loads");

@@ -2,9 +2,8 @@
 //! its events into [`LinkEvent`]s. Shared by the per-phone clients and the
 //! warm pool: a client is the same thing before and after a phone claims it.
 
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -15,13 +14,12 @@ use whatsapp_rust::Client;
 use whatsapp_rust::bot::{Bot, EventDelivery};
 use whatsapp_rust::pair_code::PairError;
 use whatsapp_rust::request::IqError;
-use whatsapp_rust_sqlite_storage::SqliteStore;
 use whatsapp_rust_tokio_transport::TokioWebSocketTransportFactory;
 
-use super::files::write_home_marker;
+use super::backend::DeviceBackend;
 use super::{
-    DEVICE_ID, EVENT_MAILBOX, LOGIN_POLL, POST_LINK_LOGIN_WAIT, RELEASE_POLL, RELEASE_WAIT,
-    SHUTDOWN_WAIT, WhatsAppSettings,
+    EVENT_MAILBOX, LOGIN_POLL, POST_LINK_LOGIN_WAIT, RELEASE_POLL, RELEASE_WAIT, SHUTDOWN_WAIT,
+    WhatsAppSettings,
 };
 use crate::link::http_client::ReqwestHttpClient;
 use crate::link::tasks::{ClientRuntime, TaskScope};
@@ -43,10 +41,6 @@ pub(super) struct Flags {
     pub linked: AtomicBool,
     /// `shutdown` ran; nothing may be started again.
     pub closed: AtomicBool,
-    /// Where the device's files belong once linked, when the client's store
-    /// lives elsewhere until then (a warm client's). Set when a phone claims
-    /// the client; the link then leaves a marker so a crash cannot lose it.
-    pub home: OnceLock<PathBuf>,
 }
 
 /// Everything a client needs that does not depend on the phone: shared by
@@ -154,29 +148,23 @@ pub(super) async fn release(client: Arc<Client>, tasks: TaskScope) {
 }
 
 impl ClientFactory {
-    /// A bot on its own [`ClientRuntime`] over the device store at `store`,
-    /// with the scope that owns its tasks. Its events go to `wiring`.
+    /// A bot on its own [`ClientRuntime`] over `backend`, with the scope
+    /// that owns its tasks. Its events go to `wiring`.
     pub async fn build(
         &self,
-        store: &Path,
+        backend: &Arc<DeviceBackend>,
         wiring: &Wiring,
     ) -> Result<(Bot, TaskScope), LinkError> {
-        let path_str = store
-            .to_str()
-            .ok_or_else(|| LinkError::Storage(format!("non UTF-8 path {store:?}")))?;
-        let backend = SqliteStore::new_for_device(path_str, DEVICE_ID)
-            .await
-            .map_err(|e| LinkError::Storage(e.to_string()))?;
         let transport = match &self.settings.ws_url {
             Some(url) => TokioWebSocketTransportFactory::new().with_url(url.clone()),
             None => TokioWebSocketTransportFactory::new(),
         };
         let events = wiring.events.clone();
         let flags = Arc::clone(&wiring.flags);
-        let store = store.to_path_buf();
+        let on_disk = Arc::clone(backend);
         let (runtime, tasks) = ClientRuntime::new();
         let mut builder = Bot::builder()
-            .with_backend(backend)
+            .with_backend_arc(Arc::clone(backend) as _)
             .with_runtime(runtime)
             .with_transport_factory(transport)
             .with_http_client(self.http.clone())
@@ -196,8 +184,8 @@ impl ClientFactory {
             .on_event(move |event, client| {
                 let events = events.clone();
                 let flags = Arc::clone(&flags);
-                let store = store.clone();
-                async move { on_event(&event, client, &events, &flags, &store).await }
+                let on_disk = Arc::clone(&on_disk);
+                async move { on_event(&event, client, &events, &flags, &on_disk).await }
             });
         let version = match self.settings.version {
             Some(pinned) => Some(pinned),
@@ -215,10 +203,14 @@ impl ClientFactory {
         }
     }
 
-    /// Builds a client over `store` and starts its run loop (it connects in
-    /// the background).
-    pub async fn start(&self, store: &Path, wiring: &Wiring) -> Result<Running, LinkError> {
-        let (bot, tasks) = self.build(store, wiring).await?;
+    /// Builds a client over `backend` and starts its run loop (it connects
+    /// in the background).
+    pub async fn start(
+        &self,
+        backend: &Arc<DeviceBackend>,
+        wiring: &Wiring,
+    ) -> Result<Running, LinkError> {
+        let (bot, tasks) = self.build(backend, wiring).await?;
         Ok(Running::spawn(bot, tasks))
     }
 }
@@ -255,7 +247,7 @@ async fn on_event(
     client: Arc<Client>,
     events: &mpsc::UnboundedSender<LinkEvent>,
     flags: &Flags,
-    store: &Path,
+    backend: &DeviceBackend,
 ) {
     let linked = flags.linked.load(Ordering::Acquire);
     let send = |e: LinkEvent| {
@@ -301,14 +293,17 @@ async fn on_event(
         Event::PairError(_) if !linked => code_died(Invalidation::PairingRejected),
         Event::PairSuccess(success) => {
             flags.linked.store(true, Ordering::Release);
-            // The identity must be on disk before anyone is told "linked".
+            // The identity must be on disk before anyone is told "linked":
+            // saving the registered device moves the store to its file.
             if let Err(e) = client.persistence_manager().flush().await {
                 tracing::error!(error = %e, "could not flush the linked device");
                 send(LinkEvent::LinkedButNotSaved);
                 return;
             }
-            if let Some(home) = flags.home.get() {
-                write_home_marker(store, home).await;
+            if !backend.is_on_disk().await {
+                tracing::error!("the linked device is not on disk after its flush");
+                send(LinkEvent::LinkedButNotSaved);
+                return;
             }
             let non_empty = |s: String| (!s.is_empty()).then_some(s);
             send(LinkEvent::Linked(LinkedAccount {

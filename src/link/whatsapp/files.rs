@@ -1,5 +1,7 @@
 //! A device store's files on disk: deleting an unlinked one, setting a
-//! replaced one aside, and bringing a warm client's linked device home.
+//! replaced one aside, and finishing what earlier builds left in the warm
+//! pool's directory (they kept warm clients' stores there and moved a
+//! linked one home when it closed).
 //!
 //! A device store is SQLite's main file plus its side files (`-wal`,
 //! `-shm`, `-journal`), which are only consistent together: every move
@@ -11,8 +13,8 @@ use crate::link::LinkError;
 
 /// SQLite's side files of a store, beside the main file.
 const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
-/// Suffix of the marker a warm client's store gets when its phone links:
-/// the marker holds the file name the device belongs under.
+/// Suffix of the marker earlier builds gave a warm client's store when its
+/// phone linked: the marker holds the file name the device belongs under.
 const HOME_MARKER: &str = ".home";
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -72,18 +74,6 @@ pub(super) async fn keep_earlier_device_aside(
     Ok(())
 }
 
-/// Records, next to a warm client's store, that its device linked and
-/// belongs at `home`: if the process dies before the store is closed and
-/// moved, the next start moves it (see [`recover_warm_dir`]).
-pub(super) async fn write_home_marker(store: &Path, home: &Path) {
-    let Some(name) = home.file_name().and_then(|n| n.to_str()) else {
-        return;
-    };
-    if let Err(e) = tokio::fs::write(with_suffix(store, HOME_MARKER), name).await {
-        tracing::warn!(error = %e, "could not record where a linked device belongs");
-    }
-}
-
 /// Moves a closed, linked store from `store` to `home` with its side files,
 /// and drops its home marker. Never overwrites: an existing `home` is set
 /// aside first.
@@ -115,8 +105,8 @@ pub(super) struct Recovered {
     pub deleted: usize,
 }
 
-/// Cleans up after a process that stopped without closing its warm
-/// clients: a store with a home marker linked a phone and is moved to
+/// Cleans up after an earlier build that stopped without closing its warm
+/// clients, and removes the directory: a store with a home marker linked a phone and is moved to
 /// `data_dir/<name>`; every other file is an unlinked device and is deleted.
 /// Only one process may use a data directory (as for the device stores).
 pub(super) async fn recover_warm_dir(
@@ -157,6 +147,8 @@ pub(super) async fn recover_warm_dir(
     while let Some(entry) = entries.next_entry().await? {
         let _ = tokio::fs::remove_file(entry.path()).await;
     }
+    // Nothing uses the directory any more.
+    let _ = tokio::fs::remove_dir(warm_dir).await;
     Ok(recovered)
 }
 
@@ -188,7 +180,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recovery_moves_a_marked_store_home_and_deletes_the_rest() {
+    async fn recovery_moves_a_marked_store_home_and_deletes_the_rest_and_the_directory() {
         // Arrange
         let data = tempfile::tempdir().unwrap();
         let warm = data.path().join(".warm");
@@ -211,10 +203,10 @@ mod tests {
                 deleted: 1
             }
         );
-        assert_eq!(names(&warm), Vec::<String>::new());
+        assert!(!warm.exists(), "the directory is gone");
         assert_eq!(
             names(data.path()),
-            vec![".warm", "6281234567890.db", "6281234567890.db-wal"]
+            vec!["6281234567890.db", "6281234567890.db-wal"]
         );
         let moved = tokio::fs::read_to_string(data.path().join("6281234567890.db"))
             .await
@@ -236,7 +228,7 @@ mod tests {
 
         // Assert
         assert_eq!(recovered.deleted, 1);
-        assert_eq!(names(data.path()), vec![".warm"]);
+        assert_eq!(names(data.path()), Vec::<String>::new());
     }
 
     #[tokio::test]

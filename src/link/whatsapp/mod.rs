@@ -1,20 +1,20 @@
 //! The real [`Linker`]: a `whatsapp-rust` multi-device client per phone.
 //!
-//! Each phone's [`PhoneClient`] owns one client whose device keys live in
-//! SQLite at `DATA_DIR/<phone>.db` (one device per file). The client
+//! Each phone's [`PhoneClient`] owns one client. Its device keys stay in
+//! memory while the device is pending and move to SQLite at
+//! `DATA_DIR/<phone>.db` (one device per file) when it links. The client
 //! connects, WhatsApp hands it QR refs, and [`LinkHandle::request_code`]
 //! asks for a phone-number pairing code on that same connection.
 //!
 //! With a [`warm`] pool, the connection (WebSocket, Noise handshake, login
 //! as an unregistered device) is made before anyone asks: a new session
-//! takes a ready client whose store lives in `DATA_DIR/.warm/` and only has
-//! to ask for the code. Its store is moved to `<phone>.db` when the linked
-//! client is closed (a marker written at the link lets a restart finish the
-//! move if the process died first).
+//! takes a ready client and only has to ask for the code. A warm client has
+//! no files at all until its phone links.
 //!
-//! Files here: `client.rs` builds, runs and stops one library client and
-//! translates its events; `files.rs` deletes, sets aside and moves device
-//! stores; `warm.rs` is the pool.
+//! Files here: `backend.rs` is the device store (memory, then SQLite);
+//! `client.rs` builds, runs and stops one library client and translates
+//! its events; `files.rs` deletes and sets aside device files; `warm.rs` is
+//! the pool.
 //!
 //! After the phone links, the library persists the new identity, WhatsApp
 //! closes the stream (515) and the client logs in again as the new device.
@@ -28,12 +28,14 @@
 //! its own [`ClientRuntime`], whose [`TaskScope`] ends every library task at
 //! shutdown (some would otherwise keep the client alive for minutes), and
 //! shutdown returns only once the client is gone and its SQLite files are
-//! closed. A device that never linked is of no use to anyone: its files are
-//! deleted. A linked device's files stay, closed.
+//! closed. A device that never linked is of no use to anyone: it never had
+//! files, or (a link that failed half-way) they are deleted. A linked
+//! device's files stay, closed.
 //!
 //! The library logs the phone number and the pairing code in clear under the
 //! `Client/PairCode` target; `telemetry` filters that target out.
 
+mod backend;
 mod client;
 mod files;
 pub mod warm;
@@ -49,10 +51,9 @@ use wacore::pair_code::PairCodeUtils;
 use whatsapp_rust::Client;
 use whatsapp_rust::pair_code::PairCodeOptions;
 
-use self::client::{
-    ClientFactory, Flags, Running, Wiring, await_post_link_login, map_pair_error, release,
-};
-use self::files::{keep_earlier_device_aside, move_home, remove_device_files};
+use self::backend::DeviceBackend;
+use self::client::{ClientFactory, Flags, Running, Wiring, await_post_link_login, map_pair_error};
+use self::files::{keep_earlier_device_aside, remove_device_files};
 use self::warm::{WarmClient, WarmPool};
 use super::http_client::ReqwestHttpClient;
 use super::version::{ServiceWorker, SharedVersion, VersionSource};
@@ -154,15 +155,28 @@ impl WhatsAppLinker {
         data_dir.join(format!("{}.db", phone.as_str()))
     }
 
-    /// A client for `phone` on the phone's own store, connecting now.
-    async fn open_cold(&self, phone: &PhoneNumber) -> Result<OpenedLink, LinkError> {
-        let (wiring, events) = Wiring::new();
+    /// Where `phone`'s device will be stored once linked; an earlier
+    /// device stored there is kept aside first, before the new one can ever
+    /// land on it.
+    async fn claim_home(&self, phone: &PhoneNumber) -> Result<PathBuf, LinkError> {
         let home = Self::store_path(&self.factory.settings.data_dir, phone);
+        if tokio::fs::try_exists(&home).await.unwrap_or(false) {
+            keep_earlier_device_aside(&home, phone).await?;
+        }
+        Ok(home)
+    }
+
+    /// A new client for `phone`, connecting now.
+    async fn open_cold(&self, phone: &PhoneNumber) -> Result<OpenedLink, LinkError> {
+        let home = self.claim_home(phone).await?;
+        let (wiring, events) = Wiring::new();
+        let backend = DeviceBackend::pending();
+        backend.set_home(home.clone());
         let client = Arc::new(PhoneClient {
             phone: phone.clone(),
             factory: self.factory.clone(),
-            store: home.clone(),
             home,
+            backend,
             wiring,
             running: tokio::sync::Mutex::new(None),
         });
@@ -173,31 +187,33 @@ impl WhatsAppLinker {
         })
     }
 
-    /// `phone` takes over a warm client: its store moves to the phone's
-    /// place once the phone links.
+    /// `phone` takes over a warm client: its device is stored at the
+    /// phone's place once the phone links.
     async fn open_warm(
         &self,
         phone: &PhoneNumber,
         warm: WarmClient,
     ) -> Result<OpenedLink, LinkError> {
-        let home = Self::store_path(&self.factory.settings.data_dir, phone);
-        if tokio::fs::try_exists(&home).await.unwrap_or(false) {
-            // As on the cold path, before the new device can ever land there.
-            keep_earlier_device_aside(&home, phone).await?;
-        }
         let WarmClient {
-            store,
+            backend,
             running,
             wiring,
             events,
             ..
         } = warm;
-        let _ = wiring.flags.home.set(home.clone());
+        let home = match self.claim_home(phone).await {
+            Ok(home) => home,
+            Err(e) => {
+                running.stop().await;
+                return Err(e);
+            }
+        };
+        backend.set_home(home.clone());
         let client = Arc::new(PhoneClient {
             phone: phone.clone(),
             factory: self.factory.clone(),
-            store,
             home,
+            backend,
             wiring,
             running: tokio::sync::Mutex::new(Some(running)),
         });
@@ -234,15 +250,15 @@ impl Linker for WhatsAppLinker {
     }
 }
 
-/// One phone's link client (rebuilt on the same store when it stops).
+/// One phone's link client (rebuilt on the same device store when it
+/// stops).
 struct PhoneClient {
     phone: PhoneNumber,
     factory: ClientFactory,
-    /// Where the client's device store is now.
-    store: PathBuf,
-    /// Where the device's files belong once linked (`store` on the cold
-    /// path; a warm client's store moves here when it is closed).
+    /// Where the device's files are once linked.
     home: PathBuf,
+    /// The device's keys: every client this phone gets uses the same ones.
+    backend: Arc<DeviceBackend>,
     wiring: Wiring,
     running: tokio::sync::Mutex<Option<Running>>,
 }
@@ -264,7 +280,7 @@ impl PhoneClient {
             return Ok(Arc::clone(&current.client));
         }
         // A disconnected client can never run again; a new one on the same
-        // store keeps the device keys.
+        // device store keeps the device keys.
         if let Some(stale) = running.take() {
             stale.stop().await;
         }
@@ -275,26 +291,13 @@ impl PhoneClient {
     }
 
     async fn start_client(&self) -> Result<Running, LinkError> {
-        let dir = self.store.parent().unwrap_or(Path::new("."));
+        // The device's file is created at the link, which must not fail
+        // for want of a directory.
+        let dir = self.home.parent().unwrap_or(Path::new("."));
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| LinkError::Storage(format!("creating {dir:?}: {e}")))?;
-        let (mut bot, mut tasks) = self.factory.build(&self.store, &self.wiring).await?;
-        if !self.flags().linked.load(Ordering::Acquire)
-            && bot
-                .client()
-                .persistence_manager()
-                .get_device_snapshot()
-                .is_registered()
-        {
-            // An earlier link of this number left a registered device here.
-            let client = bot.client();
-            drop(bot);
-            release(client, tasks).await;
-            keep_earlier_device_aside(&self.store, &self.phone).await?;
-            (bot, tasks) = self.factory.build(&self.store, &self.wiring).await?;
-        }
-        Ok(Running::spawn(bot, tasks))
+        self.factory.start(&self.backend, &self.wiring).await
     }
 
     async fn request_code(&self) -> Result<IssuedCode, LinkError> {
@@ -343,21 +346,18 @@ impl PhoneClient {
             }
             current.stop().await;
         }
-        settle_files(linked, &self.store, &self.home, &self.phone).await;
+        self.backend.close().await;
+        if !linked {
+            settle_unlinked(&self.home).await;
+        }
     }
 }
 
-/// After a client is closed: an unlinked device's files are deleted; a
-/// linked one's are brought to where they belong.
-async fn settle_files(linked: bool, store: &Path, home: &Path, phone: &PhoneNumber) {
-    if !linked {
-        remove_device_files(store).await;
-    } else if store != home
-        && let Err(e) = move_home(store, home).await
-    {
-        // The home marker stays: the next start tries again.
-        tracing::error!(phone = %phone, error = %e, "could not move a linked device into place");
-    }
+/// After a client that never linked is closed: the files of a link that
+/// failed half-way (the device moved to disk, `pair-success` never came
+/// through) are of no use to anyone.
+async fn settle_unlinked(home: &Path) {
+    remove_device_files(home).await;
 }
 
 impl Drop for PhoneClient {
@@ -372,17 +372,19 @@ impl Drop for PhoneClient {
         }
         let running = self.running.get_mut().take();
         let linked = self.flags().linked.load(Ordering::Acquire);
-        if (running.is_some() || !linked || self.store != self.home)
+        if (running.is_some() || !linked)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let store = self.store.clone();
             let home = self.home.clone();
-            let phone = self.phone.clone();
+            let backend = Arc::clone(&self.backend);
             runtime.spawn(async move {
                 if let Some(running) = running {
                     running.stop().await;
                 }
-                settle_files(linked, &store, &home, &phone).await;
+                backend.close().await;
+                if !linked {
+                    settle_unlinked(&home).await;
+                }
             });
         }
     }

@@ -4,9 +4,9 @@
 //! unregistered device before WhatsApp will even take the code request
 //! (itself one PBKDF2 and one round trip). None of the first part depends
 //! on the phone, so the pool does it ahead: it keeps up to
-//! `PAIR_WARM_CLIENTS` connected clients, each on its own empty device
-//! store in `DATA_DIR/.warm/`. [`Linker::open`](crate::link::Linker::open)
-//! takes the freshest; the pool refills in the background.
+//! `PAIR_WARM_CLIENTS` connected clients, each with a fresh device in
+//! memory (no files). [`Linker::open`](crate::link::Linker::open) takes
+//! the freshest; the pool refills in the background.
 //!
 //! The pool's one task ([`WarmPool::run`], owned by `App::serve`) does all
 //! the slow work: connecting, replacing clients before WhatsApp's QR refs
@@ -17,7 +17,6 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,12 +24,14 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::backend::DeviceBackend;
 use super::client::{ClientFactory, Running, Wiring};
-use super::files::{recover_warm_dir, remove_device_files};
+use super::files::recover_warm_dir;
 use super::{SOCKET_WAIT, WARM_CLIENT_MAX_AGE};
 use crate::link::{LinkError, LinkEvent};
 
-/// Name of the pool's directory inside `DATA_DIR`.
+/// Name of the directory inside `DATA_DIR` where earlier builds kept warm
+/// clients' device stores; the pool finishes what they left there.
 pub const WARM_DIR: &str = ".warm";
 /// First wait after a failed connect; doubles up to [`RETRY_MAX`]. WhatsApp
 /// unreachable must not turn the pool into a connect loop.
@@ -40,8 +41,8 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// A connected, unpaired client waiting for a phone.
 pub(super) struct WarmClient {
-    /// Its (empty) device store in the pool's directory.
-    pub store: PathBuf,
+    /// Its fresh device, in memory until a phone claims it and links.
+    pub backend: Arc<DeviceBackend>,
     pub running: Running,
     pub wiring: Wiring,
     pub events: mpsc::UnboundedReceiver<LinkEvent>,
@@ -63,10 +64,9 @@ impl WarmClient {
         !lost && self.running.is_connected() && now.duration_since(self.connected_at) < max_age
     }
 
-    /// Closes the client and deletes its store.
+    /// Closes the client; its device goes with it.
     async fn discard(self) {
         self.running.stop().await;
-        remove_device_files(&self.store).await;
     }
 }
 
@@ -101,13 +101,13 @@ struct Shared {
     factory: ClientFactory,
     size: usize,
     max_age: Duration,
-    dir: PathBuf,
+    /// Where earlier versions kept warm clients' stores.
+    legacy_dir: PathBuf,
     ready: Mutex<Ready>,
     /// Woken by `take`: a client left, or one was found dead.
     wanted: Notify,
     /// Cancelled at shutdown: a connect in flight gives up.
     closing: CancellationToken,
-    next_id: AtomicU64,
 }
 
 /// Up to `PAIR_WARM_CLIENTS` connected, unpaired link clients.
@@ -131,12 +131,11 @@ impl WarmPool {
         let shared = Shared {
             size: settings.warm_clients,
             max_age: settings.warm_max_age.unwrap_or(WARM_CLIENT_MAX_AGE),
-            dir: settings.data_dir.join(WARM_DIR),
+            legacy_dir: settings.data_dir.join(WARM_DIR),
             factory,
             ready: Mutex::new(Ready::default()),
             wanted: Notify::new(),
             closing: CancellationToken::new(),
-            next_id: AtomicU64::new(0),
         };
         Self {
             shared: Arc::new(shared),
@@ -236,30 +235,19 @@ impl WarmPool {
         }
     }
 
-    /// Connects one client on a fresh store; cleans up after itself when it
-    /// fails or the pool closes meanwhile.
+    /// Connects one client with a fresh device; closes it again when the
+    /// connect fails or the pool closes meanwhile.
     async fn connect_one(&self) -> Result<WarmClient, LinkError> {
-        let dir = &self.shared.dir;
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| LinkError::Storage(format!("creating {dir:?}: {e}")))?;
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let store = dir.join(format!("{}-{id}.db", std::process::id()));
+        let backend = DeviceBackend::pending();
         let (wiring, events) = Wiring::new();
-        let running = match self.shared.factory.start(&store, &wiring).await {
-            Ok(running) => running,
-            Err(e) => {
-                remove_device_files(&store).await;
-                return Err(e);
-            }
-        };
+        let running = self.shared.factory.start(&backend, &wiring).await?;
         let connected = tokio::select! {
             connected = running.client.wait_for_socket(SOCKET_WAIT) => connected
                 .map_err(|_| LinkError::Timeout("connecting to WhatsApp")),
             () = self.shared.closing.cancelled() => Err(LinkError::Closed),
         };
         let client = WarmClient {
-            store,
+            backend,
             running,
             wiring,
             events,
@@ -275,11 +263,11 @@ impl WarmPool {
     }
 
     /// Keeps the pool full until `stop` turns true, then closes every
-    /// client it holds and deletes their stores. First finishes what an
-    /// earlier process left in the pool's directory.
+    /// client it holds. First finishes what an earlier version left in
+    /// [`WARM_DIR`].
     pub async fn run(&self, mut stop: watch::Receiver<bool>) {
         let data_dir = &self.shared.factory.settings.data_dir;
-        match recover_warm_dir(data_dir, &self.shared.dir).await {
+        match recover_warm_dir(data_dir, &self.shared.legacy_dir).await {
             Ok(recovered) if recovered.moved > 0 => tracing::warn!(
                 moved = recovered.moved,
                 deleted = recovered.deleted,
@@ -342,7 +330,5 @@ impl WarmPool {
             all
         };
         futures::future::join_all(clients.into_iter().map(WarmClient::discard)).await;
-        // Empty now; a leftover would only be cleaned at the next start.
-        let _ = tokio::fs::remove_dir(&self.shared.dir).await;
     }
 }
