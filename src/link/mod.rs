@@ -22,6 +22,7 @@ pub mod version;
 pub mod whatsapp;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -209,8 +210,9 @@ impl LinkError {
 /// stream. (A *session* is the pairing the service runs; this is the
 /// WhatsApp side of one.)
 pub struct OpenedLink {
-    /// Operations on the session.
-    pub handle: Box<dyn LinkHandle>,
+    /// Operations on the session; shared, so a request can be in flight
+    /// while its owner goes on listening to events and commands.
+    pub handle: Arc<dyn LinkHandle>,
     /// Everything that happens to the session, in order.
     pub events: mpsc::UnboundedReceiver<LinkEvent>,
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use time::OffsetDateTime;
@@ -157,17 +158,30 @@ impl StepOutcome {
     }
 }
 
-/// What ended the wait for something WhatsApp was asked (a connection, a
-/// code).
-enum InFlight<T> {
-    /// The answer.
-    Done(Result<T, LinkError>),
-    /// A link event that ends the session arrived first.
-    Event(LinkEvent),
-    /// A cancel arrived first.
-    Cancel(Reply),
-    /// The service is stopping.
-    Stop,
+/// What a session is waiting on WhatsApp for. Held by the session and
+/// polled in [`Session::step`]'s one `select!`, beside the link events, the
+/// commands, the stop signal and the timers, so none of them waits behind
+/// it.
+struct InFlight {
+    asking: Asking,
+    /// Refreshes that arrived meanwhile: they get this request's outcome.
+    waiting: Vec<Reply>,
+    /// The link client's event stream closed during the request; the
+    /// request itself will say what went wrong.
+    events_closed: bool,
+}
+
+enum Asking {
+    /// Opening the link client (connecting to WhatsApp).
+    Open(BoxFuture<'static, Result<OpenedLink, LinkError>>),
+    /// A code request on the open link client.
+    Code(BoxFuture<'static, Result<IssuedCode, LinkError>>),
+}
+
+/// What an [`InFlight`] request came back with.
+enum Answer {
+    Opened(Result<OpenedLink, LinkError>),
+    Code(Result<IssuedCode, LinkError>),
 }
 
 /// Whether `event` ends the session (so it must not wait behind a request).
@@ -186,6 +200,8 @@ pub struct Session {
     linker: Arc<dyn Linker>,
     store: Arc<dyn PairingStore>,
     link: Option<OpenedLink>,
+    /// What WhatsApp is being asked now, if anything.
+    in_flight: Option<InFlight>,
     state: PairState,
     published: watch::Sender<PairState>,
     commands: mpsc::Receiver<Command>,
@@ -233,6 +249,7 @@ impl Session {
             linker,
             store,
             link: None,
+            in_flight: None,
             state,
             published,
             commands,
@@ -296,6 +313,7 @@ impl Session {
         if self.store_heal_at.is_some() {
             self.write_store().await;
         }
+        self.in_flight = None;
         if let Some(link) = self.link.take() {
             link.handle.shutdown().await;
         }
@@ -308,62 +326,187 @@ impl Session {
         }
     }
 
-    /// Waits for the next thing to happen and handles it.
+    /// Waits for the next thing to happen and handles it: everything the
+    /// session waits on is polled here, in one `select!`. Starting a request
+    /// to WhatsApp, a refresh joining one, or an event superseded by one
+    /// changes nothing visible, so the step goes on waiting; it returns
+    /// once something did change.
     pub async fn step(&mut self) -> StepOutcome {
-        if self.state.status.is_terminal() {
-            return StepOutcome::Ended(self.state.status);
-        }
-        let wake = [self.next_request, self.store_heal_at, Some(self.deadline)]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(self.deadline);
-        tokio::select! {
-            // Link events first: a link that already happened must win over
-            // a cancel or a stop queued behind it.
-            biased;
-            event = next_link_event(&mut self.link) => self.on_link_event(event).await,
-            () = stop_requested(&mut self.stopping) => self.interrupted().await,
-            command = self.commands.recv() => match command {
-                Some(Command::Refresh(reply)) => {
-                    if let Some(retry_after) = self.budget_wait() {
-                        let _ = reply.send(Err(SessionError::CodeBudget { retry_after }));
-                        return StepOutcome::Idle;
-                    }
-                    if let Some(current) = self.refresh_not_needed() {
-                        let _ = reply.send(Ok(current));
-                        return StepOutcome::Idle;
-                    }
-                    self.request_code(vec![reply]).await
+        loop {
+            if self.state.status.is_terminal() {
+                return StepOutcome::Ended(self.state.status);
+            }
+            let asking = self.in_flight.is_some();
+            let events_closed = self.in_flight.as_ref().is_some_and(|f| f.events_closed);
+            let wake = [self.next_request, self.store_heal_at, Some(self.deadline)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(self.deadline);
+            let outcome = tokio::select! {
+                // Link events first: a link that already happened must win
+                // over a cancel or a stop queued behind it.
+                biased;
+                event = next_link_event(&mut self.link), if !events_closed => {
+                    self.on_event_in_step(event).await
                 }
-                Some(Command::Cancel(reply)) => self.cancel(reply, Vec::new()).await,
-                // Every sender gone means the registry is gone: treat it as
-                // a shutdown rather than run unobserved.
-                None => self.interrupted().await,
-            },
-            _ = tokio::time::sleep_until(wake) => {
-                let now = Instant::now();
-                if now >= self.deadline {
-                    self.finish(
-                        Status::Expired,
-                        Reason::MaxLifetime,
-                        Some("no link within the session's lifetime; request a new code".into()),
-                    )
-                    .await
-                } else if self.next_request.is_some_and(|at| at <= now) {
-                    if self.state.status == Status::Pending && self.state.reason.is_none() {
-                        // The code lived to its scheduled refresh: the
-                        // connection is sound, so earlier failures (and
-                        // drops) are forgiven.
-                        self.failures = 0;
+                () = stop_requested(&mut self.stopping) => {
+                    let waiting = self.drop_in_flight();
+                    let outcome = self.interrupted().await;
+                    self.answer(waiting, &outcome);
+                    Some(outcome)
+                }
+                command = self.commands.recv() => match command {
+                    Some(Command::Refresh(reply)) => self.refresh(reply).await,
+                    Some(Command::Cancel(reply)) => {
+                        let waiting = self.drop_in_flight();
+                        Some(self.cancel(reply, waiting).await)
                     }
-                    self.request_code(Vec::new()).await
-                } else {
-                    self.write_store().await;
-                    StepOutcome::Idle
+                    // Every sender gone means the registry is gone: treat it
+                    // as a shutdown rather than run unobserved.
+                    None => {
+                        let waiting = self.drop_in_flight();
+                        let outcome = self.interrupted().await;
+                        self.answer(waiting, &outcome);
+                        Some(outcome)
+                    }
+                },
+                answer = answer_of(&mut self.in_flight) => self.answered(answer).await,
+                // While WhatsApp is being asked, the request's own bounds
+                // (connect, code) come first; timers wait for its answer.
+                _ = tokio::time::sleep_until(wake), if !asking => self.timer_fired().await,
+            };
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+        }
+    }
+
+    /// A link event; `None` when it changed nothing visible.
+    async fn on_event_in_step(&mut self, event: Option<LinkEvent>) -> Option<StepOutcome> {
+        if let Some(in_flight) = self.in_flight.as_mut() {
+            match &event {
+                Some(event) if ends_the_session(event) => {}
+                // Superseded by the code being asked for.
+                Some(_) => return None,
+                None => {
+                    in_flight.events_closed = true;
+                    return None;
                 }
             }
         }
+        // A link (or a failure) that ends the session wins over the
+        // request in flight: the request is dropped.
+        let waiting = self.drop_in_flight();
+        let outcome = self.on_link_event(event).await;
+        self.answer(waiting, &outcome);
+        Some(outcome)
+    }
+
+    /// A manual refresh: joins the request in flight, or is answered at
+    /// once, or starts a request.
+    async fn refresh(&mut self, reply: Reply) -> Option<StepOutcome> {
+        if let Some(in_flight) = self.in_flight.as_mut() {
+            in_flight.waiting.push(reply);
+            return None;
+        }
+        if let Some(retry_after) = self.budget_wait() {
+            let _ = reply.send(Err(SessionError::CodeBudget { retry_after }));
+            return Some(StepOutcome::Idle);
+        }
+        if let Some(current) = self.refresh_not_needed() {
+            let _ = reply.send(Ok(current));
+            return Some(StepOutcome::Idle);
+        }
+        self.start_request(vec![reply]).await
+    }
+
+    /// The schedule's timer: the session's deadline, a scheduled code, or a
+    /// store heal.
+    async fn timer_fired(&mut self) -> Option<StepOutcome> {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Some(
+                self.finish(
+                    Status::Expired,
+                    Reason::MaxLifetime,
+                    Some("no link within the session's lifetime; request a new code".into()),
+                )
+                .await,
+            );
+        }
+        if self.next_request.is_some_and(|at| at <= now) {
+            if self.state.status == Status::Pending && self.state.reason.is_none() {
+                // The code lived to its scheduled refresh: the connection
+                // is sound, so earlier failures (and drops) are forgiven.
+                self.failures = 0;
+            }
+            return self.start_request(Vec::new()).await;
+        }
+        self.write_store().await;
+        Some(StepOutcome::Idle)
+    }
+
+    /// Ends the request in flight, if any (dropping it cancels it), and
+    /// returns the refreshes that waited for it.
+    fn drop_in_flight(&mut self) -> Vec<Reply> {
+        self.in_flight.take().map(|f| f.waiting).unwrap_or_default()
+    }
+
+    /// Starts asking WhatsApp for a code for the refreshes in `waiting`:
+    /// opening the link client first if needed. `Some` when it could not be
+    /// asked (the code budget is spent).
+    async fn start_request(&mut self, waiting: Vec<Reply>) -> Option<StepOutcome> {
+        self.next_request = None;
+        let Some(link) = self.link.as_ref() else {
+            let linker = Arc::clone(&self.linker);
+            let phone = self.phone.clone();
+            self.in_flight = Some(InFlight {
+                asking: Asking::Open(Box::pin(async move { linker.open(&phone).await })),
+                waiting,
+                events_closed: false,
+            });
+            return None;
+        };
+        let handle = Arc::clone(&link.handle);
+        // Counted once connected, right before WhatsApp is asked: a
+        // connection that never came up notified nobody.
+        if let Some(wait) = self.take_code_from_budget().await {
+            let outcome = self.budget_spent(wait).await;
+            self.answer(waiting, &outcome);
+            return Some(outcome);
+        }
+        self.in_flight = Some(InFlight {
+            asking: Asking::Code(Box::pin(async move { handle.request_code().await })),
+            waiting,
+            events_closed: false,
+        });
+        None
+    }
+
+    /// WhatsApp answered the request in flight.
+    async fn answered(&mut self, answer: Answer) -> Option<StepOutcome> {
+        let waiting = self.drop_in_flight();
+        let outcome = match answer {
+            Answer::Opened(Ok(link)) => {
+                self.link = Some(link);
+                return self.start_request(waiting).await;
+            }
+            Answer::Opened(Err(error)) => self.request_failed(error).await,
+            Answer::Code(result) => {
+                let trigger = match (waiting.is_empty(), self.state.attempt) {
+                    (false, _) => CodeTrigger::Manual,
+                    (true, 0) => CodeTrigger::First,
+                    (true, _) => CodeTrigger::Auto,
+                };
+                match result {
+                    Ok(issued) => self.code_issued(issued, trigger).await,
+                    Err(error) => self.request_failed(error).await,
+                }
+            }
+        };
+        self.answer(waiting, &outcome);
+        Some(outcome)
     }
 
     /// The current state when a manual refresh should not reach WhatsApp:
@@ -413,101 +556,12 @@ impl Session {
         }
     }
 
-    /// Asks for a code (opening the link client first if needed), then
-    /// answers the refreshes in `waiting`. While WhatsApp is being asked, a
-    /// stop or a cancel interrupts, further refreshes join this request, and
-    /// the link client's events are still read: a link that completes while
-    /// a code is being asked for ends the session `linked`, whatever comes
-    /// after it.
-    async fn request_code(&mut self, mut waiting: Vec<Reply>) -> StepOutcome {
-        self.next_request = None;
-        let mut stopping = self.stopping.clone();
-        if self.link.is_none() {
-            let opened = {
-                let open = self.linker.open(&self.phone);
-                tokio::pin!(open);
-                loop {
-                    tokio::select! {
-                        result = &mut open => break InFlight::Done(result),
-                        () = stop_requested(&mut stopping) => break InFlight::Stop,
-                        command = self.commands.recv() => match command {
-                            Some(Command::Refresh(reply)) => waiting.push(reply),
-                            Some(Command::Cancel(reply)) => break InFlight::Cancel(reply),
-                            None => break InFlight::Stop,
-                        },
-                    }
-                }
-            };
-            match opened {
-                InFlight::Done(Ok(link)) => self.link = Some(link),
-                InFlight::Done(Err(error)) => {
-                    let outcome = self.request_failed(error).await;
-                    self.answer(waiting, &outcome);
-                    return outcome;
-                }
-                InFlight::Cancel(reply) => return self.cancel(reply, waiting).await,
-                InFlight::Stop | InFlight::Event(_) => {
-                    let outcome = self.interrupted().await;
-                    self.answer(waiting, &outcome);
-                    return outcome;
-                }
-            }
-        }
-        // Counted once connected, right before WhatsApp is asked: a
-        // connection that never came up notified nobody.
-        if let Some(wait) = self.take_code_from_budget().await {
-            let outcome = self.budget_spent(wait).await;
-            self.answer(waiting, &outcome);
-            return outcome;
-        }
-        let asked = match self.link.as_mut() {
-            Some(link) => {
-                let request = link.handle.request_code();
-                tokio::pin!(request);
-                let mut events_open = true;
-                loop {
-                    tokio::select! {
-                        // A link already reported wins over anything queued.
-                        biased;
-                        event = link.events.recv(), if events_open => match event {
-                            Some(event) if ends_the_session(&event) => break InFlight::Event(event),
-                            // Superseded by the code being asked for.
-                            Some(_) => {}
-                            // The request itself will say what went wrong.
-                            None => events_open = false,
-                        },
-                        result = &mut request => break InFlight::Done(result),
-                        () = stop_requested(&mut stopping) => break InFlight::Stop,
-                        command = self.commands.recv() => match command {
-                            Some(Command::Refresh(reply)) => waiting.push(reply),
-                            Some(Command::Cancel(reply)) => break InFlight::Cancel(reply),
-                            None => break InFlight::Stop,
-                        },
-                    }
-                }
-            }
-            None => InFlight::Done(Err(LinkError::Closed)),
-        };
-        let trigger = match (waiting.is_empty(), self.state.attempt) {
-            (false, _) => CodeTrigger::Manual,
-            (true, 0) => CodeTrigger::First,
-            (true, _) => CodeTrigger::Auto,
-        };
-        let outcome = match asked {
-            InFlight::Done(Ok(issued)) => self.code_issued(issued, trigger).await,
-            InFlight::Done(Err(error)) => self.request_failed(error).await,
-            InFlight::Event(event) => self.on_link_event(Some(event)).await,
-            InFlight::Cancel(reply) => return self.cancel(reply, waiting).await,
-            InFlight::Stop => self.interrupted().await,
-        };
-        self.answer(waiting, &outcome);
-        outcome
-    }
-
     /// Takes one code from the phone's budget; `Some(wait)` when none is
     /// left. A store that does not answer does not hold codes back (a store
     /// outage must not stop pairing); that is logged.
-    async fn take_code_from_budget(&self) -> Option<Duration> {
+    // `&mut self`: a session is `Send` but not `Sync` (its request in
+    // flight is not), so no `&self` may be held across an await.
+    async fn take_code_from_budget(&mut self) -> Option<Duration> {
         let key = self.settings.budget_key(&self.phone);
         let counted = tokio::time::timeout(
             STORE_WRITE_BUDGET,
@@ -897,6 +951,21 @@ impl Session {
 async fn stop_requested(stopping: &mut watch::Receiver<bool>) {
     if stopping.wait_for(|stop| *stop).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// The answer to the request in flight; never, while there is none.
+async fn answer_of(in_flight: &mut Option<InFlight>) -> Answer {
+    match in_flight {
+        Some(InFlight {
+            asking: Asking::Open(open),
+            ..
+        }) => Answer::Opened(open.await),
+        Some(InFlight {
+            asking: Asking::Code(code),
+            ..
+        }) => Answer::Code(code.await),
+        None => std::future::pending().await,
     }
 }
 

@@ -63,7 +63,7 @@ impl Linker for ScriptedLinker {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.0.events.lock().unwrap() = Some(tx);
         Ok(OpenedLink {
-            handle: Box::new(ScriptedHandle(Arc::clone(&self.0))),
+            handle: Arc::new(ScriptedHandle(Arc::clone(&self.0))),
             events: rx,
         })
     }

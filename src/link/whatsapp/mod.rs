@@ -182,7 +182,7 @@ impl WhatsAppLinker {
         });
         client.ensure_running().await?;
         Ok(OpenedLink {
-            handle: Box::new(PhoneClientHandle(client)),
+            handle: Arc::new(PhoneClientHandle(client)),
             events,
         })
     }
@@ -218,7 +218,7 @@ impl WhatsAppLinker {
             running: tokio::sync::Mutex::new(Some(running)),
         });
         Ok(OpenedLink {
-            handle: Box::new(PhoneClientHandle(client)),
+            handle: Arc::new(PhoneClientHandle(client)),
             events,
         })
     }
