@@ -30,7 +30,11 @@
 //! The folder, by concern:
 //! - [`state`]: what a session looks like from outside ([`PairState`], the
 //!   JSON that is stored and returned).
-//! - [`task`]: one session's task ([`Session`]): steps, schedule, store writes.
+//! - [`schedule`]: when a code is replaced and how long a state is stored,
+//!   as pure functions ([`SessionSettings`]).
+//! - [`task`]: one session's task ([`Session`]), with ONE `select!` in
+//!   [`Session::step`]; its files: `transitions.rs` (what each outcome does
+//!   to the state) and `writer.rs` (the store writes and the code budget).
 //! - [`registry`]: all sessions of the process ([`Sessions`]): start or join,
 //!   commands, shutdown.
 //! - [`access`]: who started a session ([`Owner`]) and who may touch it
@@ -40,6 +44,7 @@ use std::time::Duration;
 
 mod access;
 mod registry;
+mod schedule;
 mod state;
 mod task;
 #[cfg(test)]
@@ -50,11 +55,14 @@ pub use registry::{
     COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, PREVIOUS_SESSION_WAIT, RegistryCounts,
     STORE_READ_TIMEOUT, Sessions,
 };
+pub use schedule::{
+    CODE_BUDGET_WINDOW, MANUAL_REFRESH_DEBOUNCE, MIN_EVENT_REFRESH_GAP, MIN_REFRESH_INTERVAL,
+    REFRESH_MARGIN, SessionSettings, WAIT_TTL_MARGIN,
+};
 pub use state::{PairState, Reason, Status};
 pub use task::{
-    CODE_BUDGET_WINDOW, Command, FINAL_HEAL_ATTEMPTS, MANUAL_REFRESH_DEBOUNCE,
-    MIN_EVENT_REFRESH_GAP, MIN_REFRESH_INTERVAL, REFRESH_MARGIN, Reply, STORE_HEAL_BACKOFF,
-    STORE_WRITE_BUDGET, Session, SessionSettings, StepOutcome, WAIT_TTL_MARGIN,
+    Command, FINAL_HEAL_ATTEMPTS, Reply, STORE_HEAL_BACKOFF, STORE_WRITE_BUDGET, Session,
+    StepOutcome,
 };
 
 /// Why a command to a session could not be carried out.

@@ -16,8 +16,9 @@ use tokio::task::JoinHandle;
 
 use super::SessionError;
 use super::access::{Actor, Owner};
+use super::schedule::SessionSettings;
 use super::state::{PairState, ReadState, Reason, Status};
-use super::task::{Command, Reply, Session, SessionSettings, ended, outcome_error};
+use super::task::{Command, Reply, Session, ended, outcome_error};
 use crate::link::Linker;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;

@@ -1,6 +1,17 @@
 //! One phone's session task: the state machine, the code schedule, the retry
 //! backoff and the store writes. [`Session::step`] does one thing;
 //! [`Session::run`] loops over steps.
+//!
+//! This file is the loop: what a session holds and the one `select!` that
+//! waits on everything (link events, commands, the stop signal, the request
+//! in flight, the timers). [`transitions`] is what each outcome does to the
+//! state; [`writer`] stores it.
+
+mod transitions;
+mod writer;
+
+pub(super) use transitions::{ended, outcome_error};
+pub use writer::{FINAL_HEAL_ATTEMPTS, STORE_HEAL_BACKOFF, STORE_WRITE_BUDGET};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,106 +23,17 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use self::transitions::ends_the_session;
 use super::SessionError;
-use super::state::{PairState, Reason, Status, StoredState};
-use crate::config::Config;
-use crate::link::{
-    Invalidation, IssuedCode, LinkError, LinkEvent, LinkedAccount, Linker, OpenedLink,
-};
+use super::schedule::{MANUAL_REFRESH_DEBOUNCE, SessionSettings};
+use super::state::{PairState, Reason, Status};
+use crate::link::{IssuedCode, LinkError, LinkEvent, Linker, OpenedLink};
 use crate::metrics::{CodeTrigger, Metrics};
 use crate::phone::PhoneNumber;
-use crate::retry::Backoff;
 use crate::store::PairingStore;
 
-/// Replace a code this long before WhatsApp stops accepting it: a refresh
-/// costs one PBKDF2 and a round trip, and the store must never show a dead
-/// code.
-pub const REFRESH_MARGIN: Duration = Duration::from_secs(15);
-/// Never schedule refreshes closer than this, whatever WhatsApp says about
-/// validity, so a misbehaving peer cannot make us hammer it.
-pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
-/// Longest a state write may hold up the session (and so the HTTP answer).
-/// The Upstash client retries internally; past this we move on and heal later.
-///
-/// Longer than one Upstash request (5 s) so a slow but working store still
-/// gets its write in; a dead one fails fast anyway.
-pub const STORE_WRITE_BUDGET: Duration = Duration::from_secs(6);
-/// Backoff between attempts to heal the store after a failed write.
-pub const STORE_HEAL_BACKOFF: Backoff =
-    Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
-/// Attempts to heal the store once a session has ended, before giving up.
-pub const FINAL_HEAL_ATTEMPTS: u32 = 3;
-/// A code WhatsApp invalidated is replaced at once, but never sooner than
-/// this after the previous one was issued: a peer that keeps invalidating
-/// codes must not get a request storm back.
-pub const MIN_EVENT_REFRESH_GAP: Duration = Duration::from_secs(5);
-/// "Refresh Kode" pressed again within this long of a new code returns that
-/// code instead of asking WhatsApp for yet another (double clicks, retries).
-pub const MANUAL_REFRESH_DEBOUNCE: Duration = Duration::from_secs(2);
-/// A state stored while its session waits (a backoff, the code budget)
-/// lives at least this long past the end of the wait, so a reader of the
-/// store never finds the key gone while the session is still there.
-pub const WAIT_TTL_MARGIN: Duration = Duration::from_secs(60);
-/// The window of the per-phone code budget (`PAIR_CODES_PER_HOUR`): it opens
-/// with the first code and does not slide.
-pub const CODE_BUDGET_WINDOW: Duration = Duration::from_secs(3600);
 /// Commands waiting for a session task; callers beyond this get a 503.
 const COMMAND_QUEUE: usize = 16;
-
-/// Tunables of every session, from [`Config`].
-#[derive(Debug, Clone)]
-pub struct SessionSettings {
-    /// Store TTL while starting or pending.
-    pub code_ttl: Duration,
-    /// A new code at least this often.
-    pub refresh_every: Duration,
-    /// End unlinked sessions after this long.
-    pub session_max: Duration,
-    /// Store TTL of a final state.
-    pub outcome_ttl: Duration,
-    /// Retry backoff for failed code requests.
-    pub backoff: Backoff,
-    /// Consecutive failures before the session fails.
-    pub max_attempts: u32,
-    /// Prefix of store keys.
-    pub key_prefix: String,
-    /// Codes per phone and [`CODE_BUDGET_WINDOW`], counted in the store.
-    pub codes_per_hour: u32,
-}
-
-impl SessionSettings {
-    /// Takes the session tunables from the service configuration.
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            code_ttl: config.code_ttl,
-            refresh_every: config.refresh_every,
-            session_max: config.session_max,
-            outcome_ttl: config.outcome_ttl,
-            backoff: Backoff::new(config.backoff_base, config.backoff_cap),
-            max_attempts: config.max_attempts.max(1),
-            key_prefix: config.key_prefix.clone(),
-            codes_per_hour: config.codes_per_hour,
-        }
-    }
-
-    /// The store key of `phone`.
-    pub fn key(&self, phone: &PhoneNumber) -> String {
-        format!("{}{}", self.key_prefix, phone.as_str())
-    }
-
-    /// The store key counting `phone`'s codes.
-    pub fn budget_key(&self, phone: &PhoneNumber) -> String {
-        format!("{}budget:{}", self.key_prefix, phone.as_str())
-    }
-
-    fn ttl_for(&self, status: Status) -> Duration {
-        if status.is_terminal() {
-            self.outcome_ttl
-        } else {
-            self.code_ttl
-        }
-    }
-}
 
 /// Where a session sends its answer to a command.
 pub type Reply = oneshot::Sender<Result<PairState, SessionError>>;
@@ -182,14 +104,6 @@ enum Asking {
 enum Answer {
     Opened(Result<OpenedLink, LinkError>),
     Code(Result<IssuedCode, LinkError>),
-}
-
-/// Whether `event` ends the session (so it must not wait behind a request).
-fn ends_the_session(event: &LinkEvent) -> bool {
-    matches!(
-        event,
-        LinkEvent::Linked(_) | LinkEvent::LinkedButNotSaved | LinkEvent::Failed { .. }
-    )
 }
 
 /// One phone's pairing session. Owned by its task; see the module docs.
@@ -532,418 +446,6 @@ impl Session {
         let left = self.state.retry_at? - OffsetDateTime::now_utc();
         (left > time::Duration::ZERO).then(|| left.unsigned_abs().max(Duration::from_secs(1)))
     }
-
-    async fn cancel(&mut self, reply: Reply, waiting: Vec<Reply>) -> StepOutcome {
-        let outcome = self
-            .finish(Status::Cancelled, Reason::Cancelled, None)
-            .await;
-        let _ = reply.send(Ok(self.state.clone()));
-        self.answer(waiting, &outcome);
-        outcome
-    }
-
-    /// Answers refreshes that waited for `outcome`.
-    fn answer(&self, waiting: Vec<Reply>, outcome: &StepOutcome) {
-        for reply in waiting {
-            let answer = match outcome {
-                StepOutcome::Ended(_) => Err(outcome_error(&self.state)),
-                StepOutcome::BudgetSpent { .. } => Err(SessionError::CodeBudget {
-                    retry_after: self.budget_wait().unwrap_or(Duration::from_secs(1)),
-                }),
-                _ => Ok(self.state.clone()),
-            };
-            let _ = reply.send(answer);
-        }
-    }
-
-    /// Takes one code from the phone's budget; `Some(wait)` when none is
-    /// left. A store that does not answer does not hold codes back (a store
-    /// outage must not stop pairing); that is logged.
-    // `&mut self`: a session is `Send` but not `Sync` (its request in
-    // flight is not), so no `&self` may be held across an await.
-    async fn take_code_from_budget(&mut self) -> Option<Duration> {
-        let key = self.settings.budget_key(&self.phone);
-        let counted = tokio::time::timeout(
-            STORE_WRITE_BUDGET,
-            self.store.count(&key, CODE_BUDGET_WINDOW),
-        )
-        .await;
-        let error = match counted {
-            Ok(Ok(counted)) if counted.count > u64::from(self.settings.codes_per_hour) => {
-                return Some(counted.window_left.max(Duration::from_secs(1)));
-            }
-            Ok(Ok(_)) => return None,
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => "timed out".to_owned(),
-        };
-        tracing::warn!(
-            phone = %self.phone,
-            error,
-            event = "code_budget_unchecked",
-            "code budget could not be counted; issuing anyway"
-        );
-        None
-    }
-
-    /// The phone had all its codes for this window: no new code until
-    /// `wait` has passed. A live code stays up until it dies (the phone can
-    /// still type it); then the link client is released, since nothing can
-    /// be asked of WhatsApp until the window closes.
-    async fn budget_spent(&mut self, wait: Duration) -> StepOutcome {
-        let now = OffsetDateTime::now_utc();
-        let retry_at = now + wait;
-        let message = format!(
-            "this number has had its {} codes for this hour, the most WhatsApp is asked for; \
-             a new code comes after {}",
-            self.settings.codes_per_hour,
-            retry_at
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        );
-        let code_left = self
-            .code_dies_at
-            .filter(|_| self.state.status == Status::Pending)
-            .map(|dies| dies.saturating_duration_since(Instant::now()))
-            .filter(|left| !left.is_zero());
-        let (state, after) = match code_left {
-            Some(left) => (
-                PairState {
-                    reason: Some(Reason::CodeBudget),
-                    message: Some(message),
-                    retry_at: Some(retry_at),
-                    refresh_at: None,
-                    updated_at: now,
-                    ..self.state.clone()
-                },
-                left.min(wait),
-            ),
-            None => {
-                if let Some(link) = self.link.take() {
-                    link.handle.shutdown().await;
-                }
-                (
-                    PairState {
-                        reason: Some(Reason::CodeBudget),
-                        message: Some(message),
-                        retry_at: Some(retry_at),
-                        ..self.state.without_code(Status::Starting)
-                    },
-                    wait,
-                )
-            }
-        };
-        self.next_request = Some(Instant::now() + after);
-        self.commit(state).await;
-        tracing::warn!(
-            phone = %self.phone,
-            codes_per_hour = self.settings.codes_per_hour,
-            retry_in_secs = wait.as_secs(),
-            event = "code_budget_spent",
-            "code budget of this number spent; no new code until its window closes"
-        );
-        StepOutcome::BudgetSpent { after }
-    }
-
-    async fn code_issued(&mut self, issued: IssuedCode, trigger: CodeTrigger) -> StepOutcome {
-        self.count(|metrics| metrics.code_issued(trigger));
-        let refresh_in = self
-            .settings
-            .refresh_every
-            .min(issued.valid_for.saturating_sub(REFRESH_MARGIN))
-            .max(MIN_REFRESH_INTERVAL);
-        self.next_request = Some(Instant::now() + refresh_in);
-        self.last_issued = Some(Instant::now());
-        self.code_dies_at = Some(Instant::now() + issued.valid_for);
-        let now = OffsetDateTime::now_utc();
-        let attempt = self.state.attempt + 1;
-        let state = PairState {
-            status: Status::Pending,
-            code: Some(issued.code.expose().to_owned()),
-            code_display: Some(issued.code.display_form()),
-            issued_at: Some(now),
-            expires_at: Some(now + issued.valid_for),
-            refresh_at: Some(now + refresh_in),
-            attempt,
-            ..self.state.without_code(Status::Pending)
-        };
-        self.commit(state).await;
-        tracing::info!(
-            phone = %self.phone,
-            attempt,
-            valid_secs = issued.valid_for.as_secs(),
-            refresh_in_secs = refresh_in.as_secs(),
-            event = if attempt == 1 { "code_issued" } else { "code_refreshed" },
-            "pairing code {}",
-            if attempt == 1 { "issued" } else { "refreshed" }
-        );
-        StepOutcome::CodeIssued { attempt }
-    }
-
-    async fn request_failed(&mut self, error: LinkError) -> StepOutcome {
-        if let Some(status) = error.status() {
-            self.count(|metrics| metrics.whatsapp_refused(status));
-        }
-        if let LinkError::Storage(cause) = &error {
-            // Ours, not WhatsApp's: retried like any transient failure.
-            tracing::error!(
-                phone = %self.phone,
-                cause = %cause,
-                event = "storage_failed",
-                "device storage failed; retrying"
-            );
-        }
-        if !error.is_retryable() {
-            tracing::warn!(phone = %self.phone, error = %error, "code request refused for good");
-            let failed = PairState {
-                whatsapp_status: error.status(),
-                ..self.state.clone()
-            };
-            // One state change, one store write: carry the status into it.
-            self.state = failed;
-            return self
-                .finish(
-                    Status::Failed,
-                    Reason::WhatsappRefused,
-                    Some(refusal_message(&error)),
-                )
-                .await;
-        }
-        self.failures += 1;
-        if self.failures >= self.settings.max_attempts {
-            tracing::warn!(phone = %self.phone, attempts = self.failures, error = %error, "giving up");
-            return self
-                .finish(
-                    Status::Failed,
-                    Reason::GaveUp,
-                    Some(format!(
-                        "gave up after {} failed attempts: {}",
-                        self.failures,
-                        refusal_message(&error)
-                    )),
-                )
-                .await;
-        }
-        let delay = self.settings.backoff.delay_honouring(
-            self.failures - 1,
-            error.backoff(),
-            &mut self.rng,
-        );
-        self.next_request = Some(Instant::now() + delay);
-        let now = OffsetDateTime::now_utc();
-        let state = PairState {
-            retry_at: Some(now + delay),
-            message: Some(format!(
-                "{}; retrying in {} s",
-                refusal_message(&error),
-                delay.as_secs().max(1)
-            )),
-            whatsapp_status: error.status(),
-            ..self.state.without_code(Status::Starting)
-        };
-        self.commit(state).await;
-        tracing::warn!(
-            phone = %self.phone,
-            failures = self.failures,
-            error = %error,
-            retry_in_ms = delay.as_millis() as u64,
-            event = "code_request_failed",
-            "code request failed; retrying"
-        );
-        StepOutcome::Retrying { after: delay }
-    }
-
-    async fn on_link_event(&mut self, event: Option<LinkEvent>) -> StepOutcome {
-        let Some(event) = event else {
-            // The link client went away without telling us why: release
-            // what is left of it and start over with a fresh one, after a
-            // backoff like any failure. A connection that keeps dropping
-            // right after each code must not make WhatsApp notify the phone
-            // every few seconds.
-            if let Some(link) = self.link.take() {
-                link.handle.shutdown().await;
-            }
-            return self.request_failed(LinkError::Disconnected).await;
-        };
-        match event {
-            LinkEvent::CodeIssued(_) | LinkEvent::QrRotated => StepOutcome::Idle,
-            LinkEvent::CodeInvalidated(why) => {
-                if self.state.status != Status::Pending {
-                    return StepOutcome::Idle;
-                }
-                if why == Invalidation::Disconnected {
-                    // The real client reports a dropped connection this
-                    // way (its event stream lives on for the next request),
-                    // so this is the flapping connection's path: it backs
-                    // off and counts toward `PAIR_MAX_ATTEMPTS` like any
-                    // failure, instead of a fresh code (a notification on
-                    // the phone) every few seconds.
-                    tracing::info!(
-                        phone = %self.phone,
-                        reason = ?why,
-                        event = "code_invalidated",
-                        "the connection carrying the pairing dropped; retrying after a backoff"
-                    );
-                    self.last_issued = None;
-                    return self.request_failed(LinkError::Disconnected).await;
-                }
-                tracing::info!(
-                    phone = %self.phone,
-                    reason = ?why,
-                    event = "code_invalidated",
-                    "WhatsApp invalidated the shown pairing; replacing it"
-                );
-                // The dead code leaves the store before its replacement is
-                // requested; the replacement comes as soon as allowed.
-                let earliest = self
-                    .last_issued
-                    .take()
-                    .map_or_else(Instant::now, |at| at + MIN_EVENT_REFRESH_GAP);
-                self.next_request = Some(earliest.max(Instant::now()));
-                let state = self.state.without_code(Status::Starting);
-                self.commit(state).await;
-                StepOutcome::Invalidated
-            }
-            LinkEvent::Refused { status, backoff } => {
-                self.request_failed(LinkError::Refused {
-                    status,
-                    text: "refused after the phone answered".into(),
-                    backoff,
-                })
-                .await
-            }
-            LinkEvent::Linked(account) => self.linked(account).await,
-            LinkEvent::LinkedButNotSaved => {
-                self.finish(
-                    Status::Failed,
-                    Reason::Storage,
-                    Some(
-                        "the phone linked, but this server could not save the session; remove \
-                         the device in WhatsApp > Linked devices and pair again"
-                            .into(),
-                    ),
-                )
-                .await
-            }
-            LinkEvent::Failed { reason } => {
-                self.finish(Status::Failed, Reason::LoggedOut, Some(reason))
-                    .await
-            }
-        }
-    }
-
-    async fn interrupted(&mut self) -> StepOutcome {
-        self.finish(
-            Status::Failed,
-            Reason::Interrupted,
-            Some("the service stopped before the phone linked; request a new code".into()),
-        )
-        .await
-    }
-
-    async fn linked(&mut self, account: LinkedAccount) -> StepOutcome {
-        self.next_request = None;
-        let state = PairState {
-            jid: Some(account.jid.clone()),
-            ..self.state.without_code(Status::Linked)
-        };
-        self.commit(state).await;
-        self.count(|metrics| metrics.session_ended(Status::Linked, None));
-        tracing::info!(
-            phone = %self.phone,
-            attempt = self.state.attempt,
-            platform = account.platform.as_deref().unwrap_or("unknown"),
-            event = "linked",
-            "phone linked"
-        );
-        StepOutcome::Ended(Status::Linked)
-    }
-
-    async fn finish(
-        &mut self,
-        status: Status,
-        reason: Reason,
-        message: Option<String>,
-    ) -> StepOutcome {
-        self.next_request = None;
-        let state = PairState {
-            reason: Some(reason),
-            message,
-            whatsapp_status: self.state.whatsapp_status,
-            ..self.state.without_code(status)
-        };
-        self.commit(state).await;
-        self.count(|metrics| metrics.session_ended(status, Some(reason)));
-        tracing::info!(
-            phone = %self.phone,
-            status = status.as_str(),
-            reason = reason.as_str(),
-            event = status.as_str(),
-            "pairing session ended"
-        );
-        StepOutcome::Ended(status)
-    }
-
-    /// Counts something in the metrics, when this session is metered.
-    fn count(&self, record: impl FnOnce(&Metrics)) {
-        if let Some(metrics) = &self.metrics {
-            record(metrics);
-        }
-    }
-
-    /// Stores `state` (bounded in time), then publishes it.
-    async fn commit(&mut self, state: PairState) {
-        self.state = state;
-        self.write_store().await;
-        self.published.send_replace(self.state.clone());
-    }
-
-    async fn write_store(&mut self) {
-        let stored = StoredState {
-            state: &self.state,
-            owner: self.owner_tag.as_deref(),
-        };
-        let json = match serde_json::to_string(&stored) {
-            Ok(json) => json,
-            Err(e) => {
-                tracing::error!(phone = %self.phone, error = %e, "state does not serialize");
-                return;
-            }
-        };
-        let mut ttl = self.settings.ttl_for(self.state.status);
-        if let Some(at) = self
-            .next_request
-            .filter(|_| !self.state.status.is_terminal())
-        {
-            // WhatsApp's backoff or the code budget can outlast the code TTL.
-            ttl = ttl.max(at.saturating_duration_since(Instant::now()) + WAIT_TTL_MARGIN);
-        }
-        let result =
-            tokio::time::timeout(STORE_WRITE_BUDGET, self.store.set(&self.key, &json, ttl)).await;
-        match result {
-            Ok(Ok(())) => {
-                if self.store_failures > 0 {
-                    tracing::info!(phone = %self.phone, "store healed");
-                }
-                self.store_failures = 0;
-                self.store_heal_at = None;
-            }
-            Ok(Err(e)) => self.store_failed(&e.to_string()),
-            Err(_) => self.store_failed("timed out"),
-        }
-    }
-
-    fn store_failed(&mut self, error: &str) {
-        let delay = STORE_HEAL_BACKOFF.ceiling(self.store_failures);
-        self.store_failures += 1;
-        self.store_heal_at = Some(Instant::now() + delay);
-        tracing::warn!(
-            phone = %self.phone,
-            store = self.store.kind(),
-            error,
-            retry_in_secs = delay.as_secs(),
-            "store write failed; keeping the state in memory and retrying"
-        );
-    }
 }
 
 /// Resolves once `stopping` is `true`; never if its sender is gone without
@@ -976,42 +478,6 @@ async fn next_link_event(link: &mut Option<OpenedLink>) -> Option<LinkEvent> {
     }
 }
 
-/// What a command to an ended session is told: `shutting_down` when the
-/// service stopped it, else the session's outcome.
-pub(super) fn outcome_error(state: &PairState) -> SessionError {
-    if state.reason == Some(Reason::Interrupted) {
-        SessionError::ShuttingDown
-    } else {
-        ended(state.status)
-    }
-}
-
-pub(super) fn ended(status: Status) -> SessionError {
-    match status {
-        Status::Linked => SessionError::AlreadyLinked,
-        other => SessionError::Ended(other.as_str()),
-    }
-}
-
-/// A message about `error` that is safe to store and show.
-fn refusal_message(error: &LinkError) -> String {
-    match error {
-        LinkError::Refused { status: 429, .. } | LinkError::Refused { status: 400, .. } => {
-            "WhatsApp is limiting pairing codes for this number".into()
-        }
-        LinkError::Refused { status: 452, .. } => {
-            "phone-number linking is not available for this account; link with a QR code".into()
-        }
-        LinkError::Refused { status: 403, .. } => "WhatsApp refused to link this number".into(),
-        LinkError::Refused { status, .. } => format!("WhatsApp refused the request ({status})"),
-        LinkError::Timeout(_) => "WhatsApp did not answer in time".into(),
-        LinkError::Disconnected => "the connection to WhatsApp dropped".into(),
-        LinkError::Storage(_) => "the session could not be stored on this server".into(),
-        LinkError::Closed => "the link session closed".into(),
-        LinkError::Client(_) => "the WhatsApp client failed".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! One step at a time, and the loop, under paused tokio time, with a
@@ -1020,6 +486,11 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+    use crate::link::{Invalidation, LinkedAccount};
+    use crate::retry::Backoff;
+    use crate::session::schedule::{
+        CODE_BUDGET_WINDOW, MIN_EVENT_REFRESH_GAP, REFRESH_MARGIN, WAIT_TTL_MARGIN,
+    };
     use crate::session::testing::{FlakyStore, Script, ScriptedLinker, VALIDITY, settings};
 
     struct Fixture {

@@ -1,0 +1,115 @@
+//! The store writer: every state change goes to the store (bounded in
+//! time), a failed write is healed later, and the code budget is counted.
+//! The session keeps its latest state in memory, so a store outage loses
+//! nothing.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Session;
+use crate::metrics::Metrics;
+use crate::retry::Backoff;
+use crate::session::schedule::CODE_BUDGET_WINDOW;
+use crate::session::state::{PairState, StoredState};
+
+/// Longest a state write may hold up the session (and so the HTTP answer).
+/// The Upstash client retries internally; past this we move on and heal later.
+///
+/// Longer than one Upstash request (5 s) so a slow but working store still
+/// gets its write in; a dead one fails fast anyway.
+pub const STORE_WRITE_BUDGET: Duration = Duration::from_secs(6);
+/// Backoff between attempts to heal the store after a failed write.
+pub const STORE_HEAL_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+/// Attempts to heal the store once a session has ended, before giving up.
+pub const FINAL_HEAL_ATTEMPTS: u32 = 3;
+
+impl Session {
+    /// Takes one code from the phone's budget; `Some(wait)` when none is
+    /// left. A store that does not answer does not hold codes back (a store
+    /// outage must not stop pairing); that is logged.
+    // `&mut self`: a session is `Send` but not `Sync` (its request in
+    // flight is not), so no `&self` may be held across an await.
+    pub(super) async fn take_code_from_budget(&mut self) -> Option<Duration> {
+        let key = self.settings.budget_key(&self.phone);
+        let counted = tokio::time::timeout(
+            STORE_WRITE_BUDGET,
+            self.store.count(&key, CODE_BUDGET_WINDOW),
+        )
+        .await;
+        let error = match counted {
+            Ok(Ok(counted)) if counted.count > u64::from(self.settings.codes_per_hour) => {
+                return Some(counted.window_left.max(Duration::from_secs(1)));
+            }
+            Ok(Ok(_)) => return None,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        tracing::warn!(
+            phone = %self.phone,
+            error,
+            event = "code_budget_unchecked",
+            "code budget could not be counted; issuing anyway"
+        );
+        None
+    }
+
+    /// Counts something in the metrics, when this session is metered.
+    pub(super) fn count(&self, record: impl FnOnce(&Metrics)) {
+        if let Some(metrics) = &self.metrics {
+            record(metrics);
+        }
+    }
+
+    /// Stores `state` (bounded in time), then publishes it.
+    pub(super) async fn commit(&mut self, state: PairState) {
+        self.state = state;
+        self.write_store().await;
+        self.published.send_replace(self.state.clone());
+    }
+
+    pub(super) async fn write_store(&mut self) {
+        let stored = StoredState {
+            state: &self.state,
+            owner: self.owner_tag.as_deref(),
+        };
+        let json = match serde_json::to_string(&stored) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::error!(phone = %self.phone, error = %e, "state does not serialize");
+                return;
+            }
+        };
+        let wait = self
+            .next_request
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        let ttl = self.settings.store_ttl(self.state.status, wait);
+        let result =
+            tokio::time::timeout(STORE_WRITE_BUDGET, self.store.set(&self.key, &json, ttl)).await;
+        match result {
+            Ok(Ok(())) => {
+                if self.store_failures > 0 {
+                    tracing::info!(phone = %self.phone, "store healed");
+                }
+                self.store_failures = 0;
+                self.store_heal_at = None;
+            }
+            Ok(Err(e)) => self.store_failed(&e.to_string()),
+            Err(_) => self.store_failed("timed out"),
+        }
+    }
+
+    pub(super) fn store_failed(&mut self, error: &str) {
+        let delay = STORE_HEAL_BACKOFF.ceiling(self.store_failures);
+        self.store_failures += 1;
+        self.store_heal_at = Some(Instant::now() + delay);
+        tracing::warn!(
+            phone = %self.phone,
+            store = self.store.kind(),
+            error,
+            retry_in_secs = delay.as_secs(),
+            "store write failed; keeping the state in memory and retrying"
+        );
+    }
+}
