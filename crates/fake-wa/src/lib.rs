@@ -13,12 +13,23 @@
 //! 2. `link_code_companion_reg` stage `companion_hello` is recorded (jid, push
 //!    flag, platform id and display) and answered with a pairing ref, unless
 //!    a queued [`Fault`] says otherwise.
+//!    The hello must name the companion's Noise static key
+//!    (`companion_server_auth_key_pub`, the key of the connection it came
+//!    on) and carry `link_code_pairing_nonce`; the key is what the device
+//!    will have to log in with.
 //! 3. [`FakeWhatsApp::enter_code`] plays the person typing the code: a
 //!    `primary_hello` notification goes out, the `companion_finish` bundle is
-//!    opened (only the right code opens it), a `pair-success` whose ADV HMAC
+//!    opened (only the right code opens it; a finish without the pairing's
+//!    ref or its bundle gets an error IQ), a `pair-success` whose ADV HMAC
 //!    and account signature verify is sent, the companion's device signature
-//!    is checked, then stream error 515 asks the client to log in again.
-//! 4. The login reconnect gets `<success>`; any other IQ gets an empty result.
+//!    is checked under the phone's own identity key, then stream error 515
+//!    asks the client to log in again.
+//! 4. A login gets `<success>` only from a device that completed
+//!    `pair-device-sign`, with the device number it was given and the Noise
+//!    key it registered; anything else gets `<failure reason="401">` and
+//!    the connection is closed, as WhatsApp does for a device it does not
+//!    know. `encrypt` / `count` is answered with the number of pre-keys the
+//!    device uploaded; any other IQ gets an empty result.
 //!
 //! Only a client built with `danger-skip-cert-chain-verify` accepts this
 //! server's certificate chain: it can never stand in for WhatsApp to a
@@ -90,12 +101,24 @@ pub struct PhoneRecord {
     pub code_requests: u32,
     /// How many of those were refused or dropped by a [`Fault`].
     pub faults_applied: u32,
+    /// `companion_hello` requests refused as malformed (no Noise key, a
+    /// key that is not the connection's, no pairing nonce).
+    pub malformed_hellos: u32,
+    /// `companion_finish` requests refused (no matching ref, no bundle).
+    pub refused_finishes: u32,
     /// Codes typed on the phone that did not open the companion's bundle.
     pub wrong_codes: u32,
     /// Set once `pair-success` was acknowledged by the companion.
     pub linked: Option<LinkedDevice>,
     /// The linked device came back and logged in after stream error 515.
     pub logged_in: bool,
+    /// Successful logins of this phone's devices.
+    pub logins: u32,
+    /// Logins refused with 401: a device number or Noise key this phone
+    /// never linked.
+    pub refused_logins: u32,
+    /// Pre-keys the logged-in device uploaded (`encrypt` / `set`).
+    pub prekeys_uploaded: u32,
 }
 
 /// The companion device the fake phone linked.
@@ -162,6 +185,10 @@ struct State {
 
 struct Connection {
     commands: mpsc::UnboundedSender<Command>,
+    /// The client's Noise static public key, from the handshake.
+    noise_key: [u8; 32],
+    /// The phone a logged-in device on this connection belongs to.
+    phone: Option<String>,
 }
 
 enum Command {
@@ -179,6 +206,9 @@ struct Phone {
     /// The account's LID user part, stable per phone.
     lid_user: String,
     devices_linked: u32,
+    /// Devices that completed `pair-device-sign`: device number -> the Noise
+    /// key registered in their `companion_hello`.
+    devices: HashMap<u32, [u8; 32]>,
     finish_waiter: Option<oneshot::Sender<Finish>>,
 }
 
@@ -186,6 +216,9 @@ struct Phone {
 struct Pairing {
     pairing_ref: Vec<u8>,
     wrapped_companion_ephemeral: Vec<u8>,
+    /// `companion_server_auth_key_pub`: the Noise key the device will log
+    /// in with once linked.
+    noise_key: [u8; 32],
 }
 
 struct Finish {
@@ -206,6 +239,7 @@ impl Phone {
                 rng.random_range(100_000_000_000_000u64..999_999_999_999_999)
             ),
             devices_linked: 0,
+            devices: HashMap::new(),
             finish_waiter: None,
         }
     }
@@ -395,16 +429,18 @@ impl FakeWhatsApp {
             Err(e) => return Err(EnterCodeError::Protocol(e.to_string())),
         };
 
-        let (device_jid, lid) = {
+        let (device_number, device_jid, lid) = {
             let mut state = self.shared.lock();
             let entry = state
                 .phones
                 .get_mut(phone)
                 .ok_or(EnterCodeError::NoCodeRequested)?;
             entry.devices_linked += 1;
+            let number = entry.devices_linked;
             (
-                format!("{phone}:{}@s.whatsapp.net", entry.devices_linked),
-                format!("{}:{}@lid", entry.lid_user, entry.devices_linked),
+                number,
+                format!("{phone}:{number}@s.whatsapp.net"),
+                device_lid(&entry.lid_user, number),
             )
         };
         let device_identity =
@@ -462,8 +498,12 @@ impl FakeWhatsApp {
             .get_optional_child_by_tag(&["pair-device-sign", "device-identity"])
             .and_then(content_bytes)
             .ok_or_else(|| EnterCodeError::Protocol("pair-device-sign without identity".into()))?;
-        primary::verify_device_signature(&signed, &finish.companion_identity)
-            .map_err(EnterCodeError::Protocol)?;
+        primary::verify_device_signature(
+            &signed,
+            &finish.companion_identity,
+            &wire::public_bytes(&identity),
+        )
+        .map_err(EnterCodeError::Protocol)?;
 
         let linked = LinkedDevice {
             jid: device_jid,
@@ -472,6 +512,7 @@ impl FakeWhatsApp {
         };
         self.shared.update(phone, |p| {
             p.record.linked = Some(linked.clone());
+            p.devices.insert(device_number, pairing.noise_key);
             p.pairing = None;
         });
         // WhatsApp closes the stream after pairing so the new device logs in.
@@ -582,6 +623,11 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
 
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let noise_key = match &hello {
+        ClientHello::Registration { noise_key } | ClientHello::Login { noise_key, .. } => {
+            *noise_key
+        }
+    };
     {
         let mut state = shared.lock();
         state.accepted += 1;
@@ -589,6 +635,8 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
             id,
             Connection {
                 commands: tx.clone(),
+                noise_key,
+                phone: None,
             },
         );
     }
@@ -596,7 +644,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
 
     let result = async {
         match hello {
-            ClientHello::Registration => {
+            ClientHello::Registration { .. } => {
                 let refs = (0..QR_REFS).map(|_| {
                     NodeBuilder::new("ref")
                         .bytes(random_ref().into_bytes())
@@ -613,21 +661,39 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
                     .build();
                 conn.send(&pair_device).await?;
             }
-            ClientHello::Login { user, .. } => {
+            ClientHello::Login {
+                user,
+                device,
+                noise_key,
+            } => {
                 let phone = user.to_string();
-                let mut success = NodeBuilder::new("success")
+                let lid = {
+                    let state = shared.lock();
+                    state.phones.get(&phone).and_then(|p| {
+                        (p.devices.get(&device) == Some(&noise_key))
+                            .then(|| device_lid(&p.lid_user, device))
+                    })
+                };
+                let Some(lid) = lid.and_then(|l| l.parse::<Jid>().ok()) else {
+                    // WhatsApp does not know this device (never linked, or
+                    // not with this number or Noise key): 401, then close.
+                    conn.send(&NodeBuilder::new("failure").attr("reason", "401").build())
+                        .await?;
+                    shared.update(&phone, |p| p.record.refused_logins += 1);
+                    return Ok(());
+                };
+                let success = NodeBuilder::new("success")
                     .attr("t", primary::now_secs().to_string())
-                    .attr("props", "1");
-                let lid = shared
-                    .lock()
-                    .phones
-                    .get(&phone)
-                    .map(|p| format!("{}@lid", p.lid_user));
-                if let Some(lid) = lid.and_then(|l| l.parse::<Jid>().ok()) {
-                    success = success.attr("lid", lid);
-                }
+                    .attr("props", "1")
+                    .attr("lid", lid);
                 conn.send(&success.build()).await?;
-                shared.update(&phone, |p| p.record.logged_in = true);
+                if let Some(connection) = shared.lock().connections.get_mut(&id) {
+                    connection.phone = Some(phone.clone());
+                }
+                shared.update(&phone, |p| {
+                    p.record.logged_in = true;
+                    p.record.logins += 1;
+                });
             }
         }
         loop {
@@ -690,15 +756,15 @@ fn handle(shared: &Shared, connection: u64, node: &Node) -> Vec<Command> {
             Vec::new()
         }
         _ => {
+            if attr(node, "xmlns").as_deref() == Some("encrypt") {
+                return vec![Command::Send(encrypt(shared, connection, &id, node))];
+            }
             let Some(reg) = node.get_optional_child_by_tag(&["link_code_companion_reg"]) else {
                 return vec![Command::Send(iq_result(&id, None))];
             };
             match attr(reg, "stage").as_deref() {
                 Some("companion_hello") => companion_hello(shared, connection, &id, reg),
-                Some("companion_finish") => {
-                    companion_finish(shared, reg);
-                    vec![Command::Send(iq_result(&id, None))]
-                }
+                Some("companion_finish") => vec![Command::Send(companion_finish(shared, &id, reg))],
                 _ => vec![Command::Send(iq_error(&id, 400, "bad-request", None))],
             }
         }
@@ -712,6 +778,22 @@ fn companion_hello(shared: &Shared, connection: u64, id: &str, reg: &Node) -> Ve
         .get_optional_child_by_tag(&["link_code_pairing_wrapped_companion_ephemeral_pub"])
         .and_then(content_bytes);
     let Some(wrapped) = wrapped.filter(|w| w.len() == 80) else {
+        return vec![Command::Send(iq_error(id, 400, "bad-request", None))];
+    };
+    let connection_key = shared
+        .lock()
+        .connections
+        .get(&connection)
+        .map(|c| c.noise_key);
+    let noise_key = reg
+        .get_optional_child_by_tag(&["companion_server_auth_key_pub"])
+        .and_then(content_bytes)
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .filter(|k| Some(*k) == connection_key);
+    let nonce = reg.get_optional_child_by_tag(&["link_code_pairing_nonce"]);
+    let (Some(noise_key), Some(_)) = (noise_key, nonce) else {
+        // Nothing would tie the companion's Noise key to its later login.
+        shared.update(&phone, |p| p.record.malformed_hellos += 1);
         return vec![Command::Send(iq_error(id, 400, "bad-request", None))];
     };
     let text_child = |tag: &str| {
@@ -748,6 +830,7 @@ fn companion_hello(shared: &Shared, connection: u64, id: &str, reg: &Node) -> Ve
             p.pairing = Some(Pairing {
                 pairing_ref: pairing_ref.clone(),
                 wrapped_companion_ephemeral: wrapped,
+                noise_key,
             });
         }
     });
@@ -776,30 +859,75 @@ fn companion_hello(shared: &Shared, connection: u64, id: &str, reg: &Node) -> Ve
     }
 }
 
-fn companion_finish(shared: &Shared, reg: &Node) {
+/// The companion's stage two: its bundle goes to the phone waiting for it,
+/// if it names the pairing the phone is on; otherwise an error IQ.
+fn companion_finish(shared: &Shared, id: &str, reg: &Node) -> Node {
     let phone = attr(reg, "jid")
         .and_then(|j| j.split('@').next().map(str::to_owned))
         .unwrap_or_default();
-    let bundle = reg
-        .get_optional_child_by_tag(&["link_code_pairing_wrapped_key_bundle"])
-        .and_then(content_bytes);
-    let identity = reg
-        .get_optional_child_by_tag(&["companion_identity_public"])
-        .and_then(content_bytes)
-        .and_then(|b| <[u8; 32]>::try_from(b).ok());
-    let (Some(wrapped_bundle), Some(companion_identity)) = (bundle, identity) else {
-        return;
+    let child = |tag: &str| {
+        reg.get_optional_child_by_tag(&[tag])
+            .and_then(content_bytes)
     };
-    let waiter = shared
+    let bundle = child("link_code_pairing_wrapped_key_bundle");
+    let identity = child("companion_identity_public").and_then(|b| <[u8; 32]>::try_from(b).ok());
+    let echoed_ref = child("link_code_pairing_ref");
+    let waiter = {
+        let mut state = shared.lock();
+        state.phones.get_mut(&phone).and_then(|p| {
+            let current = p.pairing.as_ref().map(|pairing| &pairing.pairing_ref);
+            (echoed_ref.is_some() && echoed_ref.as_ref() == current)
+                .then(|| p.finish_waiter.take())
+                .flatten()
+        })
+    };
+    match (bundle, identity, waiter) {
+        (Some(wrapped_bundle), Some(companion_identity), Some(waiter)) => {
+            let _ = waiter.send(Finish {
+                wrapped_bundle,
+                companion_identity,
+            });
+            iq_result(id, None)
+        }
+        _ => {
+            shared.update(&phone, |p| p.record.refused_finishes += 1);
+            iq_error(id, 400, "bad-request", None)
+        }
+    }
+}
+
+/// `encrypt` IQs of a logged-in device: `count` is answered with the
+/// pre-keys it uploaded so far; an upload (`set` with a `list` of keys) is
+/// counted.
+fn encrypt(shared: &Shared, connection: u64, id: &str, node: &Node) -> Node {
+    let phone = shared
         .lock()
-        .phones
-        .get_mut(&phone)
-        .and_then(|p| p.finish_waiter.take());
-    if let Some(waiter) = waiter {
-        let _ = waiter.send(Finish {
-            wrapped_bundle,
-            companion_identity,
-        });
+        .connections
+        .get(&connection)
+        .and_then(|c| c.phone.clone());
+    let Some(phone) = phone else {
+        return iq_error(id, 401, "not-authorized", None);
+    };
+    let uploaded = node
+        .get_optional_child_by_tag(&["list"])
+        .and_then(|list| list.children().map(|keys| keys.len()))
+        .unwrap_or(0);
+    let mut count = 0;
+    shared.update(&phone, |p| {
+        p.record.prekeys_uploaded += u32::try_from(uploaded).unwrap_or(u32::MAX);
+        count = p.record.prekeys_uploaded;
+    });
+    if node.get_optional_child_by_tag(&["count"]).is_some() {
+        iq_result(
+            id,
+            Some(
+                NodeBuilder::new("count")
+                    .attr("value", count.to_string())
+                    .build(),
+            ),
+        )
+    } else {
+        iq_result(id, None)
     }
 }
 
@@ -855,6 +983,12 @@ fn content_bytes(node: &Node) -> Option<Vec<u8>> {
     }
 }
 
+/// A device's LID, `<lid>:<device>@lid`: the one form used in
+/// `pair-success` and in `<success>`.
+fn device_lid(lid_user: &str, device: u32) -> String {
+    format!("{lid_user}:{device}@lid")
+}
+
 fn random_ref() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
@@ -862,4 +996,221 @@ fn random_ref() -> String {
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect();
     format!("2@{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    //! The strictness of the server's answers, one IQ at a time. The whole
+    //! flow, with the real client, is tested by the service's integration
+    //! tests (`tests/integration/fake_strictness.rs` there).
+
+    use super::*;
+
+    const PHONE: &str = "6281234567890";
+
+    /// A server state with one open connection (id 1) whose Noise key is
+    /// `noise_key`.
+    fn shared_with_connection(noise_key: [u8; 32]) -> Shared {
+        let shared = Shared {
+            identity: ServerIdentity::generate(),
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+        };
+        let (commands, _) = mpsc::unbounded_channel();
+        shared.lock().connections.insert(
+            1,
+            Connection {
+                commands,
+                noise_key,
+                phone: None,
+            },
+        );
+        shared
+    }
+
+    fn iq(child: Node) -> Node {
+        NodeBuilder::new("iq")
+            .attrs([("id", "q1"), ("type", "set"), ("xmlns", "md")])
+            .children([child])
+            .build()
+    }
+
+    fn bytes(tag: &'static str, value: impl Into<Vec<u8>>) -> Node {
+        NodeBuilder::new(tag).bytes(value.into()).build()
+    }
+
+    fn companion_hello(auth_key: Option<[u8; 32]>, nonce: bool) -> Node {
+        let mut children = vec![
+            bytes(
+                "link_code_pairing_wrapped_companion_ephemeral_pub",
+                [1u8; 80],
+            ),
+            bytes("companion_platform_id", "1"),
+            bytes("companion_platform_display", "Chrome (Linux)"),
+        ];
+        if let Some(key) = auth_key {
+            children.push(bytes("companion_server_auth_key_pub", key));
+        }
+        if nonce {
+            children.push(bytes("link_code_pairing_nonce", [0u8]));
+        }
+        iq(NodeBuilder::new("link_code_companion_reg")
+            .attrs([
+                ("jid", format!("{PHONE}@s.whatsapp.net")),
+                ("stage", "companion_hello".to_owned()),
+            ])
+            .children(children)
+            .build())
+    }
+
+    fn is_error(commands: &[Command], code: &str) -> bool {
+        matches!(commands, [Command::Send(node)]
+            if attr(node, "type").as_deref() == Some("error")
+                && node.get_optional_child_by_tag(&["error"]).and_then(|e| attr(e, "code")).as_deref() == Some(code))
+    }
+
+    #[test]
+    fn a_companion_hello_without_its_noise_key_is_refused() {
+        let shared = shared_with_connection([9; 32]);
+
+        let answer = handle(&shared, 1, &companion_hello(None, true));
+
+        assert!(is_error(&answer, "400"));
+        let record = shared.lock().phones.get(PHONE).map(|p| p.record.clone());
+        assert_eq!(record.map(|r| r.malformed_hellos), Some(1));
+    }
+
+    #[test]
+    fn a_companion_hello_naming_another_noise_key_than_its_connections_is_refused() {
+        let shared = shared_with_connection([9; 32]);
+
+        let answer = handle(&shared, 1, &companion_hello(Some([8; 32]), true));
+
+        assert!(is_error(&answer, "400"));
+    }
+
+    #[test]
+    fn a_companion_hello_without_the_pairing_nonce_is_refused() {
+        let shared = shared_with_connection([9; 32]);
+
+        let answer = handle(&shared, 1, &companion_hello(Some([9; 32]), false));
+
+        assert!(is_error(&answer, "400"));
+    }
+
+    #[test]
+    fn a_complete_companion_hello_gets_a_pairing_ref_and_registers_its_noise_key() {
+        let shared = shared_with_connection([9; 32]);
+
+        let answer = handle(&shared, 1, &companion_hello(Some([9; 32]), true));
+
+        assert!(matches!(&answer[..], [Command::Send(node)]
+            if node.get_optional_child_by_tag(&["link_code_companion_reg", "link_code_pairing_ref"]).is_some()));
+        let state = shared.lock();
+        let pairing = state.phones[PHONE].pairing.as_ref().expect("pairing");
+        assert_eq!(pairing.noise_key, [9; 32]);
+    }
+
+    /// A phone whose pairing (ref `REF`) waits for the companion's finish.
+    fn waiting_for_finish(shared: &Shared) -> oneshot::Receiver<Finish> {
+        handle(shared, 1, &companion_hello(Some([9; 32]), true));
+        let (tx, rx) = oneshot::channel();
+        let mut state = shared.lock();
+        let phone = state.phones.get_mut(PHONE).unwrap();
+        phone.pairing.as_mut().unwrap().pairing_ref = b"REF".to_vec();
+        phone.finish_waiter = Some(tx);
+        rx
+    }
+
+    fn companion_finish_node(pairing_ref: Option<&str>, bundle: bool) -> Node {
+        let mut children = vec![bytes("companion_identity_public", [5u8; 32])];
+        if bundle {
+            children.push(bytes("link_code_pairing_wrapped_key_bundle", [6u8; 40]));
+        }
+        if let Some(r) = pairing_ref {
+            children.push(bytes("link_code_pairing_ref", r));
+        }
+        iq(NodeBuilder::new("link_code_companion_reg")
+            .attrs([
+                ("jid", format!("{PHONE}@s.whatsapp.net")),
+                ("stage", "companion_finish".to_owned()),
+            ])
+            .children(children)
+            .build())
+    }
+
+    #[test]
+    fn a_companion_finish_without_the_pairings_ref_gets_an_error_and_reaches_no_phone() {
+        let shared = shared_with_connection([9; 32]);
+        let mut waiting = waiting_for_finish(&shared);
+
+        let missing = handle(&shared, 1, &companion_finish_node(None, true));
+        let other = handle(&shared, 1, &companion_finish_node(Some("OTHER"), true));
+
+        assert!(is_error(&missing, "400"));
+        assert!(is_error(&other, "400"));
+        assert!(waiting.try_recv().is_err(), "the phone got nothing");
+        assert_eq!(shared.lock().phones[PHONE].record.refused_finishes, 2);
+    }
+
+    #[test]
+    fn a_companion_finish_without_its_bundle_gets_an_error() {
+        let shared = shared_with_connection([9; 32]);
+        let mut waiting = waiting_for_finish(&shared);
+
+        let answer = handle(&shared, 1, &companion_finish_node(Some("REF"), false));
+
+        assert!(is_error(&answer, "400"));
+        assert!(waiting.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_complete_companion_finish_reaches_the_phone_and_gets_a_result() {
+        let shared = shared_with_connection([9; 32]);
+        let mut waiting = waiting_for_finish(&shared);
+
+        let answer = handle(&shared, 1, &companion_finish_node(Some("REF"), true));
+
+        assert!(
+            matches!(&answer[..], [Command::Send(node)] if attr(node, "type").as_deref() == Some("result"))
+        );
+        assert_eq!(
+            waiting.try_recv().expect("bundle").companion_identity,
+            [5; 32]
+        );
+    }
+
+    #[test]
+    fn encrypt_count_answers_with_the_prekeys_the_device_uploaded() {
+        let shared = shared_with_connection([9; 32]);
+        shared.lock().connections.get_mut(&1).unwrap().phone = Some(PHONE.to_owned());
+        let upload = NodeBuilder::new("iq")
+            .attrs([("id", "u1"), ("type", "set"), ("xmlns", "encrypt")])
+            .children([NodeBuilder::new("list")
+                .children((0..3).map(|i| bytes("key", [i as u8])))
+                .build()])
+            .build();
+        let count = NodeBuilder::new("iq")
+            .attrs([("id", "c1"), ("type", "get"), ("xmlns", "encrypt")])
+            .children([NodeBuilder::new("count").build()])
+            .build();
+
+        handle(&shared, 1, &upload);
+        let answer = handle(&shared, 1, &count);
+
+        assert!(matches!(&answer[..], [Command::Send(node)]
+            if node.get_optional_child_by_tag(&["count"]).and_then(|c| attr(c, "value")).as_deref() == Some("3")));
+    }
+
+    #[test]
+    fn encrypt_before_a_login_is_not_authorized() {
+        let shared = shared_with_connection([9; 32]);
+        let count = NodeBuilder::new("iq")
+            .attrs([("id", "c1"), ("type", "get"), ("xmlns", "encrypt")])
+            .children([NodeBuilder::new("count").build()])
+            .build();
+
+        assert!(is_error(&handle(&shared, 1, &count), "401"));
+    }
 }

@@ -183,15 +183,19 @@ pub fn signed_device_identity(
 }
 
 /// Checks the companion's `pair-device-sign` answer: its device signature
-/// must verify under the companion identity key that stage two named.
+/// must verify under the companion identity key that stage two named, over
+/// the phone's own identity key (`account_key`), as WhatsApp checks it. The
+/// `account_signature_key` a companion may echo in its answer is not used:
+/// whatsapp-rust sends it, Baileys and whatsmeow strip it, and both forms
+/// must link.
 pub fn verify_device_signature(
     signed_identity: &[u8],
     companion_identity: &[u8; 32],
+    account_key: &[u8; 32],
 ) -> Result<(), String> {
     let identity = wa::ADVSignedDeviceIdentity::decode_from_slice(signed_identity)
         .map_err(|e| e.to_string())?;
     let details = identity.details.unwrap_or_default();
-    let account_key = identity.account_signature_key.unwrap_or_default();
     let signature = identity
         .device_signature
         .ok_or_else(|| "no device signature".to_string())?;
@@ -199,7 +203,7 @@ pub fn verify_device_signature(
     message.extend_from_slice(DEVICE_SIGNATURE_PREFIX);
     message.extend_from_slice(&details);
     message.extend_from_slice(companion_identity);
-    message.extend_from_slice(&account_key);
+    message.extend_from_slice(account_key);
     let key =
         PublicKey::from_djb_public_key_bytes(companion_identity).map_err(|e| e.to_string())?;
     if key.verify_signature(&message, &signature) {
@@ -305,8 +309,69 @@ mod tests {
 
         assert_eq!(key_index, 1);
         assert_eq!(
-            verify_device_signature(&self_signed, &public_bytes(&c.identity)),
+            verify_device_signature(
+                &self_signed,
+                &public_bytes(&c.identity),
+                &public_bytes(&primary)
+            ),
             Ok(())
+        );
+    }
+
+    /// A companion's `pair-device-sign` answer for `primary`, and the same
+    /// answer with `account_signature_key` stripped (as Baileys and
+    /// whatsmeow send it).
+    fn signed_both_ways(c: &Companion, primary: &KeyPair) -> (Vec<u8>, Vec<u8>) {
+        let adv_secret = [7u8; 32];
+        let identity = signed_device_identity(primary, &public_bytes(&c.identity), &adv_secret, 1);
+        let state = DeviceState {
+            identity_key: c.identity.clone(),
+            noise_key: c.noise.clone(),
+            adv_secret_key: adv_secret,
+        };
+        let (with_key, _) = PairUtils::do_pair_crypto(&state, &identity).expect("verifies");
+        let mut stripped = wa::ADVSignedDeviceIdentity::decode_from_slice(&with_key).unwrap();
+        assert!(
+            stripped.account_signature_key.is_some(),
+            "whatsapp-rust echoes it"
+        );
+        stripped.account_signature_key = None;
+        (with_key, stripped.encode_to_vec())
+    }
+
+    #[test]
+    fn a_device_signature_verifies_under_the_phones_key_with_or_without_the_echoed_key() {
+        let c = companion();
+        let primary = KeyPair::generate(&mut rand::rng());
+        let (with_key, without_key) = signed_both_ways(&c, &primary);
+
+        for answer in [with_key, without_key] {
+            assert_eq!(
+                verify_device_signature(
+                    &answer,
+                    &public_bytes(&c.identity),
+                    &public_bytes(&primary)
+                ),
+                Ok(())
+            );
+        }
+    }
+
+    #[test]
+    fn a_device_signature_over_another_accounts_key_is_refused() {
+        let c = companion();
+        let primary = KeyPair::generate(&mut rand::rng());
+        let stranger = KeyPair::generate(&mut rand::rng());
+        let (with_key, _) = signed_both_ways(&c, &primary);
+
+        assert!(
+            verify_device_signature(
+                &with_key,
+                &public_bytes(&c.identity),
+                &public_bytes(&stranger)
+            )
+            .is_err(),
+            "the echoed key must not be trusted over the phone's own"
         );
     }
 

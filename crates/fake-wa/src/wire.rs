@@ -40,10 +40,20 @@ fn protocol(e: impl std::fmt::Display) -> WireError {
 #[derive(Debug, Clone)]
 pub enum ClientHello {
     /// A device that is not linked yet and wants `pair-device` refs.
-    Registration,
-    /// A linked device logging in: its phone number (the `username`) and
-    /// device number.
-    Login { user: u64, device: u32 },
+    Registration {
+        /// The client's Noise static public key.
+        noise_key: [u8; 32],
+    },
+    /// A linked device logging in: its phone number (the `username`),
+    /// device number and Noise static public key.
+    Login {
+        /// The phone number.
+        user: u64,
+        /// The device number WhatsApp gave it at `pair-success`.
+        device: u32,
+        /// The client's Noise static public key.
+        noise_key: [u8; 32],
+    },
 }
 
 /// The server's long-lived Noise identity and the certificate chain that
@@ -139,6 +149,10 @@ impl SecureConn {
             .r#static
             .ok_or_else(|| protocol("client finish without static"))?;
         let client_static = noise.decrypt(&sealed_client_static).map_err(protocol)?;
+        let noise_key: [u8; 32] = client_static
+            .as_slice()
+            .try_into()
+            .map_err(|_| protocol("client static key is not 32 bytes"))?;
         noise
             .mix_shared_secret(server_eph.private_key.serialize(), &client_static)
             .map_err(protocol)?;
@@ -154,8 +168,9 @@ impl SecureConn {
             (Some(user), _) => ClientHello::Login {
                 user,
                 device: payload.device.unwrap_or(0),
+                noise_key,
             },
-            (None, true) => ClientHello::Registration,
+            (None, true) => ClientHello::Registration { noise_key },
             (None, false) => return Err(protocol("client payload neither logs in nor registers")),
         };
 
