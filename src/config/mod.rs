@@ -67,8 +67,8 @@ pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
 /// account take the service-wide cap.
 pub const DEFAULT_SESSIONS_PER_USER: usize = 5;
 /// Default for `PAIR_WARM_CLIENTS`: two ready clients serve two people who
-/// start at the same moment, each costing one idle WhatsApp connection and
-/// its empty store (figures in `docs/BENCHMARKS.md`).
+/// start at the same moment, each costing one idle WhatsApp connection (its
+/// device is in memory; figures in `docs/BENCHMARKS.md`).
 pub const DEFAULT_WARM_CLIENTS: usize = 2;
 /// Default for `HTTP_HEADER_TIMEOUT_SECS`: a real client sends its headers
 /// in one packet; ten seconds covers a slow mobile link, and bounds how long

@@ -1181,6 +1181,14 @@ mod tests {
         );
     }
 
+    /// `encrypt` / `count`: how many pre-keys the server holds.
+    fn count_iq() -> Node {
+        NodeBuilder::new("iq")
+            .attrs([("id", "c1"), ("type", "get"), ("xmlns", "encrypt")])
+            .children([NodeBuilder::new("count").build()])
+            .build()
+    }
+
     #[test]
     fn encrypt_count_answers_with_the_prekeys_the_device_uploaded() {
         let shared = shared_with_connection([9; 32]);
@@ -1191,13 +1199,9 @@ mod tests {
                 .children((0..3).map(|i| bytes("key", [i as u8])))
                 .build()])
             .build();
-        let count = NodeBuilder::new("iq")
-            .attrs([("id", "c1"), ("type", "get"), ("xmlns", "encrypt")])
-            .children([NodeBuilder::new("count").build()])
-            .build();
 
         handle(&shared, 1, &upload);
-        let answer = handle(&shared, 1, &count);
+        let answer = handle(&shared, 1, &count_iq());
 
         assert!(matches!(&answer[..], [Command::Send(node)]
             if node.get_optional_child_by_tag(&["count"]).and_then(|c| attr(c, "value")).as_deref() == Some("3")));
@@ -1206,11 +1210,7 @@ mod tests {
     #[test]
     fn encrypt_before_a_login_is_not_authorized() {
         let shared = shared_with_connection([9; 32]);
-        let count = NodeBuilder::new("iq")
-            .attrs([("id", "c1"), ("type", "get"), ("xmlns", "encrypt")])
-            .children([NodeBuilder::new("count").build()])
-            .build();
 
-        assert!(is_error(&handle(&shared, 1, &count), "401"));
+        assert!(is_error(&handle(&shared, 1, &count_iq()), "401"));
     }
 }

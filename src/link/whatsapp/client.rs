@@ -161,7 +161,7 @@ impl ClientFactory {
         };
         let events = wiring.events.clone();
         let flags = Arc::clone(&wiring.flags);
-        let on_disk = Arc::clone(backend);
+        let store = Arc::clone(backend);
         let (runtime, tasks) = ClientRuntime::new();
         let mut builder = Bot::builder()
             .with_backend_arc(Arc::clone(backend) as _)
@@ -184,8 +184,8 @@ impl ClientFactory {
             .on_event(move |event, client| {
                 let events = events.clone();
                 let flags = Arc::clone(&flags);
-                let on_disk = Arc::clone(&on_disk);
-                async move { on_event(&event, client, &events, &flags, &on_disk).await }
+                let store = Arc::clone(&store);
+                async move { on_event(&event, client, &events, &flags, &store).await }
             });
         let version = match self.settings.version {
             Some(pinned) => Some(pinned),

@@ -53,7 +53,7 @@ use whatsapp_rust::pair_code::PairCodeOptions;
 
 use self::backend::DeviceBackend;
 use self::client::{ClientFactory, Flags, Running, Wiring, await_post_link_login, map_pair_error};
-use self::files::{keep_earlier_device_aside, remove_device_files};
+use self::files::keep_earlier_device_aside;
 use self::warm::{WarmClient, WarmPool};
 use super::http_client::ReqwestHttpClient;
 use super::version::{ServiceWorker, SharedVersion, VersionSource};
@@ -155,11 +155,16 @@ impl WhatsAppLinker {
         data_dir.join(format!("{}.db", phone.as_str()))
     }
 
-    /// Where `phone`'s device will be stored once linked; an earlier
-    /// device stored there is kept aside first, before the new one can ever
-    /// land on it.
+    /// Where `phone`'s device will be stored once linked: its directory
+    /// exists (the file is created at the link, which must not fail for want
+    /// of one), and an earlier device stored there is kept aside first,
+    /// before the new one can ever land on it.
     async fn claim_home(&self, phone: &PhoneNumber) -> Result<PathBuf, LinkError> {
-        let home = Self::store_path(&self.factory.settings.data_dir, phone);
+        let dir = &self.factory.settings.data_dir;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| LinkError::Storage(format!("creating {dir:?}: {e}")))?;
+        let home = Self::store_path(dir, phone);
         if tokio::fs::try_exists(&home).await.unwrap_or(false) {
             keep_earlier_device_aside(&home, phone).await?;
         }
@@ -171,11 +176,10 @@ impl WhatsAppLinker {
         let home = self.claim_home(phone).await?;
         let (wiring, events) = Wiring::new();
         let backend = DeviceBackend::pending();
-        backend.set_home(home.clone());
+        backend.set_home(home);
         let client = Arc::new(PhoneClient {
             phone: phone.clone(),
             factory: self.factory.clone(),
-            home,
             backend,
             wiring,
             running: tokio::sync::Mutex::new(None),
@@ -208,11 +212,10 @@ impl WhatsAppLinker {
                 return Err(e);
             }
         };
-        backend.set_home(home.clone());
+        backend.set_home(home);
         let client = Arc::new(PhoneClient {
             phone: phone.clone(),
             factory: self.factory.clone(),
-            home,
             backend,
             wiring,
             running: tokio::sync::Mutex::new(Some(running)),
@@ -255,9 +258,8 @@ impl Linker for WhatsAppLinker {
 struct PhoneClient {
     phone: PhoneNumber,
     factory: ClientFactory,
-    /// Where the device's files are once linked.
-    home: PathBuf,
-    /// The device's keys: every client this phone gets uses the same ones.
+    /// The device's keys, and where its file goes once linked: every client
+    /// this phone gets uses the same ones.
     backend: Arc<DeviceBackend>,
     wiring: Wiring,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -284,20 +286,10 @@ impl PhoneClient {
         if let Some(stale) = running.take() {
             stale.stop().await;
         }
-        let started = self.start_client().await?;
+        let started = self.factory.start(&self.backend, &self.wiring).await?;
         let client = Arc::clone(&started.client);
         *running = Some(started);
         Ok(client)
-    }
-
-    async fn start_client(&self) -> Result<Running, LinkError> {
-        // The device's file is created at the link, which must not fail
-        // for want of a directory.
-        let dir = self.home.parent().unwrap_or(Path::new("."));
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| LinkError::Storage(format!("creating {dir:?}: {e}")))?;
-        self.factory.start(&self.backend, &self.wiring).await
     }
 
     async fn request_code(&self) -> Result<IssuedCode, LinkError> {
@@ -346,18 +338,8 @@ impl PhoneClient {
             }
             current.stop().await;
         }
-        self.backend.close().await;
-        if !linked {
-            settle_unlinked(&self.home).await;
-        }
+        self.backend.close(linked).await;
     }
-}
-
-/// After a client that never linked is closed: the files of a link that
-/// failed half-way (the device moved to disk, `pair-success` never came
-/// through) are of no use to anyone.
-async fn settle_unlinked(home: &Path) {
-    remove_device_files(home).await;
 }
 
 impl Drop for PhoneClient {
@@ -375,16 +357,12 @@ impl Drop for PhoneClient {
         if (running.is_some() || !linked)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let home = self.home.clone();
             let backend = Arc::clone(&self.backend);
             runtime.spawn(async move {
                 if let Some(running) = running {
                     running.stop().await;
                 }
-                backend.close().await;
-                if !linked {
-                    settle_unlinked(&home).await;
-                }
+                backend.close(linked).await;
             });
         }
     }

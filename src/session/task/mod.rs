@@ -42,9 +42,9 @@ pub type Reply = oneshot::Sender<Result<PairState, SessionError>>;
 #[derive(Debug)]
 pub enum Command {
     /// Issue a new code now.
-    Refresh(oneshot::Sender<Result<PairState, SessionError>>),
+    Refresh(Reply),
     /// Cancel the session.
-    Cancel(oneshot::Sender<Result<PairState, SessionError>>),
+    Cancel(Reply),
 }
 
 /// What one [`Session::step`] did.
@@ -264,12 +264,7 @@ impl Session {
                 event = next_link_event(&mut self.link), if !events_closed => {
                     self.on_event_in_step(event).await
                 }
-                () = stop_requested(&mut self.stopping) => {
-                    let waiting = self.drop_in_flight();
-                    let outcome = self.interrupted().await;
-                    self.answer(waiting, &outcome);
-                    Some(outcome)
-                }
+                () = stop_requested(&mut self.stopping) => Some(self.stop_now().await),
                 command = self.commands.recv() => match command {
                     Some(Command::Refresh(reply)) => self.refresh(reply).await,
                     Some(Command::Cancel(reply)) => {
@@ -278,12 +273,7 @@ impl Session {
                     }
                     // Every sender gone means the registry is gone: treat it
                     // as a shutdown rather than run unobserved.
-                    None => {
-                        let waiting = self.drop_in_flight();
-                        let outcome = self.interrupted().await;
-                        self.answer(waiting, &outcome);
-                        Some(outcome)
-                    }
+                    None => Some(self.stop_now().await),
                 },
                 answer = answer_of(&mut self.in_flight) => self.answered(answer).await,
                 // While WhatsApp is being asked, the request's own bounds
@@ -359,6 +349,15 @@ impl Session {
         }
         self.write_store().await;
         Some(StepOutcome::Idle)
+    }
+
+    /// The service is stopping: the request in flight is dropped, and the
+    /// session ends `failed`/`interrupted`.
+    async fn stop_now(&mut self) -> StepOutcome {
+        let waiting = self.drop_in_flight();
+        let outcome = self.interrupted().await;
+        self.answer(waiting, &outcome);
+        outcome
     }
 
     /// Ends the request in flight, if any (dropping it cancels it), and

@@ -34,6 +34,7 @@ use wacore::store::traits::{Backend, DeviceStore};
 use whatsapp_rust_sqlite_storage::SqliteStore;
 
 use super::DEVICE_ID;
+use super::files::remove_device_files;
 
 /// Where a device's keys live now.
 enum Phase {
@@ -93,9 +94,15 @@ impl DeviceBackend {
     }
 
     /// Lets go of the device (and closes its SQLite file, once nothing else
-    /// uses the store): the owner calls it when its client has stopped.
-    pub async fn close(&self) {
+    /// uses the store): the owner calls it when its client has stopped. A
+    /// device that never `linked` is of no use to anyone: if it reached its
+    /// file (a link that failed half-way, `pair-success` never came
+    /// through), the file is deleted.
+    pub async fn close(&self, linked: bool) {
         *self.phase.write().await = Phase::Closed(InMemoryBackend::new());
+        if !linked && let Some(home) = self.home.get() {
+            remove_device_files(home).await;
+        }
     }
 
     async fn read(&self) -> RwLockReadGuard<'_, Phase> {
@@ -254,7 +261,7 @@ mod tests {
         backend.save(&registered(device)).await.unwrap();
 
         // Act
-        backend.close().await;
+        backend.close(true).await;
 
         // Assert
         assert!(!backend.is_on_disk().await);
@@ -269,6 +276,21 @@ mod tests {
             on_disk(&home).await.load().await.unwrap().is_some(),
             "the file keeps the linked device"
         );
+    }
+
+    #[tokio::test]
+    async fn closing_a_device_that_never_linked_deletes_the_file_it_reached() {
+        // Arrange: the device reached its file, but the link never completed.
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, device, home) = pending_in(dir.path()).await;
+        backend.save(&registered(device)).await.unwrap();
+        assert!(home.exists());
+
+        // Act
+        backend.close(false).await;
+
+        // Assert
+        assert!(!home.exists());
     }
 
     #[tokio::test]
