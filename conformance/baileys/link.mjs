@@ -66,11 +66,18 @@ const connect = () => {
       const bad = checkQr(qr)
       if (bad) finish(false, bad)
       const code = await sock.requestPairingCode(PHONE)
+      // Baileys returns the code it made before the server has answered
+      // its request: the phone can type it only once the fake has it.
+      for (let tries = 0; !(await ask({ cmd: 'record', phone: PHONE })).record?.code_requests; tries++) {
+        if (tries > 100) finish(false, 'the fake never saw the code request')
+        await new Promise((resolve) => setTimeout(resolve, 50))
+      }
       const typed = scenario === 'links' ? code : code === 'ZZZZZZZZ' ? 'YYYYYYYY' : 'ZZZZZZZZ'
       const entered = await ask({ cmd: 'enter_code', phone: PHONE, code: typed })
       if (scenario === 'wrong-code') {
         const { record } = await ask({ cmd: 'record', phone: PHONE })
         if (entered.ok) finish(false, 'a wrong code linked')
+        if (!entered.error.startsWith('wrong code')) finish(false, `not refused as a wrong code: ${entered.error}`)
         if (record.linked) finish(false, 'the fake recorded a link for a wrong code')
         finish(true, `refused: ${entered.error}`)
       }
