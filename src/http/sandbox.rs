@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use fake_wa::{EnterCodeError, PhoneRecord};
+use fake_wa::{LinkAttemptError, PhoneRecord};
 use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -77,15 +77,17 @@ async fn enter_code(
         .collect();
     let entered = tokio::time::timeout(ENTER_CODE_WAIT, fake.enter_code(phone.as_str(), &code))
         .await
-        .unwrap_or(Err(EnterCodeError::CompanionSilent(ENTER_CODE_WAIT)));
+        .unwrap_or(Err(LinkAttemptError::CompanionSilent(ENTER_CODE_WAIT)));
     match entered {
         Ok(linked) => Ok(Json(Entered {
             linked: true,
             jid: linked.jid,
         })),
-        Err(EnterCodeError::WrongCode | EnterCodeError::MalformedCode) => Err(ApiError::WrongCode),
-        Err(EnterCodeError::NoCodeRequested) => Err(ApiError::NoCodeRequested),
-        Err(EnterCodeError::CompanionGone) => Err(ApiError::CompanionGone),
+        Err(LinkAttemptError::WrongCode | LinkAttemptError::MalformedCode) => {
+            Err(ApiError::WrongCode)
+        }
+        Err(LinkAttemptError::NoCodeRequested) => Err(ApiError::NoCodeRequested),
+        Err(LinkAttemptError::CompanionGone) => Err(ApiError::CompanionGone),
         Err(other) => {
             tracing::warn!(phone = %phone, error = %other, "the fake phone could not link");
             Err(ApiError::CompanionUnavailable)

@@ -74,7 +74,7 @@ async fn pair_returns_the_code_stores_it_for_ten_minutes_and_reports_the_link() 
         "{ttl:?}"
     );
     let linked = linked.expect("the fake phone links with the returned code");
-    assert_eq!(linked.code, code);
+    assert_eq!(linked.code, Some(code));
     assert_eq!(after["jid"], linked.jid);
     assert!(after["code"].is_null(), "no code once linked");
 }

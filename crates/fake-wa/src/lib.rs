@@ -9,7 +9,8 @@
 //!   the fake phone, inject faults.
 //!
 //! What the server scripts, in protocol order:
-//! 1. A registering client gets `<pair-device>` with six QR refs.
+//! 1. A registering client gets `<pair-device>` with six QR refs, each
+//!    scannable during its turn on the client's screen (60 s, then 20 s).
 //! 2. `link_code_companion_reg` stage `companion_hello` is recorded (jid, push
 //!    flag, platform id and display) and answered with a pairing ref, unless
 //!    a queued [`Fault`] says otherwise.
@@ -24,12 +25,18 @@
 //!    and account signature verify is sent, the companion's device signature
 //!    is checked under the phone's own identity key, then stream error 515
 //!    asks the client to log in again.
+//!
+//!    Or [`FakeWhatsApp::scan_qr`] plays a person scanning the QR: a live
+//!    ref on the connection whose Noise key the QR names, and the ADV secret
+//!    from the QR, then the same `pair-success`, for the account that
+//!    scanned.
 //! 4. A login gets `<success>` only from a device that completed
 //!    `pair-device-sign`, with the device number it was given and the Noise
 //!    key it registered; anything else gets `<failure reason="401">` and
 //!    the connection is closed, as WhatsApp does for a device it does not
 //!    know. `encrypt` / `count` is answered with the number of pre-keys the
-//!    device uploaded; any other IQ gets an empty result.
+//!    device uploaded; `remove-companion-device` (a logout) removes the
+//!    logged-in device; any other IQ gets an empty result.
 //!
 //! Only a client built with `danger-skip-cert-chain-verify` accepts this
 //! server's certificate chain: it can never stand in for WhatsApp to a
@@ -60,6 +67,10 @@ use wire::{ClientHello, SecureConn, ServerIdentity};
 const SERVER_JID: &str = "s.whatsapp.net";
 /// QR refs per `<pair-device>`: WhatsApp hands out six.
 const QR_REFS: usize = 6;
+/// How long the client shows the first ref (whatsapp-rust and WA Web: 60 s).
+const FIRST_REF_TURN: Duration = Duration::from_secs(60);
+/// How long it shows each later ref (20 s).
+const NEXT_REF_TURN: Duration = Duration::from_secs(20);
 /// How long the fake phone waits for the companion's `companion_finish`, and
 /// for its `pair-device-sign`. Stage two does one PBKDF2 on the companion,
 /// so this is generous for a debug build on a loaded machine.
@@ -119,6 +130,14 @@ pub struct PhoneRecord {
     pub refused_logins: u32,
     /// Pre-keys the logged-in device uploaded (`encrypt` / `set`).
     pub prekeys_uploaded: u32,
+    /// QR codes this phone scanned that named a live ref.
+    pub qr_scans: u32,
+    /// QR codes this phone scanned that WhatsApp would not know: an expired
+    /// or unknown ref, or another connection's Noise key.
+    pub unknown_qrs: u32,
+    /// This account's devices removed by their own `remove-companion-device`
+    /// (a logout).
+    pub devices_removed: u32,
 }
 
 /// The companion device the fake phone linked.
@@ -128,13 +147,26 @@ pub struct LinkedDevice {
     pub jid: String,
     /// The account's LID, `<lid>:<device>@lid`.
     pub lid: String,
-    /// The code that was typed to link it.
-    pub code: String,
+    /// How the phone linked it.
+    pub via: LinkedVia,
+    /// The code that was typed, when it was linked by code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
-/// Why typing a code on the fake phone did not link anything.
+/// How the fake phone linked a device.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkedVia {
+    /// The person typed the companion's pairing code.
+    Code,
+    /// The person scanned the companion's QR code.
+    Qr,
+}
+
+/// Why typing a code or scanning a QR on the fake phone linked nothing.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum EnterCodeError {
+pub enum LinkAttemptError {
     /// No companion has asked for a code for this number yet.
     #[error("no pairing code was requested for this phone")]
     NoCodeRequested,
@@ -153,6 +185,13 @@ pub enum EnterCodeError {
     /// The companion refused `pair-success`.
     #[error("the companion refused the link: {0}")]
     Refused(String),
+    /// Not a companion's QR string (`ref,noise,identity,adv_secret,...`).
+    #[error("not a WhatsApp Web QR code")]
+    MalformedQr,
+    /// The QR's ref is not one WhatsApp handed out and still shows, or not
+    /// to the connection whose Noise key the QR names.
+    #[error("this QR code is not (or no longer) valid")]
+    UnknownQr,
     /// Anything else that went wrong in the protocol.
     #[error("protocol failure: {0}")]
     Protocol(String),
@@ -189,6 +228,16 @@ struct Connection {
     noise_key: [u8; 32],
     /// The phone a logged-in device on this connection belongs to.
     phone: Option<String>,
+    /// The QR refs handed to this (registering) connection.
+    qr_refs: Vec<IssuedRef>,
+}
+
+/// A QR ref in `<pair-device>`, and until when a phone may scan it: the
+/// client shows the first for 60 s and each next one for 20 s, and WhatsApp
+/// forgets a ref whose turn is over.
+struct IssuedRef {
+    value: String,
+    scannable_until: tokio::time::Instant,
 }
 
 enum Command {
@@ -219,6 +268,51 @@ struct Pairing {
     /// `companion_server_auth_key_pub`: the Noise key the device will log
     /// in with once linked.
     noise_key: [u8; 32],
+}
+
+/// What [`FakeWhatsApp::complete_link`] needs, however the phone learned it.
+struct Completion<'a> {
+    /// The account the new device belongs to (the phone that typed or scanned).
+    account: &'a str,
+    connection: &'a mpsc::UnboundedSender<Command>,
+    /// That account's identity key.
+    identity: &'a KeyPair,
+    companion_identity: [u8; 32],
+    adv_secret: [u8; 32],
+    /// The Noise key the device will log in with.
+    noise_key: [u8; 32],
+    /// The code typed, when it was linked by code.
+    code: Option<String>,
+}
+
+/// The fields of a companion's QR string the phone uses.
+struct ScannedQr {
+    pairing_ref: String,
+    noise_key: [u8; 32],
+    identity_key: [u8; 32],
+    adv_secret: [u8; 32],
+}
+
+impl ScannedQr {
+    /// `ref,base64(noise),base64(identity),base64(adv_secret)[,client type]`,
+    /// as whatsapp-rust and WA Web encode it.
+    fn parse(qr: &str) -> Option<Self> {
+        use base64::Engine as _;
+        let key = |field: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(field)
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        };
+        let mut fields = qr.trim().split(',');
+        let pairing_ref = fields.next().filter(|r| !r.is_empty())?.to_owned();
+        Some(Self {
+            pairing_ref,
+            noise_key: key(fields.next()?)?,
+            identity_key: key(fields.next()?)?,
+            adv_secret: key(fields.next()?)?,
+        })
+    }
 }
 
 struct Finish {
@@ -360,25 +454,25 @@ impl FakeWhatsApp {
         &self,
         phone: &str,
         code: &str,
-    ) -> Result<LinkedDevice, EnterCodeError> {
+    ) -> Result<LinkedDevice, LinkAttemptError> {
         let code = code.trim().to_ascii_uppercase();
         if !wacore::pair_code::PairCodeUtils::validate_code(&code) {
-            return Err(EnterCodeError::MalformedCode);
+            return Err(LinkAttemptError::MalformedCode);
         }
         let (pairing, connection, identity) = {
             let state = self.shared.lock();
             let entry = state
                 .phones
                 .get(phone)
-                .ok_or(EnterCodeError::NoCodeRequested)?;
+                .ok_or(LinkAttemptError::NoCodeRequested)?;
             let pairing = entry
                 .pairing
                 .clone()
-                .ok_or(EnterCodeError::NoCodeRequested)?;
+                .ok_or(LinkAttemptError::NoCodeRequested)?;
             let connection = entry
                 .connection
                 .and_then(|id| state.connections.get(&id).map(|c| c.commands.clone()))
-                .ok_or(EnterCodeError::CompanionGone)?;
+                .ok_or(LinkAttemptError::CompanionGone)?;
             (pairing, connection, entry.identity.clone())
         };
 
@@ -387,8 +481,8 @@ impl FakeWhatsApp {
         let typed = code.clone();
         let hello = tokio::task::spawn_blocking(move || PrimaryHello::new(&typed, &wrapped))
             .await
-            .map_err(|e| EnterCodeError::Protocol(e.to_string()))?
-            .map_err(|e| EnterCodeError::Protocol(e.to_string()))?;
+            .map_err(|e| LinkAttemptError::Protocol(e.to_string()))?
+            .map_err(|e| LinkAttemptError::Protocol(e.to_string()))?;
 
         let (finish_tx, finish_rx) = oneshot::channel();
         if let Some(entry) = self.shared.lock().phones.get_mut(phone) {
@@ -412,7 +506,7 @@ impl FakeWhatsApp {
         );
         connection
             .send(Command::Send(notification))
-            .map_err(|_| EnterCodeError::CompanionGone)?;
+            .map_err(|_| LinkAttemptError::CompanionGone)?;
 
         let finish = companion_answer(finish_rx, &connection).await?;
 
@@ -424,27 +518,108 @@ impl FakeWhatsApp {
             Ok(secret) => secret,
             Err(StageTwoError::WrongCode) => {
                 self.shared.update(phone, |p| p.record.wrong_codes += 1);
-                return Err(EnterCodeError::WrongCode);
+                return Err(LinkAttemptError::WrongCode);
             }
-            Err(e) => return Err(EnterCodeError::Protocol(e.to_string())),
+            Err(e) => return Err(LinkAttemptError::Protocol(e.to_string())),
         };
 
+        let linked = self
+            .complete_link(Completion {
+                account: phone,
+                connection: &connection,
+                identity: &identity,
+                companion_identity: finish.companion_identity,
+                adv_secret,
+                noise_key: pairing.noise_key,
+                code: Some(code),
+            })
+            .await?;
+        self.shared.update(phone, |p| p.pairing = None);
+        Ok(linked)
+    }
+
+    /// Plays a person on the phone `as_phone` scanning `qr` (the string a
+    /// companion encodes in its QR code: `ref,noise,identity,adv_secret,...`)
+    /// in WhatsApp > Linked devices > Link a device. The ref must be one the
+    /// fake handed to a connection that is still open, still in its turn on
+    /// screen, and the Noise key must be that connection's. Returns the
+    /// linked device once the companion signed it.
+    pub async fn scan_qr(
+        &self,
+        as_phone: &str,
+        qr: &str,
+    ) -> Result<LinkedDevice, LinkAttemptError> {
+        let scanned = ScannedQr::parse(qr).ok_or(LinkAttemptError::MalformedQr)?;
+        let connection = {
+            let state = self.shared.lock();
+            let now = tokio::time::Instant::now();
+            state
+                .connections
+                .values()
+                .find(|c| {
+                    c.noise_key == scanned.noise_key
+                        && c.qr_refs
+                            .iter()
+                            .any(|r| r.value == scanned.pairing_ref && r.scannable_until > now)
+                })
+                .map(|c| c.commands.clone())
+        };
+        let Some(connection) = connection else {
+            self.shared.update(as_phone, |p| p.record.unknown_qrs += 1);
+            return Err(LinkAttemptError::UnknownQr);
+        };
+        let identity = {
+            let mut state = self.shared.lock();
+            state
+                .phones
+                .entry(as_phone.to_owned())
+                .or_insert_with(Phone::new)
+                .identity
+                .clone()
+        };
+        self.shared.update(as_phone, |p| p.record.qr_scans += 1);
+        self.complete_link(Completion {
+            account: as_phone,
+            connection: &connection,
+            identity: &identity,
+            companion_identity: scanned.identity_key,
+            adv_secret: scanned.adv_secret,
+            noise_key: scanned.noise_key,
+            code: None,
+        })
+        .await
+    }
+
+    /// The phone's side once it knows the companion and the ADV secret:
+    /// `pair-success` for a new device of `account`, the companion's
+    /// `pair-device-sign` checked under the phone's own identity key, then
+    /// stream error 515 so the new device logs in.
+    async fn complete_link(&self, link: Completion<'_>) -> Result<LinkedDevice, LinkAttemptError> {
+        let Completion {
+            account,
+            connection,
+            identity,
+            companion_identity,
+            adv_secret,
+            noise_key,
+            code,
+        } = link;
         let (device_number, device_jid, lid) = {
             let mut state = self.shared.lock();
             let entry = state
                 .phones
-                .get_mut(phone)
-                .ok_or(EnterCodeError::NoCodeRequested)?;
+                .entry(account.to_owned())
+                .or_insert_with(Phone::new);
             entry.devices_linked += 1;
             let number = entry.devices_linked;
             (
                 number,
-                format!("{phone}:{number}@s.whatsapp.net"),
+                format!("{account}:{number}@s.whatsapp.net"),
                 device_lid(&entry.lid_user, number),
             )
         };
         let device_identity =
-            primary::signed_device_identity(&identity, &finish.companion_identity, &adv_secret, 1);
+            primary::signed_device_identity(identity, &companion_identity, &adv_secret, 1);
         let iq_id = self.shared.next_stanza_id();
         let (answer_tx, answer_rx) = oneshot::channel();
         self.shared
@@ -474,9 +649,9 @@ impl FakeWhatsApp {
             .build();
         connection
             .send(Command::Send(pair_success))
-            .map_err(|_| EnterCodeError::CompanionGone)?;
+            .map_err(|_| LinkAttemptError::CompanionGone)?;
 
-        let answer = companion_answer(answer_rx, &connection)
+        let answer = companion_answer(answer_rx, connection)
             .await
             .inspect_err(|_| {
                 self.shared.lock().pending_iqs.remove(&iq_id);
@@ -492,28 +667,34 @@ impl FakeWhatsApp {
                     )
                 })
                 .unwrap_or_else(|| "error".into());
-            return Err(EnterCodeError::Refused(detail));
+            return Err(LinkAttemptError::Refused(detail));
         }
         let signed = answer
             .get_optional_child_by_tag(&["pair-device-sign", "device-identity"])
             .and_then(content_bytes)
-            .ok_or_else(|| EnterCodeError::Protocol("pair-device-sign without identity".into()))?;
+            .ok_or_else(|| {
+                LinkAttemptError::Protocol("pair-device-sign without identity".into())
+            })?;
         primary::verify_device_signature(
             &signed,
-            &finish.companion_identity,
-            &wire::public_bytes(&identity),
+            &companion_identity,
+            &wire::public_bytes(identity),
         )
-        .map_err(EnterCodeError::Protocol)?;
+        .map_err(LinkAttemptError::Protocol)?;
 
         let linked = LinkedDevice {
             jid: device_jid,
             lid,
+            via: if code.is_some() {
+                LinkedVia::Code
+            } else {
+                LinkedVia::Qr
+            },
             code,
         };
-        self.shared.update(phone, |p| {
+        self.shared.update(account, |p| {
             p.record.linked = Some(linked.clone());
-            p.devices.insert(device_number, pairing.noise_key);
-            p.pairing = None;
+            p.devices.insert(device_number, noise_key);
         });
         // WhatsApp closes the stream after pairing so the new device logs in.
         let _ = connection.send(Command::Send(
@@ -637,6 +818,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
                 commands: tx.clone(),
                 noise_key,
                 phone: None,
+                qr_refs: Vec::new(),
             },
         );
     }
@@ -645,11 +827,18 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
     let result = async {
         match hello {
             ClientHello::Registration { .. } => {
-                let refs = (0..QR_REFS).map(|_| {
-                    NodeBuilder::new("ref")
-                        .bytes(random_ref().into_bytes())
-                        .build()
-                });
+                let issued = issue_qr_refs();
+                let refs: Vec<Node> = issued
+                    .iter()
+                    .map(|r| {
+                        NodeBuilder::new("ref")
+                            .bytes(r.value.clone().into_bytes())
+                            .build()
+                    })
+                    .collect();
+                if let Some(connection) = shared.lock().connections.get_mut(&id) {
+                    connection.qr_refs = issued;
+                }
                 let pair_device = NodeBuilder::new("iq")
                     .attrs([
                         ("from", SERVER_JID.to_string()),
@@ -729,16 +918,16 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
 async fn companion_answer<T>(
     answer: oneshot::Receiver<T>,
     connection: &mpsc::UnboundedSender<Command>,
-) -> Result<T, EnterCodeError> {
+) -> Result<T, LinkAttemptError> {
     tokio::select! {
         // An answer that came in before the close still counts.
         biased;
         waited = tokio::time::timeout(STAGE_TIMEOUT, answer) => match waited {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(_)) => Err(EnterCodeError::CompanionGone),
-            Err(_) => Err(EnterCodeError::CompanionSilent(STAGE_TIMEOUT)),
+            Ok(Err(_)) => Err(LinkAttemptError::CompanionGone),
+            Err(_) => Err(LinkAttemptError::CompanionSilent(STAGE_TIMEOUT)),
         },
-        () = connection.closed() => Err(EnterCodeError::CompanionGone),
+        () = connection.closed() => Err(LinkAttemptError::CompanionGone),
     }
 }
 
@@ -758,6 +947,11 @@ fn handle(shared: &Shared, connection: u64, node: &Node) -> Vec<Command> {
         _ => {
             if attr(node, "xmlns").as_deref() == Some("encrypt") {
                 return vec![Command::Send(encrypt(shared, connection, &id, node))];
+            }
+            if let Some(remove) = node.get_optional_child_by_tag(&["remove-companion-device"]) {
+                return vec![Command::Send(remove_device(
+                    shared, connection, &id, remove,
+                ))];
             }
             let Some(reg) = node.get_optional_child_by_tag(&["link_code_companion_reg"]) else {
                 return vec![Command::Send(iq_result(&id, None))];
@@ -931,6 +1125,38 @@ fn encrypt(shared: &Shared, connection: u64, id: &str, node: &Node) -> Node {
     }
 }
 
+/// A logged-in device removing itself (`Client::logout`): only its own
+/// account's device, and only one that exists; later logins of it get 401.
+fn remove_device(shared: &Shared, connection: u64, id: &str, remove: &Node) -> Node {
+    let phone = shared
+        .lock()
+        .connections
+        .get(&connection)
+        .and_then(|c| c.phone.clone());
+    let Some(phone) = phone else {
+        return iq_error(id, 401, "not-authorized", None);
+    };
+    let device = attr(remove, "jid").and_then(|jid| {
+        let (user, rest) = jid.split_once(':')?;
+        let number = rest.split('@').next()?.parse::<u32>().ok()?;
+        (user == phone).then_some(number)
+    });
+    let mut removed = false;
+    if let Some(number) = device {
+        shared.update(&phone, |p| {
+            removed = p.devices.remove(&number).is_some();
+            if removed {
+                p.record.devices_removed += 1;
+            }
+        });
+    }
+    if removed {
+        iq_result(id, None)
+    } else {
+        iq_error(id, 404, "item-not-found", None)
+    }
+}
+
 fn iq_result(id: &str, child: Option<Node>) -> Node {
     let builder = NodeBuilder::new("iq").attrs([
         ("from", SERVER_JID.to_string()),
@@ -989,6 +1215,25 @@ fn device_lid(lid_user: &str, device: u32) -> String {
     format!("{lid_user}:{device}@lid")
 }
 
+/// Six fresh refs, each scannable until the end of its turn on screen.
+fn issue_qr_refs() -> Vec<IssuedRef> {
+    let now = tokio::time::Instant::now();
+    let mut until = now;
+    (0..QR_REFS)
+        .map(|i| {
+            until += if i == 0 {
+                FIRST_REF_TURN
+            } else {
+                NEXT_REF_TURN
+            };
+            IssuedRef {
+                value: random_ref(),
+                scannable_until: until,
+            }
+        })
+        .collect()
+}
+
 fn random_ref() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
@@ -1024,6 +1269,7 @@ mod tests {
                 commands,
                 noise_key,
                 phone: None,
+                qr_refs: Vec::new(),
             },
         );
         shared

@@ -9,6 +9,8 @@
 //! - `{"cmd": "enter_code", "phone": "<digits>", "code": "ABCD1234"}`: the
 //!   phone types the code; `{"ok": true, "linked": {...}}` once the device
 //!   is linked, else `{"ok": false, "error": "..."}`.
+//! - `{"cmd": "scan_qr", "phone": "<digits>", "qr": "<the QR string>"}`: the
+//!   phone `phone` scans a companion's QR; answered like `enter_code`.
 //! - `{"cmd": "record", "phone": "<digits>"}`: what the fake saw for that
 //!   phone, `{"ok": true, "record": {...} | null}`.
 //!
@@ -24,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 #[serde(tag = "cmd", rename_all = "snake_case")]
 enum Control {
     EnterCode { phone: String, code: String },
+    ScanQr { phone: String, qr: String },
     Record { phone: String },
 }
 
@@ -50,6 +53,10 @@ async fn main() -> std::io::Result<()> {
 async fn run(fake: &FakeWhatsApp, command: Control) -> serde_json::Value {
     match command {
         Control::EnterCode { phone, code } => match fake.enter_code(&phone, &code).await {
+            Ok(linked) => json!({ "ok": true, "linked": linked }),
+            Err(e) => json!({ "ok": false, "error": e.to_string() }),
+        },
+        Control::ScanQr { phone, qr } => match fake.scan_qr(&phone, &qr).await {
             Ok(linked) => json!({ "ok": true, "linked": linked }),
             Err(e) => json!({ "ok": false, "error": e.to_string() }),
         },
