@@ -112,6 +112,11 @@ pub enum ApiError {
     /// session was cancelled, linked or replaced).
     #[error("the link client that asked for this code is gone; POST /pair for a new one")]
     CompanionGone,
+    /// Sandbox: the scanned QR is not one WhatsApp shows now.
+    #[error(
+        "this QR code is not (or no longer) one WhatsApp shows; GET /pair/{{phone}} for the current one"
+    )]
+    UnknownQr,
     /// Sandbox: the link client did not answer the fake phone.
     #[error("the link client did not answer the fake phone")]
     CompanionUnavailable,
@@ -136,9 +141,10 @@ impl ApiError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidPhone(_) | Self::PairingUnavailable | Self::WrongCode => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::InvalidPhone(_)
+            | Self::PairingUnavailable
+            | Self::WrongCode
+            | Self::UnknownQr => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::ServerCallersOnly => StatusCode::FORBIDDEN,
@@ -177,6 +183,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::RouteNotFound | Self::SessionNotFound => "not_found",
+            Self::UnknownQr => "unknown_qr",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::AlreadyLinked => "already_linked",
             Self::SessionEnded(_) => "session_ended",

@@ -13,8 +13,9 @@ use utoipa_axum::routes;
 use super::error::ErrorBody;
 use super::extract::{ApiJson, PhoneParam, PhonePath};
 use super::{ApiError, AppState};
+use crate::phone::PhoneNumber;
 
-/// How long `enter-code` waits for the link client to answer the fake
+/// How long `enter-code` and `scan-qr` wait for the link client to answer the fake
 /// phone before answering `504 companion_unavailable`: the link client
 /// answers in well under a second, or (after several wrong codes in a row)
 /// not until it has given the phone a minute, and nobody should stare at a
@@ -26,6 +27,67 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(show))
         .routes(routes!(enter_code))
+        .routes(routes!(scan_qr))
+}
+
+/// `POST /sandbox/phones/{phone}/scan-qr` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ScanQr {
+    /// The QR string, as the state's `qr` carries it.
+    qr: String,
+    /// Scan with another account's phone instead (digits, country code
+    /// first): plays a person scanning someone else's QR code.
+    #[serde(default)]
+    #[schema(pattern = r"^[1-9][0-9]{7,14}$", example = "628111111111")]
+    as_phone: Option<String>,
+}
+
+/// Plays a person scanning the QR code with the phone (`phone`, or
+/// `as_phone` when given) in WhatsApp > Linked devices > Link a device.
+#[utoipa::path(
+    post,
+    path = "/sandbox/phones/{phone}/scan-qr",
+    tag = "sandbox",
+    params(PhoneParam),
+    request_body = ScanQr,
+    responses(
+        (status = 200, description = "The phone linked (to the account that scanned)", body = Entered),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 409, description = "`companion_gone`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_phone` or `unknown_qr`", body = ErrorBody),
+        (status = 504, description = "`companion_unavailable`: the link client did not answer the fake phone", body = ErrorBody),
+    ),
+)]
+async fn scan_qr(
+    State(app): State<AppState>,
+    PhonePath(phone): PhonePath,
+    ApiJson(body): ApiJson<ScanQr>,
+) -> Result<Json<Entered>, ApiError> {
+    let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;
+    let scanner = match body.as_phone.as_deref() {
+        Some(other) => PhoneNumber::parse(other).map_err(ApiError::InvalidPhone)?,
+        None => phone,
+    };
+    let scanned = tokio::time::timeout(ENTER_CODE_WAIT, fake.scan_qr(scanner.as_str(), &body.qr))
+        .await
+        .unwrap_or(Err(LinkAttemptError::CompanionSilent(ENTER_CODE_WAIT)));
+    match scanned {
+        Ok(linked) => Ok(Json(Entered {
+            linked: true,
+            jid: linked.jid,
+        })),
+        Err(LinkAttemptError::UnknownQr | LinkAttemptError::MalformedQr) => {
+            Err(ApiError::UnknownQr)
+        }
+        Err(LinkAttemptError::CompanionGone) => Err(ApiError::CompanionGone),
+        Err(other) => {
+            tracing::warn!(phone = %scanner, error = %other, "the fake phone could not link by QR");
+            Err(ApiError::CompanionUnavailable)
+        }
+    }
 }
 
 /// `POST /sandbox/phones/{phone}/enter-code` body.

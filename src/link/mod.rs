@@ -8,11 +8,16 @@
 //! `whatsapp-rust` client.
 //!
 //! A session's life, seen from here:
-//! 1. [`Linker::open`] connects a link client for the phone.
+//! 1. [`Linker::open`] connects a link client for the phone. Every
+//!    connection brings QR codes ([`LinkEvent::QrRotated`]) that the phone
+//!    can scan instead of typing a code.
 //! 2. [`LinkHandle::request_code`] asks WhatsApp for a code (again whenever
-//!    the caller wants a fresh one; the previous one dies).
-//! 3. [`LinkEvent`]s arrive on [`OpenedLink::events`]: the code was
-//!    invalidated, WhatsApp refused, the phone linked, the session failed.
+//!    the caller wants a fresh one; the previous one dies). Where WhatsApp
+//!    offers no codes, [`LinkHandle::connect`] keeps a connection up for its
+//!    QR codes alone.
+//! 3. [`LinkEvent`]s arrive on [`OpenedLink::events`]: a QR rotated, the
+//!    code was invalidated, WhatsApp refused, the phone linked, the session
+//!    failed.
 //! 4. [`LinkHandle::shutdown`] ends it; nothing keeps running afterwards.
 
 pub mod backups;
@@ -77,6 +82,44 @@ impl Serialize for PairingCode {
     }
 }
 
+/// What a companion's QR code encodes (`ref,noise,identity,adv_secret,...`,
+/// the string WhatsApp Web draws), with how long the phone may scan it.
+///
+/// Whoever scans it links their account to this server's device, so it is
+/// as sensitive as a code: `Debug` is redacted; [`QrCode::expose`] gives the
+/// string for the API, the store and the rendered picture.
+#[derive(Clone, PartialEq, Eq)]
+pub struct QrCode {
+    payload: String,
+    /// How long from now the phone may scan it (WhatsApp rotates refs: 60 s
+    /// for the first of a connection, 20 s for each next one).
+    pub valid_for: Duration,
+}
+
+impl QrCode {
+    /// Wraps a QR string as the link client produced it.
+    pub fn new(payload: impl Into<String>, valid_for: Duration) -> Self {
+        Self {
+            payload: payload.into(),
+            valid_for,
+        }
+    }
+
+    /// The string to encode in the QR picture.
+    pub fn expose(&self) -> &str {
+        &self.payload
+    }
+}
+
+impl fmt::Debug for QrCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QrCode")
+            .field("payload", &"[redacted]")
+            .field("valid_for", &self.valid_for)
+            .finish()
+    }
+}
+
 /// A code WhatsApp accepted, with how long it stays valid from now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedCode {
@@ -120,9 +163,12 @@ pub enum LinkEvent {
     CodeIssued(IssuedCode),
     /// The code currently shown is dead; request a new one.
     CodeInvalidated(Invalidation),
-    /// A QR ref rotated. The service shows codes, not QR, so this only
-    /// proves the connection is alive.
-    QrRotated,
+    /// The connection shows a new QR code (a new connection's first, or the
+    /// next ref); the one before it can no longer be scanned.
+    QrRotated(QrCode),
+    /// The connection's QR refs are used up; it stays up only for the code
+    /// outstanding on it, so no QR can be scanned until a new connection.
+    QrExhausted,
     /// The phone completed the link and the session is persisted.
     Linked(LinkedAccount),
     /// WhatsApp refused the link after the phone answered (e.g. the key
@@ -230,9 +276,19 @@ pub trait LinkHandle: Send + Sync {
     /// before on this session. Reconnects first when the client has stopped.
     async fn request_code(&self) -> Result<IssuedCode, LinkError>;
 
+    /// Makes sure a connection is up (a new one when the last stopped), for
+    /// its QR codes alone: no code is asked for.
+    async fn connect(&self) -> Result<(), LinkError>;
+
     /// Ends the session: the connection closes, background tasks stop, any
     /// outstanding code dies. Idempotent.
     async fn shutdown(&self);
+
+    /// Ends the session and undoes a link that must not stay: the linked
+    /// device logs itself out of WhatsApp (once it has logged in) and its
+    /// files are deleted. For a device linked to another account than the
+    /// session's phone.
+    async fn discard(&self);
 }
 
 /// Opens link clients. Object-safe so the service holds `Arc<dyn Linker>`.

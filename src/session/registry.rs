@@ -959,8 +959,8 @@ mod tests {
     async fn a_refusal_retrying_cannot_fix_is_served_again_without_asking_whatsapp() {
         let script = Arc::new(Script::default());
         script.push(Err(LinkError::Refused {
-            status: 452,
-            text: "feature-not-available".into(),
+            status: 403,
+            text: "forbidden".into(),
             backoff: None,
         }));
         let (sessions, phone) = registry(&script);
@@ -980,7 +980,7 @@ mod tests {
             .unwrap();
 
         assert_eq!(joined, Joined::Existing);
-        assert_eq!(states.borrow().whatsapp_status, Some(452));
+        assert_eq!(states.borrow().whatsapp_status, Some(403));
         assert_eq!(script.requests.load(Ordering::SeqCst), 1);
     }
 

@@ -14,7 +14,8 @@ use crate::phone::PhoneNumber;
 pub enum Status {
     /// No code yet (connecting, or retrying after a failure).
     Starting,
-    /// A live code is shown.
+    /// A live code is shown, or (where WhatsApp offers no codes,
+    /// `reason: code_unavailable`) a QR code only.
     Pending,
     /// The phone linked. Final.
     Linked,
@@ -57,6 +58,12 @@ pub enum Reason {
     WhatsappRefused,
     /// The link client reported the device logged out or unusable.
     LoggedOut,
+    /// The QR was scanned by another WhatsApp account than the session's
+    /// number; that device was logged out and removed. Final.
+    WrongAccount,
+    /// WhatsApp offers no pairing codes to this account (452): the session
+    /// stays `pending` with a QR code only.
+    CodeUnavailable,
     /// The session reached its maximum lifetime.
     MaxLifetime,
     /// Cancelled through the API.
@@ -76,6 +83,8 @@ impl Reason {
             Self::GaveUp => "gave_up",
             Self::WhatsappRefused => "whatsapp_refused",
             Self::LoggedOut => "logged_out",
+            Self::WrongAccount => "wrong_account",
+            Self::CodeUnavailable => "code_unavailable",
             Self::MaxLifetime => "max_lifetime",
             Self::Cancelled => "cancelled",
             Self::Storage => "storage",
@@ -106,6 +115,15 @@ pub struct PairState {
     /// When the service replaces the live code.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub refresh_at: Option<OffsetDateTime>,
+    /// The QR code the phone can scan instead of typing the code: the string
+    /// to encode (`ref,noise,identity,adv_secret,...`), as WhatsApp Web
+    /// draws it; `null` while no connection shows one.
+    #[serde(default)]
+    pub qr: Option<String>,
+    /// When that QR code stops being scannable (WhatsApp rotates it: 60 s
+    /// for a connection's first, 20 s for each next one).
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub qr_expires_at: Option<OffsetDateTime>,
     /// How many codes this session has issued.
     pub attempt: u32,
     /// When this state was produced.
@@ -164,6 +182,7 @@ impl fmt::Debug for PairState {
             .field("phone", &self.phone)
             .field("status", &self.status)
             .field("code", &self.code.as_ref().map(|_| "[redacted]"))
+            .field("qr", &self.qr.as_ref().map(|_| "[redacted]"))
             .field("attempt", &self.attempt)
             .field("reason", &self.reason)
             .finish_non_exhaustive()
@@ -181,6 +200,8 @@ impl PairState {
             issued_at: None,
             expires_at: None,
             refresh_at: None,
+            qr: None,
+            qr_expires_at: None,
             attempt: 0,
             updated_at: OffsetDateTime::now_utc(),
             reason: None,
@@ -207,10 +228,24 @@ impl PairState {
         }
     }
 
+    /// The same state without a QR code (its connection is gone).
+    pub(super) fn without_qr(&self) -> Self {
+        Self {
+            qr: None,
+            qr_expires_at: None,
+            ..self.clone()
+        }
+    }
+
     /// The same session without a live code (and without stale details).
+    /// Its QR code stays while the session goes on (it belongs to the
+    /// connection, not to the code); an ended session has none.
     pub(super) fn without_code(&self, status: Status) -> Self {
+        let ended = status.is_terminal();
         Self {
             status,
+            qr: self.qr.clone().filter(|_| !ended),
+            qr_expires_at: self.qr_expires_at.filter(|_| !ended),
             code: None,
             code_display: None,
             issued_at: None,

@@ -34,6 +34,10 @@ pub(super) struct Script {
     pub(super) requests: AtomicU32,
     pub(super) opens: AtomicU32,
     pub(super) shutdowns: AtomicU32,
+    /// Connections made for QR codes alone.
+    pub(super) connects: AtomicU32,
+    /// Links ended by discarding the device.
+    pub(super) discards: AtomicU32,
 }
 
 impl Script {
@@ -86,10 +90,18 @@ impl LinkHandle for ScriptedHandle {
             valid_for: self.0.valid_for.lock().unwrap().unwrap_or(VALIDITY),
         })
     }
+    async fn connect(&self) -> Result<(), LinkError> {
+        self.0.connects.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
     async fn shutdown(&self) {
         let pause = *self.0.slow_shutdown.lock().unwrap();
         tokio::time::sleep(pause).await;
         self.0.shutdowns.fetch_add(1, Ordering::SeqCst);
+    }
+    async fn discard(&self) {
+        self.0.discards.fetch_add(1, Ordering::SeqCst);
+        self.shutdown().await;
     }
 }
 

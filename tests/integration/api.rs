@@ -181,20 +181,6 @@ async fn whatsapp_rate_limit_answers_429_with_retry_after_and_keeps_trying() {
 }
 
 #[tokio::test]
-async fn feature_not_available_answers_422_pointing_to_the_qr_code() {
-    let app = TestApp::spawn().await;
-    app.fake()
-        .push_fault(Some(PHONE), Fault::Refuse { code: 452 });
-
-    let response = app.post_pair(PHONE).await;
-
-    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    let body = json(response).await;
-    assert_eq!(body["error"], "pairing_unavailable");
-    assert!(body["message"].as_str().unwrap().contains("QR"));
-}
-
-#[tokio::test]
 async fn refresh_issues_a_new_code_and_is_refused_once_linked() {
     let app = TestApp::spawn().await;
     let first = json(app.post_pair(PHONE).await).await;

@@ -12,6 +12,7 @@ mod link_client;
 mod log_redaction;
 mod metrics;
 mod openapi;
+mod qr;
 #[cfg(feature = "sandbox")]
 mod sandbox;
 mod soak;

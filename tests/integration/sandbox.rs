@@ -79,3 +79,55 @@ async fn a_link_client_that_stops_answering_the_phone_gets_504_within_the_sandbo
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn sandbox_scan_qr_links_by_qr_and_refuses_a_qr_whatsapp_does_not_show() {
+    // Arrange
+    let mut app = TestApp::spawn_sandbox().await;
+    let scan_path = format!("/sandbox/phones/{PHONE}/scan-qr");
+    let pair: Value = app.post_pair(PHONE).await.json().await.unwrap();
+    let qr = pair["qr"].as_str().expect("a QR").to_owned();
+    let (reference, rest) = qr.split_once(',').unwrap();
+    let unknown = format!("{reference}x,{rest}");
+
+    // Act
+    let refused = app.post_json(&scan_path, json!({ "qr": unknown })).await;
+    let scanned = app.post_json(&scan_path, json!({ "qr": qr })).await;
+    let scanned_status = scanned.status();
+    let scanned: Value = scanned.json().await.unwrap();
+    let state = app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
+    let record = app.get_json(&format!("/sandbox/phones/{PHONE}")).await;
+
+    // Assert
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        refused.json::<Value>().await.unwrap()["error"],
+        "unknown_qr"
+    );
+    assert_eq!(scanned_status, StatusCode::OK);
+    assert_eq!(state["jid"], scanned["jid"]);
+    assert_eq!(record["linked"]["via"], "qr");
+    assert_eq!(record["unknown_qrs"], 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn sandbox_scan_qr_as_another_phone_plays_a_wrong_account_scan() {
+    // Arrange
+    let mut app = TestApp::spawn_sandbox().await;
+    let pair: Value = app.post_pair(PHONE).await.json().await.unwrap();
+
+    // Act
+    let scanned = app
+        .post_json(
+            &format!("/sandbox/phones/{PHONE}/scan-qr"),
+            json!({ "qr": pair["qr"], "as_phone": "628111111111" }),
+        )
+        .await;
+    let state = app.wait_for_state(PHONE, |s| s["status"] == "failed").await;
+
+    // Assert
+    assert_eq!(scanned.status(), StatusCode::OK);
+    assert_eq!(state["reason"], "wrong_account");
+    app.shutdown().await;
+}

@@ -14,7 +14,7 @@ use wa_pair::store::MemoryStore;
 
 use crate::helpers::{TestApp, files_in, open_fds};
 
-/// Sessions per way of ending; six ways (the last, shutdown, fewer).
+/// Sessions per way of ending; eight ways (the last, shutdown, fewer).
 const CYCLES_PER_WAY: u32 = 40;
 /// Sessions in flight at once.
 const CONCURRENCY: usize = 8;
@@ -36,14 +36,20 @@ enum Way {
     Expired,
     Refused,
     GaveUp,
+    /// Linked by scanning the QR instead of typing the code.
+    LinkedByQr,
+    /// The QR scanned by another account: its device is discarded.
+    WrongAccount,
 }
 
-const WAYS: [Way; 5] = [
+const WAYS: [Way; 7] = [
     Way::Cancelled,
     Way::Linked,
     Way::Expired,
     Way::Refused,
     Way::GaveUp,
+    Way::LinkedByQr,
+    Way::WrongAccount,
 ];
 
 fn phone(n: u32) -> String {
@@ -80,9 +86,26 @@ async fn cycle(app: &TestApp, way: Way, phone: &str) {
         }
         Way::Refused => {
             app.fake()
-                .push_fault(Some(phone), Fault::Refuse { code: 452 });
+                .push_fault(Some(phone), Fault::Refuse { code: 403 });
             let posted = app.post_pair(phone).await;
-            assert_eq!(posted.status(), StatusCode::UNPROCESSABLE_ENTITY);
+            assert_eq!(posted.status(), StatusCode::FORBIDDEN);
+        }
+        Way::LinkedByQr => {
+            let posted = body(app.post_pair(phone).await).await;
+            let qr = posted["qr"].as_str().expect("a QR");
+            app.fake().scan_qr(phone, qr).await.expect("the QR links");
+            app.wait_for_state(phone, |s| s["status"] == "linked").await;
+        }
+        Way::WrongAccount => {
+            let posted = body(app.post_pair(phone).await).await;
+            let qr = posted["qr"].as_str().expect("a QR");
+            let stranger = format!("9{phone}");
+            app.fake()
+                .scan_qr(&stranger, qr)
+                .await
+                .expect("WhatsApp links it");
+            app.wait_for_state(phone, |s| s["reason"] == "wrong_account")
+                .await;
         }
         Way::GaveUp => {
             for _ in 0..2 {
@@ -162,9 +185,9 @@ async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_be
     );
     let linked: BTreeSet<String> = plan
         .iter()
-        .filter(|(way, _)| matches!(way, Way::Linked))
+        .filter(|(way, _)| matches!(way, Way::Linked | Way::LinkedByQr))
         .map(|(_, phone)| phone.clone())
-        .chain(std::iter::once(phone(901)))
+        .chain([phone(901), phone(905)])
         .collect();
     let stray: Vec<String> = files_in(app.data_dir())
         .into_iter()

@@ -24,7 +24,9 @@ use super::{
 use crate::link::http_client::ReqwestHttpClient;
 use crate::link::tasks::{ClientRuntime, TaskScope};
 use crate::link::version::SharedVersion;
-use crate::link::{Invalidation, IssuedCode, LinkError, LinkEvent, LinkedAccount, PairingCode};
+use crate::link::{
+    Invalidation, IssuedCode, LinkError, LinkEvent, LinkedAccount, PairingCode, QrCode,
+};
 use crate::phone::PhoneNumber;
 
 /// State the library's event handler shares with the client's owner.
@@ -41,6 +43,9 @@ pub(super) struct Flags {
     pub linked: AtomicBool,
     /// `shutdown` ran; nothing may be started again.
     pub closed: AtomicBool,
+    /// The running connection's QR refs are used up: the next code is asked
+    /// on a new connection, which brings new ones.
+    pub qr_spent: AtomicBool,
 }
 
 /// Everything a client needs that does not depend on the phone: shared by
@@ -266,7 +271,10 @@ async fn on_event(
                 valid_for: issued.timeout,
             }));
         }
-        Event::PairingQrCode(_) => send(LinkEvent::QrRotated),
+        Event::PairingQrCode(qr) if !linked => send(LinkEvent::QrRotated(QrCode::new(
+            qr.code.clone(),
+            qr.timeout,
+        ))),
         Event::PairingCodeRefresh(_) if !linked => code_died(Invalidation::RefreshRequested),
         // Claims the live code in the guard: only the first refusal of a
         // live code is news (see `Flags::code_live`).
@@ -282,8 +290,13 @@ async fn on_event(
             });
         }
         Event::Disconnected(_) if !linked => code_died(Invalidation::Disconnected),
-        Event::PairingQrCodesExhausted(exhausted) if exhausted.disconnected && !linked => {
-            code_died(Invalidation::ClientStopped)
+        Event::PairingQrCodesExhausted(exhausted) if !linked => {
+            flags.qr_spent.store(true, Ordering::Release);
+            if exhausted.disconnected {
+                code_died(Invalidation::ClientStopped)
+            } else {
+                send(LinkEvent::QrExhausted)
+            }
         }
         // The library stops its own run loop (no reconnect, no
         // `Disconnected`) after these; the code went with it.

@@ -3,8 +3,10 @@
 //! Each phone's [`PhoneClient`] owns one client. Its device keys stay in
 //! memory while the device is pending and move to SQLite at
 //! `DATA_DIR/<phone>.db` (one device per file) when it links. The client
-//! connects, WhatsApp hands it QR refs, and [`LinkHandle::request_code`]
-//! asks for a phone-number pairing code on that same connection.
+//! connects, WhatsApp hands it QR refs (reported as QR codes), and
+//! [`LinkHandle::request_code`] asks for a phone-number pairing code on that
+//! same connection. Once a connection's refs are used up, the next code is
+//! asked on a new connection, so a QR is there beside every code.
 //!
 //! With a [`warm`] pool, the connection (WebSocket, Noise handshake, login
 //! as an unregistered device) is made before anyone asks: a new session
@@ -71,6 +73,9 @@ pub const CODE_REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
 /// the login is one reconnect (about a second); the bound stays well inside
 /// the shutdown grace so a stop right after a link is not held up.
 pub const POST_LINK_LOGIN_WAIT: Duration = Duration::from_secs(5);
+/// How long discarding a device waits for WhatsApp to confirm its logout
+/// (the library's own IQ timeout is longer); the files go either way.
+pub const LOGOUT_WAIT: Duration = Duration::from_secs(10);
 /// Poll interval while waiting for that login; the library offers no event
 /// for "logged in but not fully synced".
 const LOGIN_POLL: Duration = Duration::from_millis(100);
@@ -276,8 +281,12 @@ impl PhoneClient {
         if self.flags().closed.load(Ordering::Acquire) {
             return Err(LinkError::Closed);
         }
+        // A connection whose QR refs are spent can never show a QR again:
+        // a new one brings six more.
+        let qr_spent = self.flags().qr_spent.swap(false, Ordering::AcqRel);
         if let Some(current) = running.as_ref()
             && !current.run_loop.is_finished()
+            && !qr_spent
         {
             return Ok(Arc::clone(&current.client));
         }
@@ -292,12 +301,18 @@ impl PhoneClient {
         Ok(client)
     }
 
-    async fn request_code(&self) -> Result<IssuedCode, LinkError> {
+    /// A client with its socket up, building one if needed.
+    async fn connected(&self) -> Result<Arc<Client>, LinkError> {
         let client = self.ensure_running().await?;
         client
             .wait_for_socket(SOCKET_WAIT)
             .await
             .map_err(|_| LinkError::Timeout("connecting to WhatsApp"))?;
+        Ok(client)
+    }
+
+    async fn request_code(&self) -> Result<IssuedCode, LinkError> {
+        let client = self.connected().await?;
         // The previous code dies here on purpose: a second live code for the
         // same number would make the phone's entry of the older one fail.
         client.cancel_pair_code().await;
@@ -340,6 +355,27 @@ impl PhoneClient {
         }
         self.backend.close(linked).await;
     }
+
+    async fn discard(&self) {
+        let mut running = self.running.lock().await;
+        self.flags().closed.store(true, Ordering::Release);
+        if let Some(current) = running.take() {
+            // The logout IQ needs the device logged in: the post-link login.
+            await_post_link_login(&current.client, &self.phone).await;
+            if tokio::time::timeout(LOGOUT_WAIT, current.client.logout())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    phone = %self.phone,
+                    "WhatsApp did not confirm the logout within {LOGOUT_WAIT:?}"
+                );
+            }
+            current.stop().await;
+        }
+        // As never linked: its files are deleted.
+        self.backend.close(false).await;
+    }
 }
 
 impl Drop for PhoneClient {
@@ -377,7 +413,15 @@ impl LinkHandle for PhoneClientHandle {
         self.0.request_code().await
     }
 
+    async fn connect(&self) -> Result<(), LinkError> {
+        self.0.connected().await.map(drop)
+    }
+
     async fn shutdown(&self) {
         self.0.shutdown().await
+    }
+
+    async fn discard(&self) {
+        self.0.discard().await
     }
 }

@@ -62,6 +62,11 @@ pub enum StepOutcome {
     },
     /// The code shown was invalidated; a new one is scheduled.
     Invalidated,
+    /// The connection shows a new QR code.
+    QrShown,
+    /// WhatsApp offers no codes to this account (452): the session goes on
+    /// with QR codes only.
+    CodeUnavailable,
     /// The phone's code budget is spent; the next attempt is after `after`.
     BudgetSpent {
         /// Until the budget's window closes (or the live code dies).
@@ -98,12 +103,16 @@ enum Asking {
     Open(BoxFuture<'static, Result<OpenedLink, LinkError>>),
     /// A code request on the open link client.
     Code(BoxFuture<'static, Result<IssuedCode, LinkError>>),
+    /// A new connection for QR codes only (WhatsApp offers this account no
+    /// codes).
+    Connect(BoxFuture<'static, Result<(), LinkError>>),
 }
 
 /// What an [`InFlight`] request came back with.
 enum Answer {
     Opened(Result<OpenedLink, LinkError>),
     Code(Result<IssuedCode, LinkError>),
+    Connected(Result<(), LinkError>),
 }
 
 /// One phone's pairing session. Owned by its task; see the module docs.
@@ -138,6 +147,12 @@ pub struct Session {
     owner_tag: Option<String>,
     /// Where codes, refusals and the ending are counted, when metered.
     metrics: Option<Arc<Metrics>>,
+    /// WhatsApp refused codes for this account (452): the session keeps a
+    /// connection up for its QR codes and asks for no more codes.
+    qr_only: bool,
+    /// The device linked to another account than this phone's: the link
+    /// client is to log it out and delete it, not keep it.
+    discard_device: bool,
 }
 
 impl Session {
@@ -177,6 +192,8 @@ impl Session {
             store_failures: 0,
             owner_tag: None,
             metrics: None,
+            qr_only: false,
+            discard_device: false,
         };
         (session, commands_tx, state_rx)
     }
@@ -229,7 +246,11 @@ impl Session {
         }
         self.in_flight = None;
         if let Some(link) = self.link.take() {
-            link.handle.shutdown().await;
+            if self.discard_device {
+                link.handle.discard().await;
+            } else {
+                link.handle.shutdown().await;
+            }
         }
         for attempt in 0..FINAL_HEAL_ATTEMPTS {
             if self.store_heal_at.is_none() {
@@ -291,6 +312,16 @@ impl Session {
         if let Some(in_flight) = self.in_flight.as_mut() {
             match &event {
                 Some(event) if ends_the_session(event) => {}
+                // The QR of a connection being made, or spent meanwhile:
+                // the state the request commits carries it.
+                Some(LinkEvent::QrRotated(qr)) => {
+                    self.state = self.with_qr(qr);
+                    return None;
+                }
+                Some(LinkEvent::QrExhausted) => {
+                    self.state = self.state.without_qr();
+                    return None;
+                }
                 // Superseded by the code being asked for.
                 Some(_) => return None,
                 None => {
@@ -382,6 +413,14 @@ impl Session {
             return None;
         };
         let handle = Arc::clone(&link.handle);
+        if self.qr_only {
+            self.in_flight = Some(InFlight {
+                asking: Asking::Connect(Box::pin(async move { handle.connect().await })),
+                waiting,
+                events_closed: false,
+            });
+            return None;
+        }
         // Counted once connected, right before WhatsApp is asked: a
         // connection that never came up notified nobody.
         if let Some(wait) = self.take_code_from_budget().await {
@@ -406,6 +445,15 @@ impl Session {
                 return self.start_request(waiting).await;
             }
             Answer::Opened(Err(error)) => self.request_failed(error).await,
+            // Its QR codes arrive as link events.
+            Answer::Connected(Ok(())) => {
+                self.answer(waiting, &StepOutcome::Idle);
+                // Shown while connecting, kept in memory till now.
+                self.state.qr.as_ref()?;
+                self.commit(self.state.clone()).await;
+                return Some(StepOutcome::QrShown);
+            }
+            Answer::Connected(Err(error)) => self.request_failed(error).await,
             Answer::Code(result) => {
                 let trigger = match (waiting.is_empty(), self.state.attempt) {
                     (false, _) => CodeTrigger::Manual,
@@ -433,7 +481,8 @@ impl Session {
             && self
                 .last_issued
                 .is_some_and(|at| now.duration_since(at) < MANUAL_REFRESH_DEBOUNCE);
-        (backing_off || just_issued).then(|| self.state.clone())
+        // No code to refresh where WhatsApp offers none: the QR is there.
+        (backing_off || just_issued || self.qr_only).then(|| self.state.clone())
     }
 
     /// How long until a code may be issued again, while the phone's budget
@@ -466,6 +515,10 @@ async fn answer_of(in_flight: &mut Option<InFlight>) -> Answer {
             asking: Asking::Code(code),
             ..
         }) => Answer::Code(code.await),
+        Some(InFlight {
+            asking: Asking::Connect(connect),
+            ..
+        }) => Answer::Connected(connect.await),
         None => std::future::pending().await,
     }
 }
@@ -485,7 +538,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::link::{Invalidation, LinkedAccount};
+    use crate::link::{Invalidation, LinkedAccount, QrCode};
     use crate::retry::Backoff;
     use crate::session::schedule::{
         CODE_BUDGET_WINDOW, MIN_EVENT_REFRESH_GAP, REFRESH_MARGIN, WAIT_TTL_MARGIN,
@@ -931,21 +984,164 @@ mod tests {
         assert_eq!(state.whatsapp_status, None);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn feature_not_available_fails_at_once() {
-        let mut f = fixture(settings());
-        f.script.push(Err(LinkError::Refused {
+    fn qr(n: u32, valid_secs: u64) -> QrCode {
+        QrCode::new(
+            format!("2@ref{n},noise,identity,adv"),
+            Duration::from_secs(valid_secs),
+        )
+    }
+
+    fn feature_not_available() -> LinkError {
+        LinkError::Refused {
             status: 452,
             text: "feature-not-available".into(),
             backoff: None,
-        }));
+        }
+    }
 
+    #[tokio::test(start_paused = true)]
+    async fn feature_not_available_keeps_the_session_pending_on_its_qr_code_alone() {
+        // Arrange
+        let mut f = fixture(settings());
+        f.script.push(Err(feature_not_available()));
+
+        // Act
+        let refused = f.session.step().await;
+        f.script.emit(LinkEvent::QrRotated(qr(1, 60)));
+        let shown = f.session.step().await;
+
+        // Assert
+        assert_eq!(refused, StepOutcome::CodeUnavailable);
+        assert_eq!(shown, StepOutcome::QrShown);
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.status, Status::Pending);
+        assert_eq!(state.reason, Some(Reason::CodeUnavailable));
+        assert_eq!(state.whatsapp_status, Some(452));
+        assert!(state.code.is_none());
+        assert_eq!(state.qr.as_deref(), Some("2@ref1,noise,identity,adv"));
+        assert!(state.message.unwrap().contains("QR"));
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(
+            f.script.requests.load(Ordering::SeqCst),
+            1,
+            "no more codes are asked for"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_qr_only_session_reconnects_when_its_qr_codes_run_out() {
+        // Arrange: QR-only, showing a QR.
+        let mut f = fixture(settings());
+        f.script.push(Err(feature_not_available()));
+        f.session.step().await;
+        f.script.emit(LinkEvent::QrRotated(qr(1, 60)));
+        f.session.step().await;
+
+        // Act: the refs ran out and the library closed the connection; the
+        // new connection shows its first QR a moment later.
+        f.script
+            .emit(LinkEvent::CodeInvalidated(Invalidation::ClientStopped));
+        let stopped = f.session.step().await;
+        let script = Arc::clone(&f.script);
+        let (shown, ()) = tokio::join!(f.session.step(), async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            script.emit(LinkEvent::QrRotated(qr(2, 60)));
+        });
+
+        // Assert
+        assert_eq!(stopped, StepOutcome::Idle);
+        assert_eq!(f.script.connects.load(Ordering::SeqCst), 1);
+        assert_eq!(f.script.requests.load(Ordering::SeqCst), 1, "no code asked");
+        assert_eq!(shown, StepOutcome::QrShown);
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.status, Status::Pending);
+        assert_eq!(state.qr.as_deref(), Some("2@ref2,noise,identity,adv"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_qr_rotation_is_stored_beside_the_live_code() {
+        // Arrange
+        let mut f = fixture(settings());
+        f.session.step().await;
+
+        // Act
+        f.script.emit(LinkEvent::QrRotated(qr(2, 20)));
         let outcome = f.session.step().await;
 
+        // Assert
+        assert_eq!(outcome, StepOutcome::QrShown);
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.code.as_deref(), Some("CODE0001"), "the code stays");
+        assert_eq!(state.qr.as_deref(), Some("2@ref2,noise,identity,adv"));
+        let expires = state.qr_expires_at.unwrap() - state.updated_at;
+        assert_eq!(expires, time::Duration::seconds(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spent_qr_codes_bring_the_code_replacement_forward() {
+        // Arrange: a code, then the connection's QR refs run out 160 s in,
+        // before the code's scheduled refresh at 165 s.
+        let mut f = fixture(settings());
+        f.session.step().await;
+        f.script.emit(LinkEvent::QrRotated(qr(1, 60)));
+        f.session.step().await;
+        tokio::time::advance(Duration::from_secs(160)).await;
+
+        // Act
+        f.script.emit(LinkEvent::QrExhausted);
+        let exhausted = f.session.step().await;
+        let replaced = f.session.step().await;
+
+        // Assert
+        assert_eq!(exhausted, StepOutcome::Idle);
+        assert_eq!(replaced, StepOutcome::CodeIssued { attempt: 2 });
+        assert_eq!(
+            Instant::now().duration_since(f.session.last_issued.unwrap()),
+            Duration::ZERO
+        );
+        assert!(f.session.state.code.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_session_keeps_no_qr_code() {
+        // Arrange
+        let mut f = fixture(settings());
+        f.session.step().await;
+        f.script.emit(LinkEvent::QrRotated(qr(1, 60)));
+        f.session.step().await;
+
+        // Act
+        let (cancel, _) = oneshot::channel();
+        f.commands.send(Command::Cancel(cancel)).await.unwrap();
+        f.session.step().await;
+
+        // Assert
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.status, Status::Cancelled);
+        assert!(state.qr.is_none() && state.qr_expires_at.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_linked_to_another_account_is_discarded_and_the_session_fails() {
+        // Arrange
+        let mut f = fixture(settings());
+        f.session.step().await;
+
+        // Act: someone else's phone scanned the QR.
+        f.script.emit(LinkEvent::Linked(LinkedAccount {
+            jid: "628111111111:1@s.whatsapp.net".into(),
+            lid: None,
+            platform: None,
+        }));
+        let outcome = f.session.step().await;
+        f.session.close().await;
+
+        // Assert
         assert_eq!(outcome, StepOutcome::Ended(Status::Failed));
-        let state = f.states.borrow().clone();
-        assert_eq!(state.reason, Some(Reason::WhatsappRefused));
-        assert_eq!(state.whatsapp_status, Some(452));
+        let state = stored(&f.store).await.unwrap();
+        assert_eq!(state.reason, Some(Reason::WrongAccount));
+        assert!(state.jid.is_none(), "the stranger's device is not reported");
+        assert_eq!(f.script.discards.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{Reply, Session, StepOutcome};
-use crate::link::{Invalidation, IssuedCode, LinkError, LinkEvent, LinkedAccount};
+use crate::link::{Invalidation, IssuedCode, LinkError, LinkEvent, LinkedAccount, QrCode};
 use crate::metrics::CodeTrigger;
 use crate::session::SessionError;
 use crate::session::schedule::replacement_wait;
@@ -80,7 +80,7 @@ impl Session {
                         reason: Some(Reason::CodeBudget),
                         message: Some(message),
                         retry_at: Some(retry_at),
-                        ..self.state.without_code(Status::Starting)
+                        ..self.state.without_code(Status::Starting).without_qr()
                     },
                     wait,
                 )
@@ -146,6 +146,9 @@ impl Session {
                 "device storage failed; retrying"
             );
         }
+        if error.status() == Some(452) && self.link.is_some() {
+            return self.code_unavailable(&error).await;
+        }
         if !error.is_retryable() {
             tracing::warn!(phone = %self.phone, error = %error, "code request refused for good");
             let failed = PairState {
@@ -184,7 +187,7 @@ impl Session {
         );
         self.next_request = Some(Instant::now() + delay);
         let now = OffsetDateTime::now_utc();
-        let state = PairState {
+        let mut state = PairState {
             retry_at: Some(now + delay),
             message: Some(format!(
                 "{}; retrying in {} s",
@@ -194,6 +197,10 @@ impl Session {
             whatsapp_status: error.status(),
             ..self.state.without_code(Status::Starting)
         };
+        if matches!(error, LinkError::Disconnected) {
+            // The QR went with the connection.
+            state = state.without_qr();
+        }
         self.commit(state).await;
         tracing::warn!(
             phone = %self.phone,
@@ -219,7 +226,22 @@ impl Session {
             return self.request_failed(LinkError::Disconnected).await;
         };
         match event {
-            LinkEvent::CodeIssued(_) | LinkEvent::QrRotated => StepOutcome::Idle,
+            LinkEvent::CodeIssued(_) => StepOutcome::Idle,
+            LinkEvent::QrRotated(qr) => {
+                let state = self.with_qr(&qr);
+                self.commit(state).await;
+                StepOutcome::QrShown
+            }
+            LinkEvent::QrExhausted => self.qr_exhausted(),
+            LinkEvent::CodeInvalidated(Invalidation::ClientStopped) if self.qr_only => {
+                // The connection used up its QR codes and closed, as the
+                // library does when no code is outstanding: the next one
+                // brings new ones. The stored QR has expired by now, and
+                // its successor replaces it in a second.
+                self.next_request = Some(Instant::now());
+                self.state = self.state.without_qr();
+                StepOutcome::Idle
+            }
             LinkEvent::CodeInvalidated(why) => {
                 if self.state.status != Status::Pending {
                     return StepOutcome::Idle;
@@ -282,6 +304,56 @@ impl Session {
         }
     }
 
+    /// This session's state showing `qr`; a QR-only session shows it as
+    /// `pending` (its code is unavailable, its QR is what there is).
+    pub(super) fn with_qr(&self, qr: &QrCode) -> PairState {
+        let now = OffsetDateTime::now_utc();
+        let state = PairState {
+            qr: Some(qr.expose().to_owned()),
+            qr_expires_at: Some(now + qr.valid_for),
+            updated_at: now,
+            ..self.state.clone()
+        };
+        if self.qr_only && state.status == Status::Starting {
+            return code_unavailable_state(&state);
+        }
+        state
+    }
+
+    /// The connection's QR codes are used up while a code keeps it up: the
+    /// code is replaced now (not at its scheduled refresh, seconds later)
+    /// on a new connection, which brings new QR codes with it.
+    fn qr_exhausted(&mut self) -> StepOutcome {
+        if self.state.status == Status::Pending && !self.qr_only {
+            let since_issued = self.last_issued.map(|at| at.elapsed());
+            let replace_at = Instant::now() + replacement_wait(since_issued);
+            self.next_request = Some(
+                self.next_request
+                    .map_or(replace_at, |at| at.min(replace_at)),
+            );
+        }
+        StepOutcome::Idle
+    }
+
+    /// WhatsApp refused codes for this account (452): the session stays
+    /// `pending` on its connection's QR codes, and asks for no more codes.
+    async fn code_unavailable(&mut self, error: &LinkError) -> StepOutcome {
+        self.qr_only = true;
+        self.next_request = None;
+        self.failures = 0;
+        let state = code_unavailable_state(&PairState {
+            whatsapp_status: error.status(),
+            ..self.state.without_code(Status::Pending)
+        });
+        self.commit(state).await;
+        tracing::warn!(
+            phone = %self.phone,
+            event = "code_unavailable",
+            "WhatsApp offers no pairing code for this number; showing the QR code only"
+        );
+        StepOutcome::CodeUnavailable
+    }
+
     pub(super) async fn interrupted(&mut self) -> StepOutcome {
         self.finish(
             Status::Failed,
@@ -292,6 +364,28 @@ impl Session {
     }
 
     pub(super) async fn linked(&mut self, account: LinkedAccount) -> StepOutcome {
+        if !account_is(&account.jid, &self.phone) {
+            // Someone else's phone scanned the QR: their device must not
+            // stay linked here under this number.
+            self.discard_device = true;
+            tracing::warn!(
+                phone = %self.phone,
+                event = "wrong_account",
+                "the QR code was scanned by another WhatsApp account; logging its device out"
+            );
+            return self
+                .finish(
+                    Status::Failed,
+                    Reason::WrongAccount,
+                    Some(
+                        "the QR code was scanned by a different WhatsApp account than this \
+                         number's; that device was logged out and removed. Scan it with the \
+                         phone of this number"
+                            .into(),
+                    ),
+                )
+                .await;
+        }
         self.next_request = None;
         let state = PairState {
             jid: Some(account.jid.clone()),
@@ -358,6 +452,28 @@ pub(in crate::session) fn ended(status: Status) -> SessionError {
         Status::Linked => SessionError::AlreadyLinked,
         other => SessionError::Ended(other.as_str()),
     }
+}
+
+/// `state` as a QR-only session shows it.
+fn code_unavailable_state(state: &PairState) -> PairState {
+    PairState {
+        status: Status::Pending,
+        reason: Some(Reason::CodeUnavailable),
+        message: Some(
+            "phone-number linking is not available for this account; scan the QR code instead \
+             (WhatsApp > Linked devices > Link a device)"
+                .into(),
+        ),
+        retry_at: None,
+        whatsapp_status: Some(452),
+        ..state.clone()
+    }
+}
+
+/// Whether the device `jid` (`628123456789:3@s.whatsapp.net`) belongs to
+/// `phone`'s account.
+fn account_is(jid: &str, phone: &crate::phone::PhoneNumber) -> bool {
+    jid.split([':', '@']).next() == Some(phone.as_str())
 }
 
 /// A message about `error` that is safe to store and show.
