@@ -55,6 +55,12 @@ pub enum ApiError {
     /// No pairing session for this phone.
     #[error("no pairing session for this phone; POST /pair to start one")]
     SessionNotFound,
+    /// The session shows no QR code now (connecting, ended, or the last one
+    /// expired before the next arrived).
+    #[error(
+        "no QR code is showing for this phone right now; GET /pair/{{phone}} says why, and a new one comes with the next connection"
+    )]
+    NoQr,
     /// The phone is linked already.
     #[error(
         "this phone is already linked; to link it again on purpose, a server caller sends \"force\": true (see the README)"
@@ -151,7 +157,7 @@ impl ApiError {
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RouteNotFound | Self::SessionNotFound => StatusCode::NOT_FOUND,
+            Self::RouteNotFound | Self::SessionNotFound | Self::NoQr => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::AlreadyLinked
             | Self::SessionEnded(_)
@@ -183,6 +189,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::RouteNotFound | Self::SessionNotFound => "not_found",
+            Self::NoQr => "no_qr",
             Self::UnknownQr => "unknown_qr",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::AlreadyLinked => "already_linked",

@@ -12,6 +12,7 @@ pub mod limits;
 mod metrics;
 pub mod openapi;
 mod pair;
+mod qr;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod server;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
     // Layers run outside in: the caller is known before its budget is
     // charged.
     let api = pair::routes()
+        .merge(qr::routes())
         .merge(metrics::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.limits),

@@ -52,7 +52,7 @@ pub struct PairRequest {
 /// users' cap per address, so one address cannot take the service-wide
 /// cap; on loopback (a developer, the tests) only the service-wide cap
 /// holds.
-fn actor(app: &AppState, caller: &Caller, client: Option<ClientIp>) -> Actor {
+pub(super) fn actor(app: &AppState, caller: &Caller, client: Option<ClientIp>) -> Actor {
     match caller {
         Caller::User { id } => Actor::restricted(Owner::user(id), app.sessions_per_user),
         Caller::Server { key_id } => Actor::trusted(Owner::server(key_id)),

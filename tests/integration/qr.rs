@@ -15,6 +15,20 @@ async fn json(response: reqwest::Response) -> Value {
     response.json().await.expect("JSON body")
 }
 
+/// Decodes the QR code in a PNG.
+fn decode_png(bytes: &[u8]) -> String {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes.to_vec()));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("sized")];
+    let frame = reader.next_frame(&mut pixels).expect("a frame");
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    let mut image =
+        rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1, "one QR code in the picture");
+    grids[0].decode().expect("decodes").1
+}
+
 #[tokio::test]
 async fn pair_answers_with_a_qr_beside_the_code_and_scanning_it_links_the_phone() {
     // Arrange
@@ -107,4 +121,35 @@ async fn a_qr_scanned_by_another_account_is_logged_out_removed_and_fails_the_ses
         !app.data_dir().join(format!("{PHONE}.db")).exists(),
         "no stranger's device is kept under this number"
     );
+}
+
+#[tokio::test]
+async fn qr_pictures_encode_the_current_qr_and_are_404_once_there_is_none() {
+    // Arrange
+    let app = TestApp::spawn().await;
+    json(app.post_pair(PHONE).await).await;
+
+    // Act
+    let svg = app.get(&format!("/pair/{PHONE}/qr.svg")).await;
+    let svg_type = svg.headers()["content-type"].clone();
+    let svg_body = svg.text().await.unwrap();
+    let png = app.get(&format!("/pair/{PHONE}/qr.png")).await;
+    let png_type = png.headers()["content-type"].clone();
+    let png_cache = png.headers()["cache-control"].clone();
+    let png_body = png.bytes().await.unwrap();
+    let shown = app.get_json(&format!("/pair/{PHONE}")).await;
+    app.delete(&format!("/pair/{PHONE}")).await;
+    let after_cancel = app.get(&format!("/pair/{PHONE}/qr.png")).await;
+    let unknown = app.get("/pair/628999999999/qr.svg").await;
+
+    // Assert
+    assert_eq!(svg_type, "image/svg+xml");
+    assert!(svg_body.contains("<svg"), "{svg_body:.80}");
+    assert_eq!(png_type, "image/png");
+    assert_eq!(png_cache, "no-store");
+    assert_eq!(decode_png(&png_body), shown["qr"].as_str().unwrap());
+    assert_eq!(after_cancel.status(), StatusCode::NOT_FOUND);
+    assert_eq!(json(after_cancel).await["error"], "no_qr");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(json(unknown).await["error"], "not_found");
 }
