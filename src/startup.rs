@@ -144,6 +144,7 @@ impl App {
         let state = AppState {
             sessions: Arc::clone(&sessions),
             code_wait: config.code_wait,
+            sse_keepalive: config.sse_keepalive,
             callers: callers(config),
             sessions_per_user: config.sessions_per_user,
             limits: Arc::new(CallerLimits::new(

@@ -59,6 +59,14 @@ pub const DEFAULT_REFRESH_EVERY: Duration = Duration::from_secs(480);
 /// hand out a code on a slow connection, short enough for an HTTP client.
 pub const DEFAULT_CODE_WAIT: Duration = Duration::from_secs(20);
 
+/// Default [`Config::sse_keepalive`]: 15 seconds, well inside the idle
+/// timeouts of common proxies (Railway's, nginx's 60 s) and browsers.
+pub const DEFAULT_SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Longest [`Config::sse_keepalive`]: a stream silent for longer than five
+/// minutes is closed by nearly every proxy on the way.
+pub const MAX_SSE_KEEPALIVE: Duration = Duration::from_secs(300);
+
 /// Default [`Config::allow_unauthenticated`]: off, so a public address
 /// needs callers configured.
 pub const DEFAULT_ALLOW_UNAUTHENTICATED: bool = false;
@@ -164,6 +172,9 @@ pub struct Config {
     pub refresh_every: Duration,
     /// How long a request waits for the first code, from `PAIR_CODE_WAIT_SECS` (default `20`).
     pub code_wait: Duration,
+    /// How often an idle event stream gets a keep-alive comment, from
+    /// `SSE_KEEPALIVE_SECS` (default `15`).
+    pub sse_keepalive: Duration,
     /// Longest life of a pairing session, from `PAIR_SESSION_MAX_SECS` (default `1800`).
     pub session_max: Duration,
     /// How long linked, failed and expired outcomes are kept, from
@@ -255,6 +266,7 @@ impl Default for Config {
             code_ttl: DEFAULT_CODE_TTL,
             refresh_every: DEFAULT_REFRESH_EVERY,
             code_wait: DEFAULT_CODE_WAIT,
+            sse_keepalive: DEFAULT_SSE_KEEPALIVE,
             session_max: DEFAULT_SESSION_MAX,
             outcome_ttl: DEFAULT_OUTCOME_TTL,
             backoff_base: DEFAULT_BACKOFF_BASE,
@@ -376,6 +388,12 @@ impl Config {
             code_ttl: vars.parse(CODE_TTL, DEFAULT_CODE_TTL, SECONDS, parse_secs)?,
             refresh_every: vars.parse(REFRESH, DEFAULT_REFRESH_EVERY, SECONDS, parse_secs)?,
             code_wait: vars.parse(CODE_WAIT, DEFAULT_CODE_WAIT, SECONDS, parse_secs)?,
+            sse_keepalive: vars.parse(
+                SSE_KEEPALIVE,
+                DEFAULT_SSE_KEEPALIVE,
+                "a whole number of seconds from 1 to 300",
+                |v| parse_secs(v).filter(|d| *d <= MAX_SSE_KEEPALIVE),
+            )?,
             session_max: vars.parse(SESSION_MAX, DEFAULT_SESSION_MAX, SECONDS, parse_secs)?,
             outcome_ttl: vars.parse(OUTCOME_TTL, DEFAULT_OUTCOME_TTL, SECONDS, parse_secs)?,
             backoff_base: vars.parse(
@@ -1087,6 +1105,7 @@ mod tests {
             (CODE_TTL, "300"),
             (REFRESH, "240"),
             (CODE_WAIT, "5"),
+            (SSE_KEEPALIVE, "7"),
             (SESSION_MAX, "900"),
             (OUTCOME_TTL, "3600"),
             (BACKOFF_BASE, "250"),
@@ -1138,6 +1157,7 @@ mod tests {
             code_ttl: Duration::from_secs(300),
             refresh_every: Duration::from_secs(240),
             code_wait: Duration::from_secs(5),
+            sse_keepalive: Duration::from_secs(7),
             session_max: Duration::from_secs(900),
             outcome_ttl: Duration::from_secs(3600),
             backoff_base: Duration::from_millis(250),

@@ -20,6 +20,7 @@ pub(super) const KEY_PREFIX: &str = "PAIR_KEY_PREFIX";
 pub(super) const CODE_TTL: &str = "PAIR_CODE_TTL_SECS";
 pub(super) const REFRESH: &str = "PAIR_REFRESH_SECS";
 pub(super) const CODE_WAIT: &str = "PAIR_CODE_WAIT_SECS";
+pub(super) const SSE_KEEPALIVE: &str = "SSE_KEEPALIVE_SECS";
 pub(super) const SESSION_MAX: &str = "PAIR_SESSION_MAX_SECS";
 pub(super) const OUTCOME_TTL: &str = "PAIR_OUTCOME_TTL_SECS";
 pub(super) const BACKOFF_BASE: &str = "PAIR_BACKOFF_BASE_MS";
@@ -145,6 +146,11 @@ pub const SETTINGS: &[Setting] = &[
         name: CODE_WAIT,
         default: SettingDefault::Value("20"),
         doc: "How long `POST /pair` waits for the first code before answering `202` with status `starting`.",
+    },
+    Setting {
+        name: SSE_KEEPALIVE,
+        default: SettingDefault::Value("15"),
+        doc: "How often `GET /pair/{phone}/events` sends a keep-alive comment while the state does not change, so proxies (Railway's included) do not close an idle stream. 1 to 300.",
     },
     Setting {
         name: SESSION_MAX,

@@ -6,6 +6,7 @@ pub mod auth;
 mod cors;
 mod deadline;
 mod error;
+mod events;
 mod extract;
 mod health;
 pub mod limits;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// How long `POST /pair` waits for the first code before answering 202.
     pub code_wait: Duration,
+    /// How often an idle event stream gets a keep-alive comment.
+    pub sse_keepalive: Duration,
     /// Who may call the API.
     pub callers: auth::Callers,
     /// Request budgets per caller.
@@ -74,6 +77,7 @@ pub fn router(state: AppState) -> Router {
     // charged.
     let api = pair::routes()
         .merge(qr::routes())
+        .merge(events::routes())
         .merge(metrics::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.limits),

@@ -53,7 +53,7 @@ mod testing;
 pub use access::{Actor, Owner};
 pub use registry::{
     COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, PREVIOUS_SESSION_WAIT, RegistryCounts,
-    STORE_READ_TIMEOUT, Sessions,
+    STORE_READ_TIMEOUT, Sessions, StateFeed,
 };
 pub use schedule::{
     CODE_BUDGET_WINDOW, MANUAL_REFRESH_DEBOUNCE, MIN_EVENT_REFRESH_GAP, MIN_REFRESH_INTERVAL,

@@ -55,6 +55,17 @@ pub const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// shrinking small tables would only make the next burst reallocate them.
 const LIVE_SHRINK_FLOOR: usize = 64;
 
+/// Where [`Sessions::watch`] finds a phone's states.
+#[derive(Debug)]
+pub enum StateFeed {
+    /// The session runs in this process: every state it commits, the
+    /// current one first.
+    Live(watch::Receiver<PairState>),
+    /// Not running here: its last stored state (an outcome, or a session
+    /// whose process is gone, as [`PairState::orphaned`] tells it).
+    Stored(Box<PairState>),
+}
+
 /// A session whose task is running (it may have ended and still be
 /// releasing its link client).
 struct Live {
@@ -449,6 +460,29 @@ impl Sessions {
             return Ok(Some(running));
         }
         self.stored_outcome(phone, actor).await
+    }
+
+    /// `phone`'s state as it changes: the running session's states, or
+    /// (no session runs here) the last state stored, which will not change
+    /// here.
+    pub async fn watch(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<StateFeed, SessionError> {
+        {
+            let registry = lock(&self.registry);
+            if let Some(live) = registry.live.get(phone) {
+                if !actor.may_touch(&live.owner) {
+                    return Err(SessionError::Forbidden);
+                }
+                return Ok(StateFeed::Live(live.state.clone()));
+            }
+        }
+        match self.stored_outcome(phone, actor).await? {
+            Some(state) => Ok(StateFeed::Stored(Box::new(state))),
+            None => Err(SessionError::NotFound),
+        }
     }
 
     /// The state of `phone`'s running session, if any.

@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod chaos;
 mod code_budget;
+mod events;
 mod fake_strictness;
 mod flow_logs;
 mod helpers;

@@ -9,6 +9,10 @@
 //!   [`supabase::SupabaseTokens`]; a token with `role: service_role` is a
 //!   server caller too.
 //!
+//! `EventSource` and `<img>` cannot send headers, so the event stream and
+//! the QR pictures also take the token as `?access_token=`; the request log
+//! never records query strings.
+//!
 //! With no caller configured (only allowed on loopback, or with
 //! `ALLOW_UNAUTHENTICATED=true`), every caller is [`Caller::Anonymous`].
 
@@ -160,6 +164,31 @@ impl Callers {
     }
 }
 
+/// The query parameter a token may come in where a client cannot send
+/// `Authorization` (RFC 6750's name).
+pub const QUERY_TOKEN: &str = "access_token";
+
+/// Paths (by ending) that take the token as [`QUERY_TOKEN`]: what a browser
+/// loads without script control over headers (`EventSource`, `<img>`).
+/// Everything else must use the header, so tokens stay out of URLs where
+/// they are not needed.
+const QUERY_TOKEN_PATHS: [&str; 3] = ["/events", "/qr.svg", "/qr.png"];
+
+/// The token in `?access_token=`, on a `GET` of a path that takes one.
+fn query_token(request: &Request) -> Option<String> {
+    if request.method() != axum::http::Method::GET
+        || !QUERY_TOKEN_PATHS
+            .iter()
+            .any(|end| request.uri().path().ends_with(end))
+    {
+        return None;
+    }
+    form_urlencoded::parse(request.uri().query()?.as_bytes())
+        .find(|(name, _)| name == QUERY_TOKEN)
+        .map(|(_, token)| token.into_owned())
+        .filter(|token| !token.is_empty())
+}
+
 /// `Bearer <token>` (scheme in any case, one or more spaces) → the token.
 fn bearer_token(header: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = header.split_at_checked(6)?;
@@ -200,7 +229,15 @@ pub async fn require_caller(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let authorization = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+    let from_query = match request.headers().get(AUTHORIZATION) {
+        Some(_) => None,
+        None => query_token(&request).map(|token| format!("Bearer {token}")),
+    };
+    let authorization = request
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .or(from_query.as_deref().map(str::as_bytes));
     match callers.resolve(authorization).await {
         Ok(caller) => {
             request.extensions_mut().insert(caller);

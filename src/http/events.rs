@@ -1,0 +1,112 @@
+//! `GET /pair/{phone}/events`: the session's state pushed as Server-Sent
+//! Events, so a page shows the code, the QR and the outcome as they happen
+//! instead of polling.
+//!
+//! Each event is `event: state` with the same JSON as `GET /pair/{phone}`.
+//! The current state comes first (so a client that reconnects is up to date
+//! at once), then one event per change; after a final state the stream
+//! ends. States that change faster than a client reads are coalesced: the
+//! client always gets the newest. While nothing changes, a keep-alive
+//! comment goes out every `SSE_KEEPALIVE_SECS`.
+//!
+//! `EventSource` cannot set headers, so this route (like the QR pictures)
+//! also takes the caller's token as `?access_token=` (see `auth`).
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use futures::stream::{self, StreamExt as _};
+use tokio::sync::watch;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::Caller;
+use super::error::ErrorBody;
+use super::extract::{PhoneParam, PhonePath};
+use super::pair::actor;
+use super::{ApiError, AppState};
+use crate::session::{PairState, StateFeed};
+
+/// The SSE event name of a state.
+pub const STATE_EVENT: &str = "state";
+
+/// The event stream route.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(events))
+}
+
+/// The session's state as Server-Sent Events.
+#[utoipa::path(
+    get,
+    path = "/pair/{phone}/events",
+    tag = "pairing",
+    params(
+        PhoneParam,
+        ("access_token" = Option<String>, Query, description = "The caller's token, for clients that cannot send `Authorization` (`EventSource`)"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`: `event: state` with the state JSON, the current state first, one per change, ending after a final state", content_type = "text/event-stream", body = String),
+        (status = 403, description = "`forbidden`: another account started this session", body = ErrorBody),
+        (status = 404, description = "`not_found`: no session for this phone", body = ErrorBody),
+        (status = 422, description = "`invalid_phone`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+async fn events(
+    State(app): State<AppState>,
+    caller: Caller,
+    PhonePath(phone): PhonePath,
+) -> Result<Response, ApiError> {
+    let feed = app
+        .sessions
+        .watch(&phone, &actor(&app, &caller, None))
+        .await?;
+    let states = match feed {
+        StateFeed::Live(states) => live(states).boxed(),
+        StateFeed::Stored(state) => stream::once(async move { *state }).boxed(),
+    };
+    let events = states.map(|state| Ok::<_, Infallible>(state_event(&state)));
+    let mut response = Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(app.sse_keepalive)
+                .text("keep-alive"),
+        )
+        .into_response();
+    // Proxies that buffer (nginx and its kin) would hold events back.
+    response.headers_mut().insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    Ok(response)
+}
+
+/// The states of a running session: the current one, then each change,
+/// ending after a final one (or when the session is gone).
+fn live(states: watch::Receiver<PairState>) -> impl Stream<Item = PairState> {
+    stream::unfold(
+        (states, true, false),
+        |(mut states, first, ended)| async move {
+            if ended || (!first && states.changed().await.is_err()) {
+                return None;
+            }
+            let state = states.borrow_and_update().clone();
+            let ended = state.status.is_terminal();
+            Some((state, (states, false, ended)))
+        },
+    )
+}
+
+fn state_event(state: &PairState) -> Event {
+    Event::default()
+        .event(STATE_EVENT)
+        .json_data(state)
+        // Serializing our own state cannot fail; if it ever did, the
+        // client still learns that something changed.
+        .unwrap_or_else(|_| Event::default().event(STATE_EVENT).data("{}"))
+}
