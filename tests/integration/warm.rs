@@ -65,6 +65,29 @@ async fn a_new_session_takes_a_ready_client_instead_of_connecting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_taking_a_warm_client_shows_the_qr_its_connection_already_has() {
+    // Arrange: the ready client got its QR codes when it connected, before
+    // anyone asked.
+    let app = warm_app(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let number = phone(7);
+
+    // Act
+    let body: serde_json::Value = app.post_pair(number.as_str()).await.json().await.unwrap();
+    let qr = body["qr"]
+        .as_str()
+        .expect("the warm connection's QR")
+        .to_owned();
+    let scanned = app.fake().scan_qr(number.as_str(), &qr).await;
+
+    // Assert
+    assert!(body["code"].is_string(), "{body}");
+    scanned.expect("the QR handed over is one WhatsApp shows");
+    app.wait_for_state(number.as_str(), |s| s["status"] == "linked")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_client_that_links_stores_its_device_under_the_phone_and_nothing_else_is_written() {
     // Arrange
     let app = warm_app(1).await;
@@ -175,6 +198,11 @@ async fn a_taken_client_pairs_like_a_cold_one() {
     assert_eq!(accepted_for_the_code, 1, "no connect on open");
     assert_eq!(pool.ready(), 0);
     assert!(linker.has_linked_device(&number).await);
+    assert_eq!(
+        fds_into_after_close(harness.data_dir.path()).await,
+        Vec::<std::path::PathBuf>::new(),
+        "the store lets go of its files (SQLite removes -wal and -shm then)"
+    );
     assert_eq!(
         files_in(harness.data_dir.path()),
         vec![format!("{}.db", number.as_str())],

@@ -203,13 +203,7 @@ impl WhatsAppLinker {
         phone: &PhoneNumber,
         warm: WarmClient,
     ) -> Result<OpenedLink, LinkError> {
-        let WarmClient {
-            backend,
-            running,
-            wiring,
-            events,
-            ..
-        } = warm;
+        let (backend, running, wiring, events) = warm.into_parts();
         let home = match self.claim_home(phone).await {
             Ok(home) => home,
             Err(e) => {

@@ -28,7 +28,7 @@ use super::backend::DeviceBackend;
 use super::client::{ClientFactory, Running, Wiring};
 use super::files::recover_warm_dir;
 use super::{SOCKET_WAIT, WARM_CLIENT_MAX_AGE};
-use crate::link::{LinkError, LinkEvent};
+use crate::link::{LinkError, LinkEvent, QrCode};
 
 /// Name of the directory inside `DATA_DIR` where earlier builds kept warm
 /// clients' device stores; the pool finishes what they left there.
@@ -47,21 +47,60 @@ pub(super) struct WarmClient {
     pub wiring: Wiring,
     pub events: mpsc::UnboundedReceiver<LinkEvent>,
     connected_at: Instant,
+    /// The QR its connection shows now, and when that was reported.
+    last_qr: Option<(QrCode, Instant)>,
 }
 
 impl WarmClient {
     /// Whether a phone can still use it: connected, young enough, and no
-    /// event on its mailbox says the connection went. Drains the mailbox
-    /// (QR rotations are all it carries otherwise; nobody shows them).
+    /// event on its mailbox says the connection went (or its QR codes ran
+    /// out). Drains the mailbox, keeping the latest QR code.
     fn is_usable(&mut self, now: Instant, max_age: Duration) -> bool {
         let mut lost = false;
         while let Ok(event) = self.events.try_recv() {
-            lost |= matches!(
-                event,
-                LinkEvent::CodeInvalidated(_) | LinkEvent::Failed { .. }
-            );
+            match event {
+                LinkEvent::QrRotated(qr) => self.last_qr = Some((qr, Instant::now())),
+                LinkEvent::CodeInvalidated(_)
+                | LinkEvent::Failed { .. }
+                | LinkEvent::QrExhausted => lost = true,
+                _ => {}
+            }
         }
         !lost && self.running.is_connected() && now.duration_since(self.connected_at) < max_age
+    }
+
+    /// Hands the client over: the QR its connection shows now is put back
+    /// on the mailbox first (with what is left of its time), so the new
+    /// owner shows it at once instead of waiting up to a minute for the
+    /// next.
+    pub fn into_parts(
+        mut self,
+    ) -> (
+        Arc<DeviceBackend>,
+        Running,
+        Wiring,
+        mpsc::UnboundedReceiver<LinkEvent>,
+    ) {
+        let mut others = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                LinkEvent::QrRotated(qr) => self.last_qr = Some((qr, Instant::now())),
+                other => others.push(other),
+            }
+        }
+        if let Some((qr, seen)) = self.last_qr.take() {
+            let left = qr.valid_for.saturating_sub(seen.elapsed());
+            if !left.is_zero() {
+                let _ = self
+                    .wiring
+                    .events
+                    .send(LinkEvent::QrRotated(QrCode::new(qr.expose(), left)));
+            }
+        }
+        for event in others {
+            let _ = self.wiring.events.send(event);
+        }
+        (self.backend, self.running, self.wiring, self.events)
     }
 
     /// Closes the client; its device goes with it.
@@ -252,6 +291,7 @@ impl WarmPool {
             wiring,
             events,
             connected_at: Instant::now(),
+            last_qr: None,
         };
         match connected {
             Ok(()) => Ok(client),
