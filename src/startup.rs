@@ -145,6 +145,7 @@ impl App {
             sessions: Arc::clone(&sessions),
             code_wait: config.code_wait,
             sse_keepalive: config.sse_keepalive,
+            ui_enabled: config.ui_enabled,
             callers: callers(config),
             sessions_per_user: config.sessions_per_user,
             limits: Arc::new(CallerLimits::new(

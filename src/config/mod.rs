@@ -63,6 +63,10 @@ pub const DEFAULT_CODE_WAIT: Duration = Duration::from_secs(20);
 /// timeouts of common proxies (Railway's, nginx's 60 s) and browsers.
 pub const DEFAULT_SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
+/// Default [`Config::ui_enabled`]: on, so a person can pair from a browser
+/// with nothing else deployed.
+pub const DEFAULT_UI_ENABLED: bool = true;
+
 /// Longest [`Config::sse_keepalive`]: a stream silent for longer than five
 /// minutes is closed by nearly every proxy on the way.
 pub const MAX_SSE_KEEPALIVE: Duration = Duration::from_secs(300);
@@ -175,6 +179,8 @@ pub struct Config {
     /// How often an idle event stream gets a keep-alive comment, from
     /// `SSE_KEEPALIVE_SECS` (default `15`).
     pub sse_keepalive: Duration,
+    /// Whether `GET /` serves the pairing page, from `UI_ENABLED` (default `true`).
+    pub ui_enabled: bool,
     /// Longest life of a pairing session, from `PAIR_SESSION_MAX_SECS` (default `1800`).
     pub session_max: Duration,
     /// How long linked, failed and expired outcomes are kept, from
@@ -267,6 +273,7 @@ impl Default for Config {
             refresh_every: DEFAULT_REFRESH_EVERY,
             code_wait: DEFAULT_CODE_WAIT,
             sse_keepalive: DEFAULT_SSE_KEEPALIVE,
+            ui_enabled: DEFAULT_UI_ENABLED,
             session_max: DEFAULT_SESSION_MAX,
             outcome_ttl: DEFAULT_OUTCOME_TTL,
             backoff_base: DEFAULT_BACKOFF_BASE,
@@ -393,6 +400,12 @@ impl Config {
                 DEFAULT_SSE_KEEPALIVE,
                 "a whole number of seconds from 1 to 300",
                 |v| parse_secs(v).filter(|d| *d <= MAX_SSE_KEEPALIVE),
+            )?,
+            ui_enabled: vars.parse(
+                UI_ENABLED,
+                DEFAULT_UI_ENABLED,
+                "one of 1, 0, true, false, yes, no",
+                parse_bool,
             )?,
             session_max: vars.parse(SESSION_MAX, DEFAULT_SESSION_MAX, SECONDS, parse_secs)?,
             outcome_ttl: vars.parse(OUTCOME_TTL, DEFAULT_OUTCOME_TTL, SECONDS, parse_secs)?,
@@ -1106,6 +1119,7 @@ mod tests {
             (REFRESH, "240"),
             (CODE_WAIT, "5"),
             (SSE_KEEPALIVE, "7"),
+            (UI_ENABLED, "no"),
             (SESSION_MAX, "900"),
             (OUTCOME_TTL, "3600"),
             (BACKOFF_BASE, "250"),
@@ -1158,6 +1172,7 @@ mod tests {
             refresh_every: Duration::from_secs(240),
             code_wait: Duration::from_secs(5),
             sse_keepalive: Duration::from_secs(7),
+            ui_enabled: false,
             session_max: Duration::from_secs(900),
             outcome_ttl: Duration::from_secs(3600),
             backoff_base: Duration::from_millis(250),

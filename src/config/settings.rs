@@ -21,6 +21,7 @@ pub(super) const CODE_TTL: &str = "PAIR_CODE_TTL_SECS";
 pub(super) const REFRESH: &str = "PAIR_REFRESH_SECS";
 pub(super) const CODE_WAIT: &str = "PAIR_CODE_WAIT_SECS";
 pub(super) const SSE_KEEPALIVE: &str = "SSE_KEEPALIVE_SECS";
+pub(super) const UI_ENABLED: &str = "UI_ENABLED";
 pub(super) const SESSION_MAX: &str = "PAIR_SESSION_MAX_SECS";
 pub(super) const OUTCOME_TTL: &str = "PAIR_OUTCOME_TTL_SECS";
 pub(super) const BACKOFF_BASE: &str = "PAIR_BACKOFF_BASE_MS";
@@ -151,6 +152,11 @@ pub const SETTINGS: &[Setting] = &[
         name: SSE_KEEPALIVE,
         default: SettingDefault::Value("15"),
         doc: "How often `GET /pair/{phone}/events` sends a keep-alive comment while the state does not change, so proxies (Railway's included) do not close an idle stream. 1 to 300.",
+    },
+    Setting {
+        name: UI_ENABLED,
+        default: SettingDefault::Value("true"),
+        doc: "Serve the pairing page at `GET /` (with `/ui/app.js` and `/ui/app.css`). One of `1`, `0`, `true`, `false`, `yes`, `no`, any case. Off, `/` answers `404`; the API is the same either way.",
     },
     Setting {
         name: SESSION_MAX,

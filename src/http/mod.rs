@@ -17,6 +17,7 @@ mod qr;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod server;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub code_wait: Duration,
     /// How often an idle event stream gets a keep-alive comment.
     pub sse_keepalive: Duration,
+    /// Whether `GET /` serves the pairing page.
+    pub ui_enabled: bool,
     /// Who may call the API.
     pub callers: auth::Callers,
     /// Request budgets per caller.
@@ -94,6 +97,10 @@ pub fn router(state: AppState) -> Router {
     #[cfg(feature = "sandbox")]
     let routes = match state.sandbox.is_some() {
         true => routes.merge(sandbox::routes()),
+        false => routes,
+    };
+    let routes = match state.ui_enabled {
+        true => routes.merge(ui::routes()),
         false => routes,
     };
     let (routes, mut document) = routes.split_for_parts();

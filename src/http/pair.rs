@@ -30,6 +30,46 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create))
         .routes(routes!(show, cancel))
         .routes(routes!(refresh))
+        .routes(routes!(validate_phone))
+}
+
+/// `GET /validate-phone` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ValidatePhone {
+    /// The number as typed, e.g. `+62 812-345-6789`.
+    #[serde(default)]
+    phone: String,
+}
+
+/// `GET /validate-phone` answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ValidPhone {
+    /// The canonical number, as `POST /pair` takes it.
+    #[schema(example = "628123456789")]
+    phone: String,
+}
+
+/// Checks a number as typed, with the same rules as `POST /pair`, and
+/// nothing else: no session starts. For forms that validate as people type.
+#[utoipa::path(
+    get,
+    path = "/validate-phone",
+    tag = "pairing",
+    params(ValidatePhone),
+    responses(
+        (status = 200, description = "The number is canonical", body = ValidPhone),
+        (status = 422, description = "`invalid_phone`, with `suggestion` when one is likely", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+async fn validate_phone(
+    axum::extract::Query(query): axum::extract::Query<ValidatePhone>,
+) -> Result<Json<ValidPhone>, ApiError> {
+    let phone = PhoneNumber::parse(&query.phone).map_err(ApiError::InvalidPhone)?;
+    Ok(Json(ValidPhone {
+        phone: phone.as_str().to_owned(),
+    }))
 }
 
 /// `POST /pair` body.
