@@ -13,6 +13,7 @@ mod link_client;
 mod log_redaction;
 mod metrics;
 mod openapi;
+mod page;
 mod qr;
 #[cfg(feature = "sandbox")]
 mod sandbox;
