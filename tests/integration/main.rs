@@ -3,6 +3,8 @@
 
 mod api;
 mod auth;
+#[cfg(feature = "sandbox")]
+mod browser;
 mod chaos;
 mod code_budget;
 mod events;
