@@ -23,6 +23,8 @@
 //!   timed and counted for the metrics.
 //! - [`metrics`]: the Prometheus metrics served at `/metrics`.
 //! - [`retry`]: exponential backoff with full jitter.
+//! - [`webhook`]: session outcomes POSTed to `WEBHOOK_URL`, signed as
+//!   Standard Webhooks do, retried for up to an hour.
 
 pub mod config;
 pub mod http;
@@ -34,3 +36,4 @@ pub mod session;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;

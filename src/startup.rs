@@ -10,7 +10,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, StoreConfig, webhook_key};
 use crate::http::auth::Callers;
 use crate::http::auth::supabase::SupabaseTokens;
 use crate::http::limits::{Budgets, CallerLimits};
@@ -20,6 +20,7 @@ use crate::link::Linker;
 use crate::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
 use crate::session::{SessionSettings, Sessions};
 use crate::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
+use crate::webhook::{self, Deliverer, WebhookSettings, Webhooks};
 
 /// Version pinned in sandbox mode when `WA_VERSION` is unset: the sandbox
 /// must never reach out to WhatsApp to learn it.
@@ -50,6 +51,30 @@ pub enum StartupError {
     /// Sandbox settings that must not run.
     #[error("{0}")]
     Sandbox(String),
+    /// The webhook sender could not be built.
+    #[error("webhook: {0}")]
+    Webhook(String),
+}
+
+/// The webhook sender and its deliverer, when `WEBHOOK_URL` is set.
+fn webhooks(config: &Config) -> Result<Option<(Webhooks, Deliverer)>, StartupError> {
+    let Some(webhook) = &config.webhook else {
+        return Ok(None);
+    };
+    let key = webhook_key(webhook.secret.expose())
+        .ok_or_else(|| StartupError::Webhook("WEBHOOK_SECRET is not a usable key".into()))?;
+    let settings = WebhookSettings {
+        url: webhook.url.clone(),
+        key,
+        backoff: webhook::RETRY_BACKOFF,
+        give_up_after: webhook::GIVE_UP_AFTER,
+    };
+    let built = Webhooks::new(settings).map_err(|e| StartupError::Webhook(e.to_string()))?;
+    tracing::info!(
+        event = "webhook_enabled",
+        "session outcomes are POSTed to WEBHOOK_URL"
+    );
+    Ok(Some(built))
 }
 
 /// Who may call the API, said once at every start.
@@ -95,6 +120,8 @@ pub struct App {
     /// Kept until the sessions have stopped: in sandbox mode their link
     /// clients talk to it until the very end.
     sandbox_guard: Sandbox,
+    /// Delivers outcomes to `WEBHOOK_URL` while `serve` runs.
+    deliverer: Option<Deliverer>,
 }
 
 impl App {
@@ -136,11 +163,16 @@ impl App {
         store: Arc<dyn PairingStore>,
         sandbox: Sandbox,
     ) -> Result<Self, StartupError> {
-        let sessions = Arc::new(Sessions::new(
+        let (webhooks, deliverer) = webhooks(config)?.unzip();
+        let sessions = Sessions::new(
             SessionSettings::from_config(config),
             Arc::clone(&linker),
             Arc::clone(&store),
-        ));
+        );
+        let sessions = Arc::new(match webhooks {
+            Some(webhooks) => sessions.announcing_to(webhooks),
+            None => sessions,
+        });
         let state = AppState {
             sessions: Arc::clone(&sessions),
             code_wait: config.code_wait,
@@ -176,6 +208,7 @@ impl App {
                 max_connections: config.max_connections,
             },
             sandbox_guard: sandbox,
+            deliverer,
         })
     }
 
@@ -219,13 +252,21 @@ impl App {
         let linker = Arc::clone(&self.linker);
         let warm_stop = stop_rx.clone();
         let warm_pool = tokio::spawn(async move { linker.keep_warm(warm_stop).await });
+
         let sessions = Arc::clone(&self.sessions);
         let session_grace = self.grace.mul_f64(SESSION_SHARE_OF_GRACE);
         let mut sessions_stop = stop_rx.clone();
+        // The webhook stops after the sessions: the outcomes of the sessions
+        // a shutdown interrupts are the last it is given.
+        let (sessions_ended_tx, sessions_ended) = watch::channel(false);
         let sessions_done = tokio::spawn(async move {
             let _ = sessions_stop.wait_for(|stop| *stop).await;
             sessions.shutdown(session_grace).await;
+            let _ = sessions_ended_tx.send(true);
         });
+        let webhooks = self
+            .deliverer
+            .map(|deliverer| tokio::spawn(Webhooks::run(deliverer, sessions_ended)));
         let server = crate::http::server::serve(
             self.listener,
             self.router,
@@ -244,6 +285,9 @@ impl App {
                 let _ = sessions_done.await;
                 let _ = sweeper.await;
                 let _ = warm_pool.await;
+                if let Some(webhooks) = webhooks {
+                    let _ = webhooks.await;
+                }
             } => {}
             _ = hard_deadline => {
                 tracing::warn!("shutdown grace of {grace:?} ran out; exiting anyway");

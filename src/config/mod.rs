@@ -167,6 +167,9 @@ pub struct Config {
     /// Where pairing state is kept, from `UPSTASH_REDIS_REST_URL` and
     /// `UPSTASH_REDIS_REST_TOKEN` (default: in memory).
     pub store: StoreConfig,
+    /// Where outcomes are POSTed and how they are signed, from `WEBHOOK_URL`
+    /// and `WEBHOOK_SECRET` (default: no webhook).
+    pub webhook: Option<WebhookConfig>,
     /// Prefix for every store key, from `PAIR_KEY_PREFIX` (default `wa:pair:`).
     pub key_prefix: String,
     /// How long a stored pairing code lives, from `PAIR_CODE_TTL_SECS` (default `600`).
@@ -268,6 +271,7 @@ impl Default for Config {
             wa_version: None,
             wa_sandbox: DEFAULT_WA_SANDBOX,
             store: StoreConfig::Memory,
+            webhook: None,
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             code_ttl: DEFAULT_CODE_TTL,
             refresh_every: DEFAULT_REFRESH_EVERY,
@@ -389,6 +393,7 @@ impl Config {
                 parse_bool,
             )?,
             store: store_config(&vars)?,
+            webhook: webhook_config(&vars)?,
             key_prefix: vars
                 .get(KEY_PREFIX)
                 .map_or_else(|| DEFAULT_KEY_PREFIX.to_owned(), str::to_owned),
@@ -782,6 +787,61 @@ fn api_keys(vars: &Vars) -> Result<Vec<Secret>, ConfigError> {
     Ok(keys.into_iter().map(Secret::new).collect())
 }
 
+/// Where outcomes are POSTed, and the secret that signs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `WEBHOOK_URL`.
+    pub url: String,
+    /// `WEBHOOK_SECRET`: `whsec_` + base64, or 32+ characters.
+    pub secret: Secret,
+}
+
+/// Shortest `WEBHOOK_SECRET` taken as plain text: 256 bits of key.
+pub const MIN_WEBHOOK_SECRET_LEN: usize = 32;
+
+fn webhook_config(vars: &Vars) -> Result<Option<WebhookConfig>, ConfigError> {
+    let url = vars.parse_optional(
+        WEBHOOK_URL,
+        "an http:// or https:// URL, e.g. https://example.supabase.co/functions/v1/wa-pair-webhook",
+        |v| url_with_scheme(v, &["http", "https"]),
+    )?;
+    let secret = vars.parse_optional(
+        WEBHOOK_SECRET,
+        "whsec_ followed by base64, or at least 32 characters",
+        |v| webhook_key(v).map(|_| v.to_owned()),
+    )?;
+    match (url, secret) {
+        (Some(url), Some(secret)) => Ok(Some(WebhookConfig {
+            url,
+            secret: Secret::new(secret),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::Missing {
+            var: WEBHOOK_SECRET,
+            companion: WEBHOOK_URL,
+        }),
+        (None, Some(_)) => Err(ConfigError::Missing {
+            var: WEBHOOK_URL,
+            companion: WEBHOOK_SECRET,
+        }),
+    }
+}
+
+/// The HMAC key of a webhook secret: the base64 after `whsec_`, else the
+/// text itself when it is long enough.
+pub fn webhook_key(secret: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    match secret.strip_prefix("whsec_") {
+        Some(encoded) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+            .filter(|key| !key.is_empty()),
+        None => {
+            (secret.chars().count() >= MIN_WEBHOOK_SECRET_LEN).then(|| secret.as_bytes().to_vec())
+        }
+    }
+}
+
 fn store_config(vars: &Vars) -> Result<StoreConfig, ConfigError> {
     let url = vars.parse_optional(
         UPSTASH_URL,
@@ -1114,6 +1174,8 @@ mod tests {
             (WA_SANDBOX, "YES"),
             (UPSTASH_URL, "https://eu1-example.upstash.io"),
             (UPSTASH_TOKEN, "upstash-token"),
+            (WEBHOOK_URL, "https://hooks.example.test/wa"),
+            (WEBHOOK_SECRET, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             (KEY_PREFIX, "test:pair:"),
             (CODE_TTL, "300"),
             (REFRESH, "240"),
@@ -1167,6 +1229,10 @@ mod tests {
                 url: "https://eu1-example.upstash.io".to_owned(),
                 token: Secret::new("upstash-token"),
             },
+            webhook: Some(WebhookConfig {
+                url: "https://hooks.example.test/wa".to_owned(),
+                secret: Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            }),
             key_prefix: "test:pair:".to_owned(),
             code_ttl: Duration::from_secs(300),
             refresh_every: Duration::from_secs(240),

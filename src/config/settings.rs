@@ -22,6 +22,8 @@ pub(super) const REFRESH: &str = "PAIR_REFRESH_SECS";
 pub(super) const CODE_WAIT: &str = "PAIR_CODE_WAIT_SECS";
 pub(super) const SSE_KEEPALIVE: &str = "SSE_KEEPALIVE_SECS";
 pub(super) const UI_ENABLED: &str = "UI_ENABLED";
+pub(super) const WEBHOOK_URL: &str = "WEBHOOK_URL";
+pub(super) const WEBHOOK_SECRET: &str = "WEBHOOK_SECRET";
 pub(super) const SESSION_MAX: &str = "PAIR_SESSION_MAX_SECS";
 pub(super) const OUTCOME_TTL: &str = "PAIR_OUTCOME_TTL_SECS";
 pub(super) const BACKOFF_BASE: &str = "PAIR_BACKOFF_BASE_MS";
@@ -152,6 +154,16 @@ pub const SETTINGS: &[Setting] = &[
         name: SSE_KEEPALIVE,
         default: SettingDefault::Value("15"),
         doc: "How often `GET /pair/{phone}/events` sends a keep-alive comment while the state does not change, so proxies (Railway's included) do not close an idle stream. 1 to 300.",
+    },
+    Setting {
+        name: WEBHOOK_URL,
+        default: SettingDefault::Unset("unset: no webhook"),
+        doc: "Where outcomes are POSTed (`linked`, `failed`, `expired`, `cancelled`), an `http://` or `https://` URL; signed as Standard Webhooks do, retried for up to an hour (see \"Webhook\" in the README). Set it and `WEBHOOK_SECRET` together; unset, no webhook is sent.",
+    },
+    Setting {
+        name: WEBHOOK_SECRET,
+        default: SettingDefault::Unset("unset"),
+        doc: "Signing secret of the webhook (secret): `whsec_` followed by base64 (as Standard Webhooks libraries make them; the key is the decoded bytes), or any other string of at least 32 characters (the key is its bytes). Required when `WEBHOOK_URL` is set.",
     },
     Setting {
         name: UI_ENABLED,

@@ -23,6 +23,7 @@ use crate::link::Linker;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
 use crate::store::{Metered, PairingStore};
+use crate::webhook::Webhooks;
 
 /// How long a refresh or cancel waits for the session to answer. A refresh
 /// still in progress then answers with the current state (`starting`).
@@ -172,6 +173,8 @@ pub struct Sessions {
     registry: Arc<std::sync::Mutex<Registry>>,
     stopping: watch::Sender<bool>,
     metrics: Arc<Metrics>,
+    /// Where outcomes are announced, when `WEBHOOK_URL` is set.
+    webhooks: Option<Webhooks>,
 }
 
 /// How many entries the registry holds, for soak tests and diagnostics.
@@ -199,7 +202,15 @@ impl Sessions {
             registry: Arc::default(),
             stopping: watch::Sender::new(false),
             metrics,
+            webhooks: None,
         }
+    }
+
+    /// The same registry, announcing every session's outcome to `webhooks`.
+    #[must_use]
+    pub fn announcing_to(mut self, webhooks: Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
+        self
     }
 
     /// What the sessions and their store counted.
@@ -404,6 +415,10 @@ impl Sessions {
         let session = session
             .owned_by(actor.owner.tag())
             .metered(Arc::clone(&self.metrics));
+        let session = match &self.webhooks {
+            Some(webhooks) => session.announcing_to(webhooks.clone()),
+            None => session,
+        };
         let (released_tx, released) = watch::channel(());
         let departure = Departure {
             registry: Arc::clone(&self.registry),

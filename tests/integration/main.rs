@@ -23,3 +23,4 @@ mod soak;
 mod supabase_auth;
 mod upstash_contract;
 mod warm;
+mod webhook;

@@ -31,6 +31,7 @@ use crate::link::{IssuedCode, LinkError, LinkEvent, Linker, OpenedLink};
 use crate::metrics::{CodeTrigger, Metrics};
 use crate::phone::PhoneNumber;
 use crate::store::PairingStore;
+use crate::webhook::Webhooks;
 
 /// Commands waiting for a session task; callers beyond this get a 503.
 const COMMAND_QUEUE: usize = 16;
@@ -153,6 +154,8 @@ pub struct Session {
     /// The device linked to another account than this phone's: the link
     /// client is to log it out and delete it, not keep it.
     discard_device: bool,
+    /// Where the outcome is announced, when a webhook is configured.
+    webhooks: Option<Webhooks>,
 }
 
 impl Session {
@@ -194,6 +197,7 @@ impl Session {
             metrics: None,
             qr_only: false,
             discard_device: false,
+            webhooks: None,
         };
         (session, commands_tx, state_rx)
     }
@@ -213,6 +217,13 @@ impl Session {
         self
     }
 
+    /// The same session, announcing its outcome to `webhooks`.
+    #[must_use]
+    pub fn announcing_to(mut self, webhooks: Webhooks) -> Self {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
     /// Runs steps until the session ends, then releases the link client.
     pub async fn run(mut self) {
         // The first state is stored too: a reader sees `starting`, not nothing.
@@ -221,6 +232,10 @@ impl Session {
             if self.step().await.is_terminal() {
                 break;
             }
+        }
+        // Queued, never awaited: the receiver cannot hold the session up.
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.notify(&self.state);
         }
         self.refuse_late_commands();
         self.close().await;
