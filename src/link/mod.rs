@@ -91,17 +91,19 @@ impl Serialize for PairingCode {
 #[derive(Clone, PartialEq, Eq)]
 pub struct QrCode {
     payload: String,
-    /// How long from now the phone may scan it (WhatsApp rotates refs: 60 s
-    /// for the first of a connection, 20 s for each next one).
-    pub valid_for: Duration,
+    /// Until when the phone may scan it (WhatsApp rotates refs: 60 s for
+    /// the first of a connection, 20 s for each next one). A deadline, not
+    /// a duration: a QR read from a mailbox later has that much less left.
+    scannable_until: tokio::time::Instant,
 }
 
 impl QrCode {
-    /// Wraps a QR string as the link client produced it.
+    /// Wraps a QR string as the link client produced it, scannable for
+    /// `valid_for` from now.
     pub fn new(payload: impl Into<String>, valid_for: Duration) -> Self {
         Self {
             payload: payload.into(),
-            valid_for,
+            scannable_until: tokio::time::Instant::now() + valid_for,
         }
     }
 
@@ -109,13 +111,19 @@ impl QrCode {
     pub fn expose(&self) -> &str {
         &self.payload
     }
+
+    /// How long from now it can still be scanned (zero once it cannot).
+    pub fn time_left(&self) -> Duration {
+        self.scannable_until
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
 }
 
 impl fmt::Debug for QrCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QrCode")
             .field("payload", &"[redacted]")
-            .field("valid_for", &self.valid_for)
+            .field("time_left", &self.time_left())
             .finish()
     }
 }
@@ -166,9 +174,13 @@ pub enum LinkEvent {
     /// The connection shows a new QR code (a new connection's first, or the
     /// next ref); the one before it can no longer be scanned.
     QrRotated(QrCode),
-    /// The connection's QR refs are used up; it stays up only for the code
-    /// outstanding on it, so no QR can be scanned until a new connection.
-    QrExhausted,
+    /// The connection's QR refs are used up: no QR can be scanned until a
+    /// new connection. It stays up for the code outstanding on it, or (none
+    /// outstanding) the library closed it.
+    QrExhausted {
+        /// The library closed the connection (no code was outstanding).
+        connection_closed: bool,
+    },
     /// The phone completed the link and the session is persisted.
     Linked(LinkedAccount),
     /// WhatsApp refused the link after the phone answered (e.g. the key

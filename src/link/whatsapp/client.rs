@@ -46,6 +46,16 @@ pub(super) struct Flags {
     /// The running connection's QR refs are used up: the next code is asked
     /// on a new connection, which brings new ones.
     pub qr_spent: AtomicBool,
+    /// The linked device is not to be kept (another account's): whoever
+    /// releases the client deletes its files, as for a device never linked.
+    pub discard: AtomicBool,
+}
+
+impl Flags {
+    /// Whether the device is linked and to be kept.
+    pub fn keep_device(&self) -> bool {
+        self.linked.load(Ordering::Acquire) && !self.discard.load(Ordering::Acquire)
+    }
 }
 
 /// Everything a client needs that does not depend on the phone: shared by
@@ -293,10 +303,11 @@ async fn on_event(
         Event::PairingQrCodesExhausted(exhausted) if !linked => {
             flags.qr_spent.store(true, Ordering::Release);
             if exhausted.disconnected {
-                code_died(Invalidation::ClientStopped)
-            } else {
-                send(LinkEvent::QrExhausted)
+                flags.code_live.store(false, Ordering::Release);
             }
+            send(LinkEvent::QrExhausted {
+                connection_closed: exhausted.disconnected,
+            })
         }
         // The library stops its own run loop (no reconnect, no
         // `Disconnected`) after these; the code went with it.

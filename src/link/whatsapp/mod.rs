@@ -74,8 +74,10 @@ pub const CODE_REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
 /// the shutdown grace so a stop right after a link is not held up.
 pub const POST_LINK_LOGIN_WAIT: Duration = Duration::from_secs(5);
 /// How long discarding a device waits for WhatsApp to confirm its logout
-/// (the library's own IQ timeout is longer); the files go either way.
-pub const LOGOUT_WAIT: Duration = Duration::from_secs(10);
+/// (the library's own IQ timeout is longer): short, since the files of a
+/// stranger's device must be gone before a shutdown's grace runs out; they
+/// go either way.
+pub const LOGOUT_WAIT: Duration = Duration::from_secs(3);
 /// Poll interval while waiting for that login; the library offers no event
 /// for "logged in but not fully synced".
 const LOGIN_POLL: Duration = Duration::from_millis(100);
@@ -339,7 +341,7 @@ impl PhoneClient {
     async fn shutdown(&self) {
         let mut running = self.running.lock().await;
         self.flags().closed.store(true, Ordering::Release);
-        let linked = self.flags().linked.load(Ordering::Acquire);
+        let linked = self.flags().keep_device();
         if let Some(current) = running.take() {
             if linked {
                 // Let WhatsApp see the new device come online once.
@@ -351,18 +353,27 @@ impl PhoneClient {
     }
 
     async fn discard(&self) {
+        // Said first: if this is cut short (a shutdown, a dropped task),
+        // whoever releases the client still deletes the files.
+        self.flags().discard.store(true, Ordering::Release);
         let mut running = self.running.lock().await;
         self.flags().closed.store(true, Ordering::Release);
         if let Some(current) = running.take() {
             // The logout IQ needs the device logged in: the post-link login.
             await_post_link_login(&current.client, &self.phone).await;
-            if tokio::time::timeout(LOGOUT_WAIT, current.client.logout())
+            let logged_in = current.client.is_logged_in();
+            let confirmed = tokio::time::timeout(LOGOUT_WAIT, current.client.logout())
                 .await
-                .is_err()
-            {
+                .is_ok();
+            if !logged_in || !confirmed {
+                // Best effort: the files go anyway; the phone that scanned
+                // may still list the device until it is removed there.
                 tracing::warn!(
                     phone = %self.phone,
-                    "WhatsApp did not confirm the logout within {LOGOUT_WAIT:?}"
+                    logged_in,
+                    confirmed,
+                    event = "wrong_account_logout_unconfirmed",
+                    "could not confirm the logout of another account's device; deleting it here"
                 );
             }
             current.stop().await;
@@ -383,7 +394,7 @@ impl Drop for PhoneClient {
             return;
         }
         let running = self.running.get_mut().take();
-        let linked = self.flags().linked.load(Ordering::Acquire);
+        let linked = self.flags().keep_device();
         if (running.is_some() || !linked)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {

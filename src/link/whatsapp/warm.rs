@@ -47,8 +47,8 @@ pub(super) struct WarmClient {
     pub wiring: Wiring,
     pub events: mpsc::UnboundedReceiver<LinkEvent>,
     connected_at: Instant,
-    /// The QR its connection shows now, and when that was reported.
-    last_qr: Option<(QrCode, Instant)>,
+    /// The QR its connection shows now.
+    last_qr: Option<QrCode>,
 }
 
 impl WarmClient {
@@ -59,10 +59,10 @@ impl WarmClient {
         let mut lost = false;
         while let Ok(event) = self.events.try_recv() {
             match event {
-                LinkEvent::QrRotated(qr) => self.last_qr = Some((qr, Instant::now())),
+                LinkEvent::QrRotated(qr) => self.last_qr = Some(qr),
                 LinkEvent::CodeInvalidated(_)
                 | LinkEvent::Failed { .. }
-                | LinkEvent::QrExhausted => lost = true,
+                | LinkEvent::QrExhausted { .. } => lost = true,
                 _ => {}
             }
         }
@@ -84,18 +84,12 @@ impl WarmClient {
         let mut others = Vec::new();
         while let Ok(event) = self.events.try_recv() {
             match event {
-                LinkEvent::QrRotated(qr) => self.last_qr = Some((qr, Instant::now())),
+                LinkEvent::QrRotated(qr) => self.last_qr = Some(qr),
                 other => others.push(other),
             }
         }
-        if let Some((qr, seen)) = self.last_qr.take() {
-            let left = qr.valid_for.saturating_sub(seen.elapsed());
-            if !left.is_zero() {
-                let _ = self
-                    .wiring
-                    .events
-                    .send(LinkEvent::QrRotated(QrCode::new(qr.expose(), left)));
-            }
+        if let Some(qr) = self.last_qr.take().filter(|qr| !qr.time_left().is_zero()) {
+            let _ = self.wiring.events.send(LinkEvent::QrRotated(qr));
         }
         for event in others {
             let _ = self.wiring.events.send(event);

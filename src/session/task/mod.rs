@@ -333,7 +333,7 @@ impl Session {
                     self.state = self.with_qr(qr);
                     return None;
                 }
-                Some(LinkEvent::QrExhausted) => {
+                Some(LinkEvent::QrExhausted { .. }) => {
                     self.state = self.state.without_qr();
                     return None;
                 }
@@ -1054,8 +1054,9 @@ mod tests {
 
         // Act: the refs ran out and the library closed the connection; the
         // new connection shows its first QR a moment later.
-        f.script
-            .emit(LinkEvent::CodeInvalidated(Invalidation::ClientStopped));
+        f.script.emit(LinkEvent::QrExhausted {
+            connection_closed: true,
+        });
         let stopped = f.session.step().await;
         let script = Arc::clone(&f.script);
         let (shown, ()) = tokio::join!(f.session.step(), async move {
@@ -1071,6 +1072,29 @@ mod tests {
         let state = stored(&f.store).await.unwrap();
         assert_eq!(state.status, Status::Pending);
         assert_eq!(state.qr.as_deref(), Some("2@ref2,noise,identity,adv"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_qr_only_connection_that_stops_for_another_reason_backs_off() {
+        // Arrange: QR-only, showing a QR.
+        let mut f = fixture(settings());
+        f.script.push(Err(feature_not_available()));
+        f.session.step().await;
+        f.script.emit(LinkEvent::QrRotated(qr(1, 60)));
+        f.session.step().await;
+
+        // Act: the connection is replaced or refused (not the QR running out).
+        f.script
+            .emit(LinkEvent::CodeInvalidated(Invalidation::ClientStopped));
+        let outcome = f.session.step().await;
+
+        // Assert
+        assert!(
+            matches!(outcome, StepOutcome::Retrying { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(f.session.failures, 1, "counted toward PAIR_MAX_ATTEMPTS");
+        assert!(f.session.state.qr.is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1103,7 +1127,9 @@ mod tests {
         tokio::time::advance(Duration::from_secs(160)).await;
 
         // Act
-        f.script.emit(LinkEvent::QrExhausted);
+        f.script.emit(LinkEvent::QrExhausted {
+            connection_closed: false,
+        });
         let exhausted = f.session.step().await;
         let replaced = f.session.step().await;
 

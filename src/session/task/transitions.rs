@@ -228,12 +228,21 @@ impl Session {
         match event {
             LinkEvent::CodeIssued(_) => StepOutcome::Idle,
             LinkEvent::QrRotated(qr) => {
+                if self.qr_only {
+                    // A connection that shows a QR is sound: earlier drops
+                    // are forgiven, as a code that lives to its refresh is.
+                    self.failures = 0;
+                }
                 let state = self.with_qr(&qr);
                 self.commit(state).await;
                 StepOutcome::QrShown
             }
-            LinkEvent::QrExhausted => self.qr_exhausted(),
-            LinkEvent::CodeInvalidated(Invalidation::ClientStopped) if self.qr_only => {
+            LinkEvent::QrExhausted {
+                connection_closed: false,
+            } => self.qr_exhausted(),
+            LinkEvent::QrExhausted {
+                connection_closed: true,
+            } if self.qr_only => {
                 // The connection used up its QR codes and closed, as the
                 // library does when no code is outstanding: the next one
                 // brings new ones. The stored QR has expired by now, and
@@ -242,40 +251,10 @@ impl Session {
                 self.state = self.state.without_qr();
                 StepOutcome::Idle
             }
-            LinkEvent::CodeInvalidated(why) => {
-                if self.state.status != Status::Pending {
-                    return StepOutcome::Idle;
-                }
-                if why == Invalidation::Disconnected {
-                    // The real client reports a dropped connection this
-                    // way (its event stream lives on for the next request),
-                    // so this is the flapping connection's path: it backs
-                    // off and counts toward `PAIR_MAX_ATTEMPTS` like any
-                    // failure, instead of a fresh code (a notification on
-                    // the phone) every few seconds.
-                    tracing::info!(
-                        phone = %self.phone,
-                        reason = ?why,
-                        event = "code_invalidated",
-                        "the connection carrying the pairing dropped; retrying after a backoff"
-                    );
-                    self.last_issued = None;
-                    return self.request_failed(LinkError::Disconnected).await;
-                }
-                tracing::info!(
-                    phone = %self.phone,
-                    reason = ?why,
-                    event = "code_invalidated",
-                    "WhatsApp invalidated the shown pairing; replacing it"
-                );
-                // The dead code leaves the store before its replacement is
-                // requested; the replacement comes as soon as allowed.
-                let since_issued = self.last_issued.take().map(|at| at.elapsed());
-                self.next_request = Some(Instant::now() + replacement_wait(since_issued));
-                let state = self.state.without_code(Status::Starting);
-                self.commit(state).await;
-                StepOutcome::Invalidated
-            }
+            LinkEvent::QrExhausted {
+                connection_closed: true,
+            } => self.code_invalidated(Invalidation::ClientStopped).await,
+            LinkEvent::CodeInvalidated(why) => self.code_invalidated(why).await,
             LinkEvent::Refused { status, backoff } => {
                 self.request_failed(LinkError::Refused {
                     status,
@@ -310,7 +289,7 @@ impl Session {
         let now = OffsetDateTime::now_utc();
         let state = PairState {
             qr: Some(qr.expose().to_owned()),
-            qr_expires_at: Some(now + qr.valid_for),
+            qr_expires_at: Some(now + qr.time_left()),
             updated_at: now,
             ..self.state.clone()
         };
@@ -354,6 +333,49 @@ impl Session {
         StepOutcome::CodeUnavailable
     }
 
+    /// The code (or, QR-only, the connection) shown is dead.
+    async fn code_invalidated(&mut self, why: Invalidation) -> StepOutcome {
+        if self.qr_only && self.state.status == Status::Pending {
+            // Not the QR codes running out (handled above): a connection
+            // that fails is retried after a backoff and counted, or a
+            // refused connection would be made again every second.
+            self.state = self.state.without_qr();
+            return self.request_failed(LinkError::Disconnected).await;
+        }
+        if self.state.status != Status::Pending {
+            return StepOutcome::Idle;
+        }
+        if why == Invalidation::Disconnected {
+            // The real client reports a dropped connection this
+            // way (its event stream lives on for the next request),
+            // so this is the flapping connection's path: it backs
+            // off and counts toward `PAIR_MAX_ATTEMPTS` like any
+            // failure, instead of a fresh code (a notification on
+            // the phone) every few seconds.
+            tracing::info!(
+                phone = %self.phone,
+                reason = ?why,
+                event = "code_invalidated",
+                "the connection carrying the pairing dropped; retrying after a backoff"
+            );
+            self.last_issued = None;
+            return self.request_failed(LinkError::Disconnected).await;
+        }
+        tracing::info!(
+            phone = %self.phone,
+            reason = ?why,
+            event = "code_invalidated",
+            "WhatsApp invalidated the shown pairing; replacing it"
+        );
+        // The dead code leaves the store before its replacement is
+        // requested; the replacement comes as soon as allowed.
+        let since_issued = self.last_issued.take().map(|at| at.elapsed());
+        self.next_request = Some(Instant::now() + replacement_wait(since_issued));
+        let state = self.state.without_code(Status::Starting);
+        self.commit(state).await;
+        StepOutcome::Invalidated
+    }
+
     pub(super) async fn interrupted(&mut self) -> StepOutcome {
         self.finish(
             Status::Failed,
@@ -379,8 +401,8 @@ impl Session {
                     Reason::WrongAccount,
                     Some(
                         "the QR code was scanned by a different WhatsApp account than this \
-                         number's; that device was logged out and removed. Scan it with the \
-                         phone of this number"
+                         number's; that device was removed from this server (and logged out \
+                         where WhatsApp allowed). Scan it with the phone of this number"
                             .into(),
                     ),
                 )
@@ -471,9 +493,29 @@ fn code_unavailable_state(state: &PairState) -> PairState {
 }
 
 /// Whether the device `jid` (`628123456789:3@s.whatsapp.net`) belongs to
-/// `phone`'s account.
+/// `phone`'s account. Where WhatsApp's account number is spelled otherwise
+/// than the dialled one, both are compared in WhatsApp's spelling, so a
+/// right link is never taken for a stranger's.
 fn account_is(jid: &str, phone: &crate::phone::PhoneNumber) -> bool {
-    jid.split([':', '@']).next() == Some(phone.as_str())
+    let user = jid.split([':', '@']).next().unwrap_or_default();
+    account_spelling(user) == account_spelling(phone.as_str())
+}
+
+/// A number as WhatsApp names the account: Brazil's mobile ninth digit
+/// (`55 AA 9XXXX-XXXX`) is left out of older accounts' JIDs, and Mexico's
+/// `521` and Argentina's `549` mobile prefixes are `52` and `54` there.
+fn account_spelling(digits: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    if let Some(rest) = digits.strip_prefix("521").filter(|r| r.len() == 10) {
+        return Cow::Owned(format!("52{rest}"));
+    }
+    if let Some(rest) = digits.strip_prefix("549").filter(|r| r.len() == 10) {
+        return Cow::Owned(format!("54{rest}"));
+    }
+    if digits.len() == 13 && digits.starts_with("55") && digits.as_bytes()[4] == b'9' {
+        return Cow::Owned(format!("{}{}", &digits[..4], &digits[5..]));
+    }
+    Cow::Borrowed(digits)
 }
 
 /// A message about `error` that is safe to store and show.
@@ -492,5 +534,32 @@ fn refusal_message(error: &LinkError) -> String {
         LinkError::Storage(_) => "the session could not be stored on this server".into(),
         LinkError::Closed => "the link session closed".into(),
         LinkError::Client(_) => "the WhatsApp client failed".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phone::PhoneNumber;
+
+    fn is(jid: &str, phone: &str) -> bool {
+        account_is(jid, &PhoneNumber::parse(phone).unwrap())
+    }
+
+    #[test]
+    fn a_device_of_the_dialled_number_is_its_account() {
+        assert!(is("628123456789:3@s.whatsapp.net", "628123456789"));
+        assert!(!is("628111111111:3@s.whatsapp.net", "628123456789"));
+    }
+
+    #[test]
+    fn numbers_whatsapp_spells_otherwise_are_still_their_own_account() {
+        // Brazil: an older account's JID lacks the mobile ninth digit.
+        assert!(is("551187654321:1@s.whatsapp.net", "5511987654321"));
+        // Mexico and Argentina: the mobile 1 and 9 are not in the JID.
+        assert!(is("525512345678:1@s.whatsapp.net", "5215512345678"));
+        assert!(is("541112345678:1@s.whatsapp.net", "5491112345678"));
+        // Another Brazilian subscriber is still another account.
+        assert!(!is("551187654322:1@s.whatsapp.net", "5511987654321"));
     }
 }
