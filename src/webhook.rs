@@ -41,8 +41,9 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// (and logged): something is badly wrong if a thousand sessions ended
 /// while none could be handed over.
 pub const QUEUE: usize = 1024;
-/// Attempts allowed to finish when the service stops.
-pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
+/// Attempts allowed to finish when the service stops: what is left of the
+/// default 10 s grace after the sessions' 7 s, with room to exit.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// Where and how outcomes are sent.
 #[derive(Clone)]

@@ -33,6 +33,10 @@ use crate::session::{PairState, StateFeed};
 
 /// The SSE event name of a state.
 pub const STATE_EVENT: &str = "state";
+/// The reconnection delay sent with a final state: `EventSource` reconnects
+/// by itself whenever a stream ends, and after the outcome there is nothing
+/// more to hear (a page should `close()` it; this is for one that does not).
+pub const AFTER_FINAL_RETRY: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// The event stream route.
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -103,10 +107,14 @@ fn live(states: watch::Receiver<PairState>) -> impl Stream<Item = PairState> {
 }
 
 fn state_event(state: &PairState) -> Event {
-    Event::default()
+    let event = Event::default()
         .event(STATE_EVENT)
         .json_data(state)
         // Serializing our own state cannot fail; if it ever did, the
         // client still learns that something changed.
-        .unwrap_or_else(|_| Event::default().event(STATE_EVENT).data("{}"))
+        .unwrap_or_else(|_| Event::default().event(STATE_EVENT).data("{}"));
+    match state.status.is_terminal() {
+        true => event.retry(AFTER_FINAL_RETRY),
+        false => event,
+    }
 }
