@@ -1,7 +1,8 @@
 //! Soak: hundreds of sessions that end every way a session can end, against
-//! the real link client and the fake WhatsApp, and afterwards nothing is
-//! left of them: open file descriptors, tasks, registry entries and device
-//! files are back where they started.
+//! the real link client and the fake WhatsApp, watched through event
+//! streams and announced by webhook, and afterwards nothing is left of
+//! them: open file descriptors, tasks, registry entries and device files
+//! are back where they started.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -25,6 +26,8 @@ const AT_SHUTDOWN: u32 = 10;
 const FD_SLACK: usize = 5;
 /// How long sockets that are closing may take before the counts are read.
 const SETTLE: Duration = Duration::from_secs(5);
+/// How long an event stream may stay open after its session linked.
+const STREAM_END: Duration = Duration::from_secs(30);
 /// Outcomes are kept this long in the soak, so their ageing is seen too.
 const OUTCOME_TTL: Duration = Duration::from_secs(4);
 
@@ -72,10 +75,21 @@ async fn cycle(app: &TestApp, way: Way, phone: &str) {
         Way::Linked => {
             let posted = body(app.post_pair(phone).await).await;
             let code = posted["code"].as_str().expect("a code");
+            // Someone watches it live: the stream must end with the session.
+            let mut events = app.get(&format!("/pair/{phone}/events")).await;
             app.fake()
                 .enter_code(phone, code)
                 .await
                 .expect("the code links");
+            let mut streamed = String::new();
+            while let Some(chunk) = tokio::time::timeout(STREAM_END, events.chunk())
+                .await
+                .expect("the stream ends after the outcome")
+                .expect("the stream reads")
+            {
+                streamed.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            assert!(streamed.contains("\"linked\""), "{streamed}");
             app.wait_for_state(phone, |s| s["status"] == "linked").await;
         }
         Way::Expired => {
@@ -127,9 +141,15 @@ fn alive_tasks() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_behind() {
-    // Arrange: expiry in seconds, gave-up after two quick failures, and a
-    // client that keeps no idle connections (they would count as fds).
+    // Arrange: expiry in seconds, gave-up after two quick failures, a
+    // webhook receiving every outcome, and a client that keeps no idle
+    // connections (they would count as fds).
+    let (hook_url, hooks_received) = webhook_receiver().await;
     let mut app = TestApp::spawn_with(std::sync::Arc::new(MemoryStore::new()), |config| {
+        config.webhook = Some(wa_pair::config::WebhookConfig {
+            url: hook_url,
+            secret: wa_pair::config::Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        });
         config.session_max = Duration::from_secs(3);
         config.outcome_ttl = OUTCOME_TTL;
         config.max_attempts = 2;
@@ -201,4 +221,27 @@ async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_be
     let counts = app.sessions.counts();
     assert_eq!(counts.live, 0, "ended sessions leave the registry");
     assert_eq!(counts.owners, 0, "and their owners' counts");
+    let hooks = hooks_received.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        hooks >= WAYS.len() + plan.len(),
+        "every outcome announced: {hooks} webhooks for {} sessions",
+        WAYS.len() + plan.len()
+    );
+}
+
+/// A webhook receiver answering 200 to every POST; counts them.
+async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&received);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { axum::http::StatusCode::OK }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
 }
