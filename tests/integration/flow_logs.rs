@@ -30,7 +30,8 @@ fn capture(filter: &str) -> (CapturedLogs, Option<tracing::subscriber::DefaultGu
     (logs, guard)
 }
 
-/// A full flow (code, refresh, wrong code, link); returns the codes shown.
+/// A full flow (code, refresh, wrong code, link); returns the codes and
+/// QR codes shown.
 async fn run_flow() -> Vec<String> {
     let app = TestApp::spawn().await;
     let first: serde_json::Value = app.post_pair(PHONE).await.json().await.unwrap();
@@ -39,7 +40,13 @@ async fn run_flow() -> Vec<String> {
     let _ = app.fake().enter_code(PHONE, "ZZZZZZZZ").await;
     app.fake().enter_code(PHONE, &code).await.expect("links");
     app.wait_for_state(PHONE, |s| s["status"] == "linked").await;
-    vec![first["code"].as_str().unwrap().to_owned(), code]
+    let qrs = [&first, &refreshed]
+        .into_iter()
+        .filter_map(|state| state["qr"].as_str().map(str::to_owned));
+    let mut secrets = vec![first["code"].as_str().unwrap().to_owned(), code];
+    secrets.extend(qrs);
+    assert!(secrets.len() > 2, "the flow showed a QR");
+    secrets
 }
 
 /// Runs a full flow and returns the logs captured at `filter`.
@@ -167,12 +174,19 @@ async fn even_at_trace_level_a_full_flow_logs_neither_codes_nor_the_phone_number
     assert_no_secrets(&logs, &codes);
 }
 
-/// Neither a code (in either form) nor the full phone number is in `logs`.
-fn assert_no_secrets(logs: &str, codes: &[String]) {
-    for code in codes {
-        assert!(!logs.contains(code.as_str()), "code {code} leaked");
-        let display = format!("{}-{}", &code[..4], &code[4..]);
-        assert!(!logs.contains(&display), "code {display} leaked");
+/// Neither a code (in either form), nor a QR string, nor the full phone
+/// number is in `logs`.
+fn assert_no_secrets(logs: &str, secrets: &[String]) {
+    for secret in secrets {
+        assert!(!logs.contains(secret.as_str()), "secret {secret} leaked");
+        if secret.len() == 8 {
+            let display = format!("{}-{}", &secret[..4], &secret[4..]);
+            assert!(!logs.contains(&display), "code {display} leaked");
+        } else {
+            // A QR string's secret part: the ADV key, base64.
+            let adv = secret.split(',').nth(3).unwrap_or_default();
+            assert!(adv.is_empty() || !logs.contains(adv), "QR secret leaked");
+        }
     }
     let leaked: Vec<&str> = logs.lines().filter(|l| l.contains(PHONE)).collect();
     assert!(leaked.is_empty(), "full phone number in: {leaked:#?}");
