@@ -19,9 +19,10 @@ use super::extract::{PhoneParam, PhonePath};
 use super::pair::actor;
 use super::{ApiError, AppState};
 
-/// Size of one QR module in the PNG, in pixels: a WhatsApp QR string needs
-/// about 60 modules, so with its quiet zone the picture is about 550 px,
-/// sharp for a phone held to the screen and a few KiB to send.
+/// Size of one QR module in the PNG, in pixels: a WhatsApp QR string (160
+/// to 230 characters) needs 53 to 61 modules, so with its quiet zone the
+/// picture is about 500 to 560 px, sharp for a phone held to the screen and
+/// a few KiB to send.
 pub const PNG_MODULE_PX: usize = 8;
 /// The blank border every QR reader expects, in modules (the standard's 4).
 pub const QUIET_ZONE_MODULES: usize = 4;
