@@ -19,7 +19,7 @@ use crate::http::{AppState, router};
 use crate::link::Linker;
 use crate::link::whatsapp::{WhatsAppLinker, WhatsAppSettings};
 use crate::session::{SessionSettings, Sessions};
-use crate::store::{MemoryStore, PairingStore, UpstashSettings, UpstashStore};
+use crate::store::{MemoryStore, PairingStore, RedisStore, UpstashSettings, UpstashStore};
 use crate::webhook::{self, Deliverer, WebhookSettings, Webhooks};
 
 /// Version pinned in sandbox mode when `WA_VERSION` is unset: the sandbox
@@ -138,6 +138,9 @@ impl App {
             StoreConfig::Upstash { url, token } => Arc::new(
                 UpstashStore::new(UpstashSettings::new(url.clone(), token.expose()))
                     .map_err(|e| StartupError::Store(e.to_string()))?,
+            ),
+            StoreConfig::Redis { url } => Arc::new(
+                RedisStore::new(url.expose()).map_err(|e| StartupError::Store(e.to_string()))?,
             ),
         };
         check_store(store.as_ref()).await;

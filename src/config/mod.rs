@@ -626,6 +626,12 @@ pub enum StoreConfig {
         /// REST token, from `UPSTASH_REDIS_REST_TOKEN`.
         token: Secret,
     },
+    /// A Redis server, natively.
+    Redis {
+        /// `redis://` or `rediss://` URL, from `REDIS_URL` (may carry a
+        /// password).
+        url: Secret,
+    },
 }
 
 /// A credential: `Debug` and `Display` print `[redacted]`, so it cannot leak
@@ -673,9 +679,7 @@ pub enum ConfigError {
         got: String,
     },
     /// One of a pair of variables that only work together is missing.
-    #[error(
-        "{var} must be set when {companion} is set: set both to use the Upstash store, or neither to keep state in memory"
-    )]
+    #[error("{var} must be set when {companion} is set: set both, or neither")]
     Missing {
         /// The missing variable.
         var: &'static str,
@@ -843,6 +847,24 @@ pub fn webhook_key(secret: &str) -> Option<Vec<u8>> {
 }
 
 fn store_config(vars: &Vars) -> Result<StoreConfig, ConfigError> {
+    let redis = vars.parse_optional(
+        REDIS_URL,
+        "a redis:// or rediss:// URL, e.g. redis://default:password@redis.railway.internal:6379",
+        |v| url_with_scheme(v, &["redis", "rediss"]),
+    )?;
+    if let Some(url) = redis {
+        if vars.get(UPSTASH_URL).is_some() || vars.get(UPSTASH_TOKEN).is_some() {
+            return Err(ConfigError::Conflict {
+                var: REDIS_URL,
+                message: "REDIS_URL and UPSTASH_REDIS_REST_URL/TOKEN are both set; set one \
+                          store: REDIS_URL for a Redis server, the Upstash pair for its REST API"
+                    .to_owned(),
+            });
+        }
+        return Ok(StoreConfig::Redis {
+            url: Secret::new(url),
+        });
+    }
     let url = vars.parse_optional(
         UPSTASH_URL,
         "an http:// or https:// URL, e.g. https://example.upstash.io",
@@ -1214,8 +1236,12 @@ mod tests {
         // Act
         let config = config(&vars).expect("valid");
 
-        // Assert
-        assert_eq!(vars.len(), SETTINGS.len());
+        // Assert: every setting but REDIS_URL, which excludes the Upstash
+        // pair (`redis_url_selects_a_redis_server_and_excludes_upstash`).
+        assert_eq!(
+            vars.len(),
+            SETTINGS.iter().filter(|s| s.name != REDIS_URL).count()
+        );
         let expected = Config {
             host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port: 3000,
@@ -1429,8 +1455,45 @@ mod tests {
                 assert_eq!(url, "https://example.upstash.io");
                 assert_eq!(token.expose(), "t0ken");
             }
-            StoreConfig::Memory => panic!("expected the Upstash store"),
+            other => panic!("expected the Upstash store, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn redis_url_selects_a_redis_server_and_excludes_upstash() {
+        // Arrange
+        let redis = [(REDIS_URL, "rediss://default:pw@redis.example.test:6380")];
+        let both = [
+            (REDIS_URL, "redis://127.0.0.1:6379"),
+            (UPSTASH_URL, "https://example.upstash.io"),
+            (UPSTASH_TOKEN, "t0ken"),
+        ];
+        let not_redis = [(REDIS_URL, "https://example.upstash.io")];
+
+        // Act
+        let chosen = config(&redis).expect("valid").store;
+        let conflict = config(&both).unwrap_err();
+        let refused = config(&not_redis).unwrap_err();
+
+        // Assert
+        match chosen {
+            StoreConfig::Redis { url } => {
+                assert_eq!(url.expose(), "rediss://default:pw@redis.example.test:6380");
+                assert!(
+                    !format!("{url:?}").contains("pw"),
+                    "the password stays secret"
+                );
+            }
+            other => panic!("expected the Redis store, got {other:?}"),
+        }
+        assert!(
+            matches!(conflict, ConfigError::Conflict { var: REDIS_URL, .. }),
+            "{conflict}"
+        );
+        assert!(
+            matches!(refused, ConfigError::Invalid { var: REDIS_URL, .. }),
+            "{refused}"
+        );
     }
 
     #[test]

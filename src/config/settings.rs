@@ -16,6 +16,7 @@ pub(super) const WA_VERSION: &str = "WA_VERSION";
 pub(super) const WA_SANDBOX: &str = "WA_SANDBOX";
 pub(super) const UPSTASH_URL: &str = "UPSTASH_REDIS_REST_URL";
 pub(super) const UPSTASH_TOKEN: &str = "UPSTASH_REDIS_REST_TOKEN";
+pub(super) const REDIS_URL: &str = "REDIS_URL";
 pub(super) const KEY_PREFIX: &str = "PAIR_KEY_PREFIX";
 pub(super) const CODE_TTL: &str = "PAIR_CODE_TTL_SECS";
 pub(super) const REFRESH: &str = "PAIR_REFRESH_SECS";
@@ -129,6 +130,11 @@ pub const SETTINGS: &[Setting] = &[
         name: UPSTASH_TOKEN,
         default: SettingDefault::Unset("unset"),
         doc: "Upstash REST token (secret). Required when `UPSTASH_REDIS_REST_URL` is set.",
+    },
+    Setting {
+        name: REDIS_URL,
+        default: SettingDefault::Unset("unset: Upstash REST, or memory"),
+        doc: "A Redis server spoken to natively, `redis://[user:password@]host:port[/db]` or `rediss://` for TLS (Railway's Redis, a self-hosted one, or Upstash's TLS endpoint); secret, since it may carry a password. Set, it is the store instead of Upstash REST (setting both is a startup error).",
     },
     Setting {
         name: KEY_PREFIX,

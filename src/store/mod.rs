@@ -1,17 +1,20 @@
 //! Key-value storage with TTL for pending pairings.
 //!
 //! Keys look like `wa:pair:628123456789`; values are JSON text that the
-//! caller serializes. Two backends implement [`PairingStore`], each in its
+//! caller serializes. Three backends implement [`PairingStore`], each in its
 //! own file: [`MemoryStore`] (`memory`: in-process, for development and
-//! tests) and [`UpstashStore`] (`upstash`: Upstash Redis over its REST API).
+//! tests), [`UpstashStore`] (`upstash`: Upstash Redis over its REST API) and
+//! [`RedisStore`] (`native_redis`: any Redis server, natively).
 //! [`Metered`] (`metered`) wraps either for the metrics.
 
 mod memory;
 mod metered;
+mod native_redis;
 mod upstash;
 
 pub use memory::{MEMORY_PRUNE_MIN_ENTRIES, MemoryStore};
 pub use metered::Metered;
+pub use native_redis::{REDIS_COMMAND_TIMEOUT, REDIS_CONNECT_TIMEOUT, RedisStore};
 pub use upstash::{
     DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_RETRIES, DEFAULT_REQUEST_TIMEOUT,
     MAX_CONNECT_TIMEOUT, MAX_RETRY_AFTER_WAIT, UpstashSettings, UpstashStore,
@@ -124,6 +127,14 @@ pub struct Counted {
     pub window_left: Duration,
 }
 
+/// Counts and opens the window in one step, so two replicas counting at once
+/// cannot both see a fresh key, and a key never lives on without expiry.
+/// A key left without a TTL (written by hand) gets one.
+pub(crate) const COUNT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
+local ttl = redis.call('TTL', KEYS[1]) \
+if ttl < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) ttl = tonumber(ARGV[1]) end \
+return {n, ttl}";
+
 /// The TTL in whole seconds as sent to the store: rounded up, at least 1.
 fn ttl_seconds(ttl: Duration) -> u64 {
     let whole = ttl.as_secs();
@@ -144,7 +155,7 @@ pub async fn probe(store: &dyn PairingStore, timeout: Duration) -> bool {
         Ok(Err(StoreError::Unauthorized)) => {
             tracing::error!(
                 store = store.kind(),
-                "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN"
+                "the store rejected our credentials: check UPSTASH_REDIS_REST_TOKEN, or the password in REDIS_URL"
             );
             false
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Counted, PairingStore, StoreError, ttl_seconds};
+use super::{COUNT_SCRIPT, Counted, PairingStore, StoreError, ttl_seconds};
 use crate::phone::mask_phone;
 use crate::retry::Backoff;
 
@@ -58,14 +58,6 @@ const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Error text ends up in logs; an HTML error page from a proxy would
 /// otherwise flood them.
 const MAX_ERROR_MESSAGE_CHARS: usize = 256;
-
-/// Counts and opens the window in one step, so two replicas counting at once
-/// cannot both see a fresh key, and a key never lives on without expiry.
-/// A key left without a TTL (written by hand) gets one.
-const COUNT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
-local ttl = redis.call('TTL', KEYS[1]) \
-if ttl < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) ttl = tonumber(ARGV[1]) end \
-return {n, ttl}";
 
 /// Connection settings for [`UpstashStore`].
 #[derive(Clone)]

@@ -17,6 +17,7 @@ mod metrics;
 mod openapi;
 mod page;
 mod qr;
+mod redis_store;
 #[cfg(feature = "sandbox")]
 mod sandbox;
 mod soak;

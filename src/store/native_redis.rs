@@ -1,0 +1,161 @@
+//! [`RedisStore`]: a Redis server spoken to natively (`REDIS_URL`,
+//! `redis://` or `rediss://`): Railway's Redis, a self-hosted one, or
+//! Upstash's TLS endpoint. The same commands as the Upstash REST store
+//! (`SET … EX`, `GET`, `DEL`, `PING`, the counting script), over one
+//! multiplexed connection that reconnects by itself.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{ErrorKind, RedisError};
+
+use super::{COUNT_SCRIPT, Counted, PairingStore, StoreError, ttl_seconds};
+
+/// Bound on one command (connect included): a store that does not answer
+/// in two seconds is as good as down for a request waiting on it.
+pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on making the connection.
+pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts after a failed connect before a command gives up on it.
+pub const REDIS_CONNECT_RETRIES: usize = 1;
+/// Longest wait between reconnect attempts, in milliseconds (the
+/// connection manager's unit): a lost connection is back within a second
+/// of the server.
+pub const REDIS_RECONNECT_MAX_DELAY_MS: u64 = 1_000;
+
+/// Pairing state in a Redis server.
+pub struct RedisStore {
+    client: redis::Client,
+    /// Made at the first command, not at startup: a store outage must not
+    /// keep the service (and the codes it can still hand out) down.
+    connection: tokio::sync::OnceCell<ConnectionManager>,
+    count: redis::Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL can carry a password: never printed.
+        f.debug_struct("RedisStore").finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store for `url` (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` for TLS). Connects at the first command, then keeps one
+    /// multiplexed connection that reconnects by itself.
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::Config(format!("REDIS_URL is not a Redis URL ({:?})", e.kind()))
+        })?;
+        Ok(Self {
+            client,
+            connection: tokio::sync::OnceCell::new(),
+            count: redis::Script::new(COUNT_SCRIPT),
+        })
+    }
+
+    /// The connection, made now if it was not yet.
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        let connection = self
+            .connection
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(REDIS_CONNECT_TIMEOUT)
+                    .set_response_timeout(REDIS_COMMAND_TIMEOUT)
+                    // A refused connection is reported at once (the next
+                    // command tries again), not retried for seconds.
+                    .set_number_of_retries(REDIS_CONNECT_RETRIES)
+                    .set_max_delay(REDIS_RECONNECT_MAX_DELAY_MS);
+                tokio::time::timeout(
+                    REDIS_CONNECT_TIMEOUT,
+                    ConnectionManager::new_with_config(self.client.clone(), config),
+                )
+                .await
+                .map_err(|_| StoreError::Timeout)?
+                .map_err(store_error)
+            })
+            .await?;
+        Ok(connection.clone())
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
+        let mut connection = self.connection().await?;
+        tokio::time::timeout(REDIS_COMMAND_TIMEOUT, command.query_async(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout)?
+            .map_err(store_error)
+    }
+}
+
+#[async_trait::async_trait]
+impl PairingStore for RedisStore {
+    async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.run::<()>(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(ttl_seconds(ttl)),
+        )
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.run(redis::cmd("GET").arg(key)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.run::<u64>(redis::cmd("DEL").arg(key)).await.map(drop)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let reply: String = self.run(&redis::cmd("PING")).await?;
+        match reply.as_str() {
+            "PONG" => Ok(()),
+            other => Err(StoreError::Protocol(format!("PING answered {other:.32}"))),
+        }
+    }
+
+    async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
+        // EVALSHA, falling back to EVAL once when the server does not have
+        // the script cached yet; never retried otherwise (it would count
+        // twice).
+        let mut connection = self.connection().await?;
+        let (count, ttl): (u64, u64) = tokio::time::timeout(
+            REDIS_COMMAND_TIMEOUT,
+            self.count
+                .key(key)
+                .arg(ttl_seconds(window))
+                .invoke_async(&mut connection),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout)?
+        .map_err(store_error)?;
+        Ok(Counted {
+            count,
+            window_left: Duration::from_secs(ttl),
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// Our error for a Redis one; its text (which can name the server's
+/// address, never the password) goes to the log through `StoreError`.
+fn store_error(error: RedisError) -> StoreError {
+    match error.kind() {
+        ErrorKind::AuthenticationFailed => StoreError::Unauthorized,
+        ErrorKind::IoError => StoreError::Transport(error.to_string()),
+        ErrorKind::TypeError => StoreError::Protocol(error.to_string()),
+        _ if error.is_timeout() => StoreError::Timeout,
+        _ if error.is_connection_dropped() || error.is_connection_refusal() => {
+            StoreError::Transport(error.to_string())
+        }
+        _ => StoreError::Rejected {
+            status: 0,
+            message: error.to_string(),
+        },
+    }
+}

@@ -1,0 +1,155 @@
+//! `RedisStore` against a real Redis server (`REDIS_TEST_URL`, else
+//! `redis://127.0.0.1:6379`): the same semantics as the other stores,
+//! including the counting script, which here runs on real Redis. A test
+//! that cannot reach the server fails; it never passes without one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wa_pair::store::{PairingStore, RedisStore, StoreError};
+
+use crate::helpers::{TestApp, as_shown};
+
+/// The server the tests use.
+fn server_url() -> String {
+    std::env::var("REDIS_TEST_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A store on the test server, checked to answer; and a key prefix of its
+/// own, so tests running at once never share a key.
+async fn store() -> (RedisStore, String) {
+    let store = RedisStore::new(&server_url()).expect("a Redis URL");
+    if let Err(e) = store.ping().await {
+        panic!(
+            "no Redis server at {} ({e}): start one (apt-get install redis-server) or set REDIS_TEST_URL",
+            server_url()
+        );
+    }
+    (store, format!("test:{}:", uuid::Uuid::new_v4().simple()))
+}
+
+/// The key's TTL in seconds as the server has it.
+async fn ttl_of(key: &str) -> i64 {
+    let client = redis::Client::open(server_url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("TTL")
+        .arg(key)
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_value_is_stored_with_its_ttl_read_back_and_deleted() {
+    // Arrange
+    let (store, prefix) = store().await;
+    let key = format!("{prefix}628123456789");
+
+    // Act
+    store
+        .set(
+            &key,
+            r#"{"status":"pending"}"#,
+            Duration::from_millis(600_001),
+        )
+        .await
+        .unwrap();
+    let read = store.get(&key).await.unwrap();
+    let ttl = ttl_of(&key).await;
+    store.delete(&key).await.unwrap();
+    let after = store.get(&key).await.unwrap();
+    let delete_again = store.delete(&key).await;
+
+    // Assert
+    assert_eq!(read.as_deref(), Some(r#"{"status":"pending"}"#));
+    assert!(
+        (599..=601).contains(&ttl),
+        "rounded up to whole seconds: {ttl}"
+    );
+    assert_eq!(after, None);
+    assert!(delete_again.is_ok(), "deleting a missing key is no error");
+    assert_eq!(store.kind(), "redis");
+}
+
+#[tokio::test]
+async fn the_counting_script_counts_in_a_fixed_window_that_does_not_slide() {
+    // Arrange
+    let (store, prefix) = store().await;
+    let key = format!("{prefix}budget:628123456789");
+    let window = Duration::from_secs(2);
+
+    // Act
+    let first = store.count(&key, window).await.unwrap();
+    let second = store.count(&key, window).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let after_window = store.count(&key, window).await.unwrap();
+
+    // Assert
+    assert_eq!((first.count, second.count), (1, 2));
+    assert!(second.window_left <= window, "{second:?}");
+    assert_eq!(after_window.count, 1, "a new window opens");
+    store.delete(&key).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_transport_error_not_a_hang() {
+    // Arrange: nothing listens on port 1.
+    let store = RedisStore::new("redis://127.0.0.1:1").unwrap();
+
+    // Act
+    let started = std::time::Instant::now();
+    let error = store.get("wa:pair:628123456789").await.unwrap_err();
+
+    // Assert
+    assert!(
+        matches!(error, StoreError::Transport(_) | StoreError::Timeout),
+        "{error:?}"
+    );
+    assert!(error.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
+
+#[tokio::test]
+async fn a_pairing_flow_on_redis_stores_exactly_what_the_api_answers() {
+    // Arrange
+    let (store, prefix) = store().await;
+    let store = Arc::new(store);
+    let app = TestApp::spawn_with(store.clone(), |config| {
+        config.key_prefix = prefix.clone();
+    })
+    .await;
+
+    // Act
+    let posted: serde_json::Value = app.post_pair("628123456789").await.json().await.unwrap();
+    let stored = store
+        .get(&format!("{prefix}628123456789"))
+        .await
+        .unwrap()
+        .expect("stored");
+    app.fake()
+        .enter_code("628123456789", posted["code"].as_str().unwrap())
+        .await
+        .expect("links");
+    let linked = app
+        .wait_for_state("628123456789", |s| s["status"] == "linked")
+        .await;
+
+    // Assert
+    assert_eq!(as_shown(&stored), posted);
+    assert_eq!(linked["status"], "linked");
+    let budget = store
+        .get(&format!("{prefix}budget:628123456789"))
+        .await
+        .unwrap();
+    assert_eq!(
+        budget.as_deref(),
+        Some("1"),
+        "the code budget counted on Redis"
+    );
+    for key in ["", "budget:"] {
+        store
+            .delete(&format!("{prefix}{key}628123456789"))
+            .await
+            .unwrap();
+    }
+}
