@@ -23,5 +23,6 @@ mod sandbox;
 mod soak;
 mod supabase_auth;
 mod upstash_contract;
+mod upstash_on_redis;
 mod warm;
 mod webhook;
