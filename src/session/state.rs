@@ -129,6 +129,13 @@ pub struct PairState {
     /// When this state was produced.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// Orders this phone's states: each state stored is numbered above the
+    /// one before it (microseconds since 1970 when it was produced, at least
+    /// one more than its session's previous), and the store refuses a state
+    /// numbered below the one it holds, so a write that arrives late never
+    /// replaces a newer state.
+    #[serde(default)]
+    pub seq: u64,
     /// Why the session ended (or is waiting).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<Reason>,
@@ -204,6 +211,7 @@ impl PairState {
             qr_expires_at: None,
             attempt: 0,
             updated_at: OffsetDateTime::now_utc(),
+            seq: 0,
             reason: None,
             message: None,
             retry_at: None,

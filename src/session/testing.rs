@@ -13,7 +13,7 @@ use super::SessionSettings;
 use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, Linker, OpenedLink, PairingCode};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
-use crate::store::{Counted, MemoryStore, PairingStore, StoreError};
+use crate::store::{Counted, MemoryStore, PairingStore, StoreError, Written};
 
 /// WhatsApp's own code validity.
 pub(super) const VALIDITY: Duration = Duration::from_secs(180);
@@ -122,6 +122,21 @@ impl PairingStore for FlakyStore {
             });
         }
         self.inner.set(key, value, ttl).await
+    }
+    async fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        seq: u64,
+        ttl: Duration,
+    ) -> Result<Written, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Server {
+                status: 503,
+                message: "down".into(),
+            });
+        }
+        self.inner.set_state(key, value, seq, ttl).await
     }
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.inner.get(key).await

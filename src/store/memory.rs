@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Counted, PairingStore, StoreError, ttl_seconds};
+use super::{Counted, PairingStore, StoreError, Written, stored_seq, ttl_seconds};
 
 /// Number of stored entries below which [`MemoryStore`] never prunes.
 ///
@@ -112,6 +112,32 @@ impl PairingStore for MemoryStore {
             },
         );
         Ok(())
+    }
+
+    async fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        seq: u64,
+        ttl: Duration,
+    ) -> Result<Written, StoreError> {
+        let now = Instant::now();
+        {
+            let inner = self.lock();
+            if let Some(current) = inner
+                .entries
+                .get(key)
+                .filter(|entry| !entry.is_expired(now))
+                .and_then(|entry| stored_seq(&entry.value))
+                .filter(|current| *current > seq)
+            {
+                return Ok(Written::Stale { current });
+            }
+        }
+        // Nothing awaits between the check and the write, and sessions of
+        // one phone in one process write one after another.
+        self.set(key, value, ttl).await?;
+        Ok(Written::Stored)
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -404,5 +430,39 @@ mod tests {
         // Assert
         assert!(pinged.is_ok());
         assert_eq!(store.kind(), "memory");
+    }
+
+    #[tokio::test]
+    async fn a_state_numbered_below_the_stored_one_is_refused_and_the_same_one_rewritten() {
+        // Arrange
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(600);
+        store
+            .set_state("k", r#"{"seq":20,"status":"linked"}"#, 20, ttl)
+            .await
+            .unwrap();
+
+        // Act
+        let late = store
+            .set_state("k", r#"{"seq":10,"status":"pending"}"#, 10, ttl)
+            .await
+            .unwrap();
+        let again = store
+            .set_state("k", r#"{"seq":20,"status":"linked"}"#, 20, ttl)
+            .await
+            .unwrap();
+        let newer = store
+            .set_state("k", r#"{"seq":30,"status":"pending"}"#, 30, ttl)
+            .await
+            .unwrap();
+
+        // Assert
+        assert_eq!(late, Written::Stale { current: 20 });
+        assert_eq!(again, Written::Stored);
+        assert_eq!(newer, Written::Stored);
+        assert_eq!(
+            store.get("k").await.unwrap().as_deref(),
+            Some(r#"{"seq":30,"status":"pending"}"#)
+        );
     }
 }

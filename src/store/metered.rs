@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Counted, PairingStore, StoreError};
+use super::{Counted, PairingStore, StoreError, Written};
 use crate::metrics::{Metrics, StoreOutcome};
 
 /// Wraps a store so every command's latency, and every failure, reaches
@@ -69,6 +69,18 @@ impl PairingStore for Metered {
         timing.finish(self.inner.set(key, value, ttl).await)
     }
 
+    async fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        seq: u64,
+        ttl: Duration,
+    ) -> Result<Written, StoreError> {
+        // Counted as `set`: it is the state write, one command.
+        let timing = Timing::start(&self.metrics, "set");
+        timing.finish(self.inner.set_state(key, value, seq, ttl).await)
+    }
+
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         let timing = Timing::start(&self.metrics, "get");
         timing.finish(self.inner.get(key).await)
@@ -105,6 +117,15 @@ mod tests {
     #[async_trait::async_trait]
     impl PairingStore for Silent {
         async fn set(&self, _: &str, _: &str, _: Duration) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn set_state(
+            &self,
+            _: &str,
+            _: &str,
+            _: u64,
+            _: Duration,
+        ) -> Result<Written, StoreError> {
             std::future::pending().await
         }
         async fn get(&self, _: &str) -> Result<Option<String>, StoreError> {

@@ -99,6 +99,20 @@ pub trait PairingStore: Send + Sync + 'static {
     /// its expiry.
     async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), StoreError>;
 
+    /// Writes the pairing state `value`, numbered `seq` (its `"seq"` field),
+    /// under `key` with expiry `ttl`, unless the state stored there has a
+    /// higher `"seq"`: a write that arrived late never replaces a newer
+    /// state. One store command (a script where the store is Redis). A
+    /// state with the same number is written again (a retry of the same
+    /// write).
+    async fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        seq: u64,
+        ttl: Duration,
+    ) -> Result<Written, StoreError>;
+
     /// Reads the value under `key`; `None` when it is missing or expired.
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
 
@@ -118,6 +132,29 @@ pub trait PairingStore: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
+/// What [`PairingStore::set_state`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The state is stored.
+    Stored,
+    /// A newer state is stored (numbered `current`); this one was not.
+    Stale {
+        /// The `seq` of the state the store holds.
+        current: u64,
+    },
+}
+
+impl Written {
+    /// `Written` from a set-state script's reply: -1 for stored, else the
+    /// newer `seq` it found.
+    fn from_script(reply: i64) -> Self {
+        match u64::try_from(reply) {
+            Ok(current) => Self::Stale { current },
+            Err(_) => Self::Stored,
+        }
+    }
+}
+
 /// What [`PairingStore::count`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counted {
@@ -134,6 +171,28 @@ pub(crate) const COUNT_SCRIPT: &str = "local n = redis.call('INCR', KEYS[1]) \
 local ttl = redis.call('TTL', KEYS[1]) \
 if ttl < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) ttl = tonumber(ARGV[1]) end \
 return {n, ttl}";
+
+/// Writes a state unless a newer one is stored: `KEYS[1]` the key,
+/// `ARGV[1]` the JSON, `ARGV[2]` its `seq`, `ARGV[3]` the TTL in seconds.
+/// Returns -1 when written, else the stored (newer) `seq`. A stored value
+/// that is not JSON or has no `seq` (written by an older build, or by hand)
+/// is replaced.
+pub(crate) const SET_STATE_SCRIPT: &str = "local current = redis.call('GET', KEYS[1]) \
+if current then \
+local ok, doc = pcall(cjson.decode, current) \
+if ok and type(doc) == 'table' and tonumber(doc.seq) and tonumber(doc.seq) > tonumber(ARGV[2]) then \
+return tonumber(doc.seq) end end \
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3]) \
+return -1";
+
+/// The `seq` of a stored state, if it has one.
+fn stored_seq(value: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Numbered {
+        seq: Option<u64>,
+    }
+    serde_json::from_str::<Numbered>(value).ok()?.seq
+}
 
 /// The TTL in whole seconds as sent to the store: rounded up, at least 1.
 fn ttl_seconds(ttl: Duration) -> u64 {

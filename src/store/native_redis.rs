@@ -9,7 +9,9 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{ErrorKind, RedisError};
 
-use super::{COUNT_SCRIPT, Counted, PairingStore, StoreError, ttl_seconds};
+use super::{
+    COUNT_SCRIPT, Counted, PairingStore, SET_STATE_SCRIPT, StoreError, Written, ttl_seconds,
+};
 
 /// Bound on one command (connect included): a store that does not answer
 /// in two seconds is as good as down for a request waiting on it.
@@ -30,6 +32,7 @@ pub struct RedisStore {
     /// keep the service (and the codes it can still hand out) down.
     connection: tokio::sync::OnceCell<ConnectionManager>,
     count: redis::Script,
+    set_state: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -51,6 +54,7 @@ impl RedisStore {
             client,
             connection: tokio::sync::OnceCell::new(),
             count: redis::Script::new(COUNT_SCRIPT),
+            set_state: redis::Script::new(SET_STATE_SCRIPT),
         })
     }
 
@@ -98,6 +102,29 @@ impl PairingStore for RedisStore {
                 .arg(ttl_seconds(ttl)),
         )
         .await
+    }
+
+    async fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        seq: u64,
+        ttl: Duration,
+    ) -> Result<Written, StoreError> {
+        let mut connection = self.connection().await?;
+        let reply: i64 = tokio::time::timeout(
+            REDIS_COMMAND_TIMEOUT,
+            self.set_state
+                .key(key)
+                .arg(value)
+                .arg(seq)
+                .arg(ttl_seconds(ttl))
+                .invoke_async(&mut connection),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout)?
+        .map_err(store_error)?;
+        Ok(Written::from_script(reply))
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{COUNT_SCRIPT, Counted, PairingStore, StoreError, ttl_seconds};
+use super::{
+    COUNT_SCRIPT, Counted, PairingStore, SET_STATE_SCRIPT, StoreError, Written, ttl_seconds,
+};
 use crate::phone::mask_phone;
 use crate::retry::Backoff;
 
@@ -271,6 +273,37 @@ impl PairingStore for UpstashStore {
         {
             Value::String(reply) if reply == "OK" => Ok(()),
             other => Err(unexpected("SET", "\"OK\"", &other)),
+        }
+    }
+
+    async fn set_state(
+        &self,
+        key: &str,
+        value: &str,
+        seq: u64,
+        ttl: Duration,
+    ) -> Result<Written, StoreError> {
+        let seq = seq.to_string();
+        let seconds = ttl_seconds(ttl).to_string();
+        let command = [
+            "EVAL",
+            SET_STATE_SCRIPT,
+            "1",
+            key,
+            value,
+            seq.as_str(),
+            seconds.as_str(),
+        ];
+        // Retried like SET: the same state written twice is one state.
+        match self
+            .run("EVAL", Some(key), &command, self.max_retries)
+            .await?
+        {
+            Value::Number(n) => n
+                .as_i64()
+                .map(Written::from_script)
+                .ok_or_else(|| unexpected("EVAL", "a number", &Value::Number(n))),
+            other => Err(unexpected("EVAL", "a number", &other)),
         }
     }
 

@@ -381,13 +381,19 @@ async fn an_overlong_or_unprintable_request_id_is_replaced_not_logged() {
 }
 
 #[tokio::test]
-async fn an_upstash_backed_pair_reads_once_writes_one_set_per_state_change_and_counts_its_code_once()
+async fn an_upstash_backed_pair_reads_once_writes_one_command_per_state_change_and_counts_its_code_once()
  {
     // Arrange
     let upstash = MockServer::start().await;
     Mock::given(method("POST"))
-        .and(body_string_contains("\"EVAL\""))
+        .and(body_string_contains("INCR"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": [1, 3600]})))
+        .with_priority(1)
+        .mount(&upstash)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("cjson"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": -1})))
         .with_priority(1)
         .mount(&upstash)
         .await;
@@ -403,7 +409,8 @@ async fn an_upstash_backed_pair_reads_once_writes_one_set_per_state_change_and_c
     let body = json(app.post_pair(PHONE).await).await;
 
     // Assert: a look for a recent outcome, `starting`, the code counted,
-    // then `pending` with the code; nothing else.
+    // then `pending` with the code; nothing else. Each state goes out as
+    // the set-state script, numbered above the one before.
     let requests = upstash.received_requests().await.unwrap();
     let commands: Vec<Vec<String>> = requests
         .iter()
@@ -426,15 +433,19 @@ async fn an_upstash_backed_pair_reads_once_writes_one_set_per_state_change_and_c
     let states: Vec<Value> = [&commands[1], &commands[3]]
         .iter()
         .map(|command| {
-            assert_eq!(command[0], "SET");
-            assert_eq!(command[1], "wa:pair:628123456789");
-            assert_eq!(command[3..], ["EX", "600"]);
-            as_shown(&command[2])
+            assert_eq!(command[0], "EVAL");
+            assert!(command[1].contains("cjson"), "the set-state script");
+            assert_eq!(command[2..4], ["1", "wa:pair:628123456789"]);
+            let state = as_shown(&command[4]);
+            assert_eq!(command[5], state["seq"].to_string(), "its own number");
+            assert_eq!(command[6], "600");
+            state
         })
         .collect();
     assert_eq!(states[0]["status"], "starting");
     assert!(states[0]["code"].is_null());
     assert_eq!(states[1], body);
+    assert!(states[1]["seq"].as_u64() > states[0]["seq"].as_u64());
 }
 
 #[tokio::test]

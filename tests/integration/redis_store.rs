@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wa_pair::store::{PairingStore, RedisStore, StoreError};
+use wa_pair::store::{PairingStore, RedisStore, StoreError, Written};
 
 use crate::helpers::{TestApp, as_shown};
 
@@ -152,4 +152,44 @@ async fn a_pairing_flow_on_redis_stores_exactly_what_the_api_answers() {
             .await
             .unwrap();
     }
+}
+
+/// Writes numbered states as a late writer and a new one would.
+async fn refuses_a_late_state(store: &dyn PairingStore, key: &str) {
+    let ttl = Duration::from_secs(60);
+    let newer = r#"{"seq":1700000000000002,"status":"linked"}"#;
+    let older = r#"{"seq":1700000000000001,"status":"pending"}"#;
+    assert_eq!(
+        store
+            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .await
+            .unwrap(),
+        Written::Stored
+    );
+    assert_eq!(
+        store
+            .set_state(key, newer, 1_700_000_000_000_002, ttl)
+            .await
+            .unwrap(),
+        Written::Stored
+    );
+    assert_eq!(
+        store
+            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .await
+            .unwrap(),
+        Written::Stale {
+            current: 1_700_000_000_000_002
+        },
+        "a late write does not go back in time"
+    );
+    assert_eq!(store.get(key).await.unwrap().as_deref(), Some(newer));
+    store.delete(key).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_state_older_than_the_stored_one_is_refused_by_the_script_on_redis() {
+    let (store, prefix) = store().await;
+
+    refuses_a_late_state(&store, &format!("{prefix}628123456789")).await;
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
-use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore};
+use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore, Written};
 
 const TOKEN: &str = "upstash-front-token";
 
@@ -138,4 +138,44 @@ async fn a_wrong_upstash_token_is_unauthorized() {
     let error = store.ping().await.unwrap_err();
 
     assert!(matches!(error, StoreError::Unauthorized), "{error:?}");
+}
+
+/// Writes numbered states as a late writer and a new one would.
+async fn refuses_a_late_state(store: &dyn PairingStore, key: &str) {
+    let ttl = Duration::from_secs(60);
+    let newer = r#"{"seq":1700000000000002,"status":"linked"}"#;
+    let older = r#"{"seq":1700000000000001,"status":"pending"}"#;
+    assert_eq!(
+        store
+            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .await
+            .unwrap(),
+        Written::Stored
+    );
+    assert_eq!(
+        store
+            .set_state(key, newer, 1_700_000_000_000_002, ttl)
+            .await
+            .unwrap(),
+        Written::Stored
+    );
+    assert_eq!(
+        store
+            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .await
+            .unwrap(),
+        Written::Stale {
+            current: 1_700_000_000_000_002
+        },
+        "a late write does not go back in time"
+    );
+    assert_eq!(store.get(key).await.unwrap().as_deref(), Some(newer));
+    store.delete(key).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_state_older_than_the_stored_one_is_refused_through_upstash_eval() {
+    let store = UpstashStore::new(UpstashSettings::new(upstash_front().await, TOKEN)).unwrap();
+
+    refuses_a_late_state(&store, &key("628123456789")).await;
 }

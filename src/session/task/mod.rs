@@ -227,6 +227,7 @@ impl Session {
     /// Runs steps until the session ends, then releases the link client.
     pub async fn run(mut self) {
         // The first state is stored too: a reader sees `starting`, not nothing.
+        self.state.seq = writer::next_seq(self.state.seq);
         self.write_store().await;
         loop {
             if self.step().await.is_terminal() {

@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::session::schedule::CODE_BUDGET_WINDOW;
 use crate::session::state::{PairState, StoredState};
+use crate::store::Written;
 
 /// Longest a state write may hold up the session (and so the HTTP answer).
 /// The Upstash client retries internally; past this we move on and heal later.
@@ -62,8 +63,10 @@ impl Session {
         }
     }
 
-    /// Stores `state` (bounded in time), then publishes it.
-    pub(super) async fn commit(&mut self, state: PairState) {
+    /// Numbers `state` above the last one, stores it (bounded in time),
+    /// then publishes it.
+    pub(super) async fn commit(&mut self, mut state: PairState) {
+        state.seq = next_seq(self.state.seq);
         self.state = state;
         self.write_store().await;
         self.published.send_replace(self.state.clone());
@@ -85,10 +88,27 @@ impl Session {
             .next_request
             .map(|at| at.saturating_duration_since(Instant::now()));
         let ttl = self.settings.store_ttl(self.state.status, wait);
-        let result =
-            tokio::time::timeout(STORE_WRITE_BUDGET, self.store.set(&self.key, &json, ttl)).await;
+        let result = tokio::time::timeout(
+            STORE_WRITE_BUDGET,
+            self.store.set_state(&self.key, &json, self.state.seq, ttl),
+        )
+        .await;
         match result {
-            Ok(Ok(())) => {
+            Ok(Ok(Written::Stale { current })) => {
+                // Someone wrote a newer state of this phone (another
+                // process): ours must not replace it, and retrying cannot
+                // change that.
+                tracing::warn!(
+                    phone = %self.phone,
+                    seq = self.state.seq,
+                    stored_seq = current,
+                    event = "stale_state_refused",
+                    "the store holds a newer state of this phone; this one is not written"
+                );
+                self.store_failures = 0;
+                self.store_heal_at = None;
+            }
+            Ok(Ok(Written::Stored)) => {
                 if self.store_failures > 0 {
                     tracing::info!(phone = %self.phone, "store healed");
                 }
@@ -112,4 +132,15 @@ impl Session {
             "store write failed; keeping the state in memory and retrying"
         );
     }
+}
+
+/// The number of a state that follows one numbered `previous`: the time in
+/// microseconds since 1970, so a later session (or process) numbers above
+/// an earlier one, and at least `previous + 1`, so one session's states are
+/// always in order even if the clock steps back.
+pub(super) fn next_seq(previous: u64) -> u64 {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000;
+    u64::try_from(now)
+        .unwrap_or(0)
+        .max(previous.saturating_add(1))
 }
