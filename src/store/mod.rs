@@ -175,13 +175,18 @@ return {n, ttl}";
 /// Writes a state unless a newer one is stored: `KEYS[1]` the key,
 /// `ARGV[1]` the JSON, `ARGV[2]` its `seq`, `ARGV[3]` the TTL in seconds.
 /// Returns -1 when written, else the stored (newer) `seq`. A stored value
-/// that is not JSON or has no `seq` (written by an older build, or by hand)
-/// is replaced.
+/// without a `seq` (written by an older build, or by hand) is replaced.
+///
+/// The stored number is found with a string pattern, not `cjson`: plain
+/// Lua string functions run on every Redis and on Upstash's engine, whose
+/// Lua libraries are not Redis's. Our JSON is compact and writes `seq`
+/// before any free text (`message`), so the first `"seq":<digits>` is the
+/// state's own. Numbers stay exact in Lua's doubles up to 2^53
+/// (microseconds: the year 2255).
 pub(crate) const SET_STATE_SCRIPT: &str = "local current = redis.call('GET', KEYS[1]) \
 if current then \
-local ok, doc = pcall(cjson.decode, current) \
-if ok and type(doc) == 'table' and tonumber(doc.seq) and tonumber(doc.seq) > tonumber(ARGV[2]) then \
-return tonumber(doc.seq) end end \
+local stored = tonumber(string.match(current, '\"seq\":(%d+)')) \
+if stored and stored > tonumber(ARGV[2]) then return stored end end \
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3]) \
 return -1";
 
