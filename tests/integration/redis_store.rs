@@ -193,3 +193,24 @@ async fn a_state_older_than_the_stored_one_is_refused_by_the_script_on_redis() {
 
     refuses_a_late_state(&store, &format!("{prefix}628123456789")).await;
 }
+
+#[tokio::test]
+async fn a_seq_inside_the_message_text_does_not_fool_the_script() {
+    // Arrange: the state's own seq comes first; free text after it quotes
+    // a higher one.
+    let (store, prefix) = store().await;
+    let key = format!("{prefix}628123456789");
+    let ttl = Duration::from_secs(60);
+    let stored = r#"{"status":"failed","seq":100,"message":"see \"seq\":999"}"#;
+    store.set_state(&key, stored, 100, ttl).await.unwrap();
+
+    // Act
+    let newer = store
+        .set_state(&key, r#"{"status":"starting","seq":200}"#, 200, ttl)
+        .await
+        .unwrap();
+
+    // Assert
+    assert_eq!(newer, Written::Stored);
+    store.delete(&key).await.unwrap();
+}
