@@ -150,6 +150,33 @@ impl PhoneNumber {
     pub fn masked(&self) -> String {
         mask_phone(&self.0)
     }
+
+    /// Whether the device `jid` (`628123456789:3@s.whatsapp.net`) belongs
+    /// to this number's account. Where WhatsApp spells the account number
+    /// otherwise than it is dialled, both are compared in WhatsApp's
+    /// spelling, so a right link is never taken for a stranger's.
+    #[must_use]
+    pub fn owns_device(&self, jid: &str) -> bool {
+        let user = jid.split([':', '@']).next().unwrap_or_default();
+        account_spelling(user) == account_spelling(&self.0)
+    }
+}
+
+/// A number as WhatsApp names the account: Brazil's mobile ninth digit
+/// (`55 AA 9XXXX-XXXX`) is left out of older accounts' JIDs, and Mexico's
+/// `521` and Argentina's `549` mobile prefixes are `52` and `54` there.
+fn account_spelling(digits: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    if let Some(rest) = digits.strip_prefix("521").filter(|r| r.len() == 10) {
+        return Cow::Owned(format!("52{rest}"));
+    }
+    if let Some(rest) = digits.strip_prefix("549").filter(|r| r.len() == 10) {
+        return Cow::Owned(format!("54{rest}"));
+    }
+    if digits.len() == 13 && digits.starts_with("55") && digits.as_bytes()[4] == b'9' {
+        return Cow::Owned(format!("{}{}", &digits[..4], &digits[5..]));
+    }
+    Cow::Borrowed(digits)
 }
 
 impl fmt::Display for PhoneNumber {
@@ -764,5 +791,26 @@ mod tests {
             prop_assert!(masked.chars().count() <= 8 + MASK_FILLER.len());
             prop_assert!(masked.contains(MASK_FILLER));
         }
+    }
+
+    fn owns(jid: &str, phone: &str) -> bool {
+        PhoneNumber::parse(phone).unwrap().owns_device(jid)
+    }
+
+    #[test]
+    fn a_device_of_the_dialled_number_is_its_account() {
+        assert!(owns("628123456789:3@s.whatsapp.net", "628123456789"));
+        assert!(!owns("628111111111:3@s.whatsapp.net", "628123456789"));
+    }
+
+    #[test]
+    fn numbers_whatsapp_spells_otherwise_are_still_their_own_account() {
+        // Brazil: an older account's JID lacks the mobile ninth digit.
+        assert!(owns("551187654321:1@s.whatsapp.net", "5511987654321"));
+        // Mexico and Argentina: the mobile 1 and 9 are not in the JID.
+        assert!(owns("525512345678:1@s.whatsapp.net", "5215512345678"));
+        assert!(owns("541112345678:1@s.whatsapp.net", "5491112345678"));
+        // Another Brazilian subscriber is still another account.
+        assert!(!owns("551187654322:1@s.whatsapp.net", "5511987654321"));
     }
 }

@@ -135,14 +135,15 @@ impl Webhooks {
             mut queue,
         } = deliverer;
         let mut deliveries = JoinSet::new();
+        let start = |deliveries: &mut JoinSet<()>, delivery: Delivery| {
+            let settings = settings.clone();
+            let http = http.clone();
+            deliveries.spawn(async move { delivery.deliver(&settings, &http).await });
+        };
         loop {
             tokio::select! {
                 delivery = queue.recv() => match delivery {
-                    Some(delivery) => {
-                        let settings = settings.clone();
-                        let http = http.clone();
-                        deliveries.spawn(async move { delivery.deliver(&settings, &http).await });
-                    }
+                    Some(delivery) => start(&mut deliveries, delivery),
                     None => break,
                 },
                 Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
@@ -151,9 +152,7 @@ impl Webhooks {
         }
         // Outcomes queued up to the stop are still tried.
         while let Ok(delivery) = queue.try_recv() {
-            let settings = settings.clone();
-            let http = http.clone();
-            deliveries.spawn(async move { delivery.deliver(&settings, &http).await });
+            start(&mut deliveries, delivery);
         }
         let waiting = tokio::time::timeout(SHUTDOWN_WAIT, async {
             while deliveries.join_next().await.is_some() {}

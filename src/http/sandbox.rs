@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use fake_wa::{LinkAttemptError, PhoneRecord};
+use fake_wa::{LinkAttemptError, LinkedDevice, PhoneRecord};
 use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -71,23 +71,7 @@ async fn scan_qr(
         Some(other) => PhoneNumber::parse(other).map_err(ApiError::InvalidPhone)?,
         None => phone,
     };
-    let scanned = tokio::time::timeout(ENTER_CODE_WAIT, fake.scan_qr(scanner.as_str(), &body.qr))
-        .await
-        .unwrap_or(Err(LinkAttemptError::CompanionSilent(ENTER_CODE_WAIT)));
-    match scanned {
-        Ok(linked) => Ok(Json(Entered {
-            linked: true,
-            jid: linked.jid,
-        })),
-        Err(LinkAttemptError::UnknownQr | LinkAttemptError::MalformedQr) => {
-            Err(ApiError::UnknownQr)
-        }
-        Err(LinkAttemptError::CompanionGone) => Err(ApiError::CompanionGone),
-        Err(other) => {
-            tracing::warn!(phone = %scanner, error = %other, "the fake phone could not link by QR");
-            Err(ApiError::CompanionUnavailable)
-        }
-    }
+    play(&scanner, fake.scan_qr(scanner.as_str(), &body.qr)).await
 }
 
 /// `POST /sandbox/phones/{phone}/enter-code` body.
@@ -137,16 +121,28 @@ async fn enter_code(
         .chars()
         .filter(|c| *c != '-' && !c.is_whitespace())
         .collect();
-    let entered = tokio::time::timeout(ENTER_CODE_WAIT, fake.enter_code(phone.as_str(), &code))
+    play(&phone, fake.enter_code(phone.as_str(), &code)).await
+}
+
+/// Waits (at most [`ENTER_CODE_WAIT`]) for what the fake phone of `phone`
+/// did (typed a code, scanned a QR), and answers with it.
+async fn play(
+    phone: &PhoneNumber,
+    attempt: impl Future<Output = Result<LinkedDevice, LinkAttemptError>>,
+) -> Result<Json<Entered>, ApiError> {
+    let played = tokio::time::timeout(ENTER_CODE_WAIT, attempt)
         .await
         .unwrap_or(Err(LinkAttemptError::CompanionSilent(ENTER_CODE_WAIT)));
-    match entered {
+    match played {
         Ok(linked) => Ok(Json(Entered {
             linked: true,
             jid: linked.jid,
         })),
         Err(LinkAttemptError::WrongCode | LinkAttemptError::MalformedCode) => {
             Err(ApiError::WrongCode)
+        }
+        Err(LinkAttemptError::UnknownQr | LinkAttemptError::MalformedQr) => {
+            Err(ApiError::UnknownQr)
         }
         Err(LinkAttemptError::NoCodeRequested) => Err(ApiError::NoCodeRequested),
         Err(LinkAttemptError::CompanionGone) => Err(ApiError::CompanionGone),

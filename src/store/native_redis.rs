@@ -84,11 +84,26 @@ impl RedisStore {
 
     async fn run<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, StoreError> {
         let mut connection = self.connection().await?;
-        tokio::time::timeout(REDIS_COMMAND_TIMEOUT, command.query_async(&mut connection))
-            .await
-            .map_err(|_| StoreError::Timeout)?
-            .map_err(store_error)
+        bounded(command.query_async(&mut connection)).await
     }
+
+    /// Runs a script: `EVALSHA`, falling back to `EVAL` once when the
+    /// server does not have it cached yet.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.connection().await?;
+        bounded(script.invoke_async(&mut connection)).await
+    }
+}
+
+/// `reply`, within [`REDIS_COMMAND_TIMEOUT`], as our result.
+async fn bounded<T>(reply: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
+    tokio::time::timeout(REDIS_COMMAND_TIMEOUT, reply)
+        .await
+        .map_err(|_| StoreError::Timeout)?
+        .map_err(store_error)
 }
 
 #[async_trait::async_trait]
@@ -111,19 +126,15 @@ impl PairingStore for RedisStore {
         seq: u64,
         ttl: Duration,
     ) -> Result<Written, StoreError> {
-        let mut connection = self.connection().await?;
-        let reply: i64 = tokio::time::timeout(
-            REDIS_COMMAND_TIMEOUT,
-            self.set_state
-                .key(key)
-                .arg(value)
-                .arg(seq)
-                .arg(ttl_seconds(ttl))
-                .invoke_async(&mut connection),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout)?
-        .map_err(store_error)?;
+        let reply: i64 = self
+            .invoke(
+                self.set_state
+                    .key(key)
+                    .arg(value)
+                    .arg(seq)
+                    .arg(ttl_seconds(ttl)),
+            )
+            .await?;
         Ok(Written::from_script(reply))
     }
 
@@ -144,20 +155,10 @@ impl PairingStore for RedisStore {
     }
 
     async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
-        // EVALSHA, falling back to EVAL once when the server does not have
-        // the script cached yet; never retried otherwise (it would count
-        // twice).
-        let mut connection = self.connection().await?;
-        let (count, ttl): (u64, u64) = tokio::time::timeout(
-            REDIS_COMMAND_TIMEOUT,
-            self.count
-                .key(key)
-                .arg(ttl_seconds(window))
-                .invoke_async(&mut connection),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout)?
-        .map_err(store_error)?;
+        // Never retried (it would count twice).
+        let (count, ttl): (u64, u64) = self
+            .invoke(self.count.key(key).arg(ttl_seconds(window)))
+            .await?;
         Ok(Counted {
             count,
             window_left: Duration::from_secs(ttl),

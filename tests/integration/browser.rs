@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, decode_qr_png};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -149,24 +149,6 @@ fn text_of(id: &str) -> String {
     )
 }
 
-/// Decodes the one QR code in a PNG screenshot (RGBA, made grey).
-fn decode_qr(png: &[u8]) -> String {
-    let decoder = png::Decoder::new(std::io::Cursor::new(png.to_vec()));
-    let mut reader = decoder.read_info().expect("a PNG");
-    let mut pixels = vec![0; reader.output_buffer_size().expect("sized")];
-    let frame = reader.next_frame(&mut pixels).expect("a frame");
-    let (width, height) = (frame.width as usize, frame.height as usize);
-    let channels = frame.color_type.samples();
-    let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| {
-        let at = (y * width + x) * channels;
-        let rgb = &pixels[at..at + channels.min(3)];
-        (rgb.iter().map(|&c| u32::from(c)).sum::<u32>() / rgb.len() as u32) as u8
-    });
-    let grids = image.detect_grids();
-    assert_eq!(grids.len(), 1, "one QR code in the picture");
-    grids[0].decode().expect("the QR decodes").1
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs chromium and chromedriver: run by .ci/browser"]
 async fn browser_a_person_links_a_number_by_code_watching_it_live() {
@@ -227,7 +209,7 @@ async fn browser_a_person_links_a_number_by_code_watching_it_live() {
     );
     assert!(code.len() == 9 && code.as_bytes()[4] == b'-', "{code}");
     assert_eq!(
-        decode_qr(&qr_picture),
+        decode_qr_png(&qr_picture),
         state["qr"].as_str().unwrap(),
         "the QR on screen is the state's"
     );

@@ -394,3 +394,119 @@ pub fn as_shown(stored: &str) -> serde_json::Value {
     }
     state
 }
+
+/// Decodes the one QR code in a PNG (greyscale, RGB or RGBA: each pixel
+/// made grey), as a phone's camera would read it.
+pub fn decode_qr_png(png: &[u8]) -> String {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png.to_vec()));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("sized")];
+    let frame = reader.next_frame(&mut pixels).expect("a frame");
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    let channels = frame.color_type.samples();
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| {
+        let at = (y * width + x) * channels;
+        let colour = &pixels[at..at + channels.min(3)];
+        (colour.iter().map(|&c| u32::from(c)).sum::<u32>() / colour.len() as u32) as u8
+    });
+    let grids = image.detect_grids();
+    assert_eq!(grids.len(), 1, "one QR code in the picture");
+    grids[0].decode().expect("the QR decodes").1
+}
+
+/// The Redis server the store tests use: `REDIS_TEST_URL`, else the local
+/// one.
+pub fn redis_test_url() -> String {
+    std::env::var("REDIS_TEST_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// Writes numbered states to `store` under `key` as a late writer and a
+/// newer one would, and checks that the late one does not go back in time.
+pub async fn assert_refuses_a_late_state(store: &dyn wa_pair::store::PairingStore, key: &str) {
+    use wa_pair::store::Written;
+    let ttl = Duration::from_secs(60);
+    let newer = r#"{"seq":1700000000000002,"status":"linked"}"#;
+    let older = r#"{"seq":1700000000000001,"status":"pending"}"#;
+    assert_eq!(
+        store
+            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .await
+            .unwrap(),
+        Written::Stored
+    );
+    assert_eq!(
+        store
+            .set_state(key, newer, 1_700_000_000_000_002, ttl)
+            .await
+            .unwrap(),
+        Written::Stored
+    );
+    assert_eq!(
+        store
+            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .await
+            .unwrap(),
+        Written::Stale {
+            current: 1_700_000_000_000_002
+        },
+        "a late write does not go back in time"
+    );
+    assert_eq!(store.get(key).await.unwrap().as_deref(), Some(newer));
+    store.delete(key).await.unwrap();
+}
+
+/// One POST the webhook receiver got.
+#[derive(Debug)]
+pub struct ReceivedWebhook {
+    pub id: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub body: Vec<u8>,
+}
+
+/// A webhook receiver on a loopback port: answers each POST with the next
+/// scripted status (then 200), and hands what it got to the test.
+pub async fn webhook_receiver(
+    script: Vec<axum::http::StatusCode>,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<ReceivedWebhook>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let script = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
+        script,
+    )));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let tx = tx.clone();
+                let script = std::sync::Arc::clone(&script);
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let _ = tx.send(ReceivedWebhook {
+                        id: header("webhook-id"),
+                        timestamp: header("webhook-timestamp"),
+                        signature: header("webhook-signature"),
+                        body: body.to_vec(),
+                    });
+                    script
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or(axum::http::StatusCode::OK)
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rx)
+}

@@ -6,27 +6,13 @@ use fake_wa::{Fault, LinkedVia};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, decode_qr_png};
 
 const PHONE: &str = "628123456789";
 const STRANGER: &str = "628111111111";
 
 async fn json(response: reqwest::Response) -> Value {
     response.json().await.expect("JSON body")
-}
-
-/// Decodes the QR code in a PNG.
-fn decode_png(bytes: &[u8]) -> String {
-    let decoder = png::Decoder::new(std::io::Cursor::new(bytes.to_vec()));
-    let mut reader = decoder.read_info().expect("a PNG");
-    let mut pixels = vec![0; reader.output_buffer_size().expect("sized")];
-    let frame = reader.next_frame(&mut pixels).expect("a frame");
-    let (width, height) = (frame.width as usize, frame.height as usize);
-    let mut image =
-        rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
-    let grids = image.detect_grids();
-    assert_eq!(grids.len(), 1, "one QR code in the picture");
-    grids[0].decode().expect("decodes").1
 }
 
 #[tokio::test]
@@ -147,7 +133,7 @@ async fn qr_pictures_encode_the_current_qr_and_are_404_once_there_is_none() {
     assert!(svg_body.contains("<svg"), "{svg_body:.80}");
     assert_eq!(png_type, "image/png");
     assert_eq!(png_cache, "no-store");
-    assert_eq!(decode_png(&png_body), shown["qr"].as_str().unwrap());
+    assert_eq!(decode_qr_png(&png_body), shown["qr"].as_str().unwrap());
     assert_eq!(after_cancel.status(), StatusCode::NOT_FOUND);
     assert_eq!(json(after_cancel).await["error"], "no_qr");
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);

@@ -8,21 +8,16 @@ use std::time::Duration;
 
 use wa_pair::store::{PairingStore, RedisStore, StoreError, Written};
 
-use crate::helpers::{TestApp, as_shown};
-
-/// The server the tests use.
-fn server_url() -> String {
-    std::env::var("REDIS_TEST_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
+use crate::helpers::{TestApp, as_shown, assert_refuses_a_late_state, redis_test_url};
 
 /// A store on the test server, checked to answer; and a key prefix of its
 /// own, so tests running at once never share a key.
 async fn store() -> (RedisStore, String) {
-    let store = RedisStore::new(&server_url()).expect("a Redis URL");
+    let store = RedisStore::new(&redis_test_url()).expect("a Redis URL");
     if let Err(e) = store.ping().await {
         panic!(
             "no Redis server at {} ({e}): start one (apt-get install redis-server) or set REDIS_TEST_URL",
-            server_url()
+            redis_test_url()
         );
     }
     (store, format!("test:{}:", uuid::Uuid::new_v4().simple()))
@@ -30,7 +25,7 @@ async fn store() -> (RedisStore, String) {
 
 /// The key's TTL in seconds as the server has it.
 async fn ttl_of(key: &str) -> i64 {
-    let client = redis::Client::open(server_url()).unwrap();
+    let client = redis::Client::open(redis_test_url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     redis::cmd("TTL")
         .arg(key)
@@ -154,44 +149,11 @@ async fn a_pairing_flow_on_redis_stores_exactly_what_the_api_answers() {
     }
 }
 
-/// Writes numbered states as a late writer and a new one would.
-async fn refuses_a_late_state(store: &dyn PairingStore, key: &str) {
-    let ttl = Duration::from_secs(60);
-    let newer = r#"{"seq":1700000000000002,"status":"linked"}"#;
-    let older = r#"{"seq":1700000000000001,"status":"pending"}"#;
-    assert_eq!(
-        store
-            .set_state(key, older, 1_700_000_000_000_001, ttl)
-            .await
-            .unwrap(),
-        Written::Stored
-    );
-    assert_eq!(
-        store
-            .set_state(key, newer, 1_700_000_000_000_002, ttl)
-            .await
-            .unwrap(),
-        Written::Stored
-    );
-    assert_eq!(
-        store
-            .set_state(key, older, 1_700_000_000_000_001, ttl)
-            .await
-            .unwrap(),
-        Written::Stale {
-            current: 1_700_000_000_000_002
-        },
-        "a late write does not go back in time"
-    );
-    assert_eq!(store.get(key).await.unwrap().as_deref(), Some(newer));
-    store.delete(key).await.unwrap();
-}
-
 #[tokio::test]
 async fn a_state_older_than_the_stored_one_is_refused_by_the_script_on_redis() {
     let (store, prefix) = store().await;
 
-    refuses_a_late_state(&store, &format!("{prefix}628123456789")).await;
+    assert_refuses_a_late_state(&store, &format!("{prefix}628123456789")).await;
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use wa_pair::store::MemoryStore;
 
-use crate::helpers::{TestApp, files_in, open_fds};
+use crate::helpers::{TestApp, files_in, open_fds, webhook_receiver};
 
 /// Sessions per way of ending; eight ways (the last, shutdown, fewer).
 const CYCLES_PER_WAY: u32 = 40;
@@ -144,7 +144,7 @@ async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_be
     // Arrange: expiry in seconds, gave-up after two quick failures, a
     // webhook receiving every outcome, and a client that keeps no idle
     // connections (they would count as fds).
-    let (hook_url, hooks_received) = webhook_receiver().await;
+    let (hook_url, mut hooks_received) = webhook_receiver(Vec::new()).await;
     let mut app = TestApp::spawn_with(std::sync::Arc::new(MemoryStore::new()), |config| {
         config.webhook = Some(wa_pair::config::WebhookConfig {
             url: hook_url,
@@ -221,27 +221,13 @@ async fn sessions_that_ended_every_way_leave_no_descriptor_task_entry_or_file_be
     let counts = app.sessions.counts();
     assert_eq!(counts.live, 0, "ended sessions leave the registry");
     assert_eq!(counts.owners, 0, "and their owners' counts");
-    let hooks = hooks_received.load(std::sync::atomic::Ordering::SeqCst);
+    let mut hooks = 0;
+    while hooks_received.try_recv().is_ok() {
+        hooks += 1;
+    }
     assert!(
         hooks >= WAYS.len() + plan.len(),
         "every outcome announced: {hooks} webhooks for {} sessions",
         WAYS.len() + plan.len()
     );
-}
-
-/// A webhook receiver answering 200 to every POST; counts them.
-async fn webhook_receiver() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = std::sync::Arc::clone(&received);
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async { axum::http::StatusCode::OK }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, received)
 }

@@ -10,13 +10,11 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
-use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore, Written};
+use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore};
+
+use crate::helpers::{assert_refuses_a_late_state, redis_test_url};
 
 const TOKEN: &str = "upstash-front-token";
-
-fn server_url() -> String {
-    std::env::var("REDIS_TEST_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
 
 /// Redis's reply as Upstash's REST API writes it.
 fn as_json(value: redis::Value) -> Value {
@@ -35,12 +33,12 @@ fn as_json(value: redis::Value) -> Value {
 
 /// Starts the front on a loopback port; returns its URL.
 async fn upstash_front() -> String {
-    let client = redis::Client::open(server_url()).unwrap();
+    let client = redis::Client::open(redis_test_url()).unwrap();
     let connection = match client.get_multiplexed_async_connection().await {
         Ok(connection) => connection,
         Err(e) => panic!(
             "no Redis server at {} ({e}): start one (apt-get install redis-server) or set REDIS_TEST_URL",
-            server_url()
+            redis_test_url()
         ),
     };
     let app = axum::Router::new().route(
@@ -140,42 +138,9 @@ async fn a_wrong_upstash_token_is_unauthorized() {
     assert!(matches!(error, StoreError::Unauthorized), "{error:?}");
 }
 
-/// Writes numbered states as a late writer and a new one would.
-async fn refuses_a_late_state(store: &dyn PairingStore, key: &str) {
-    let ttl = Duration::from_secs(60);
-    let newer = r#"{"seq":1700000000000002,"status":"linked"}"#;
-    let older = r#"{"seq":1700000000000001,"status":"pending"}"#;
-    assert_eq!(
-        store
-            .set_state(key, older, 1_700_000_000_000_001, ttl)
-            .await
-            .unwrap(),
-        Written::Stored
-    );
-    assert_eq!(
-        store
-            .set_state(key, newer, 1_700_000_000_000_002, ttl)
-            .await
-            .unwrap(),
-        Written::Stored
-    );
-    assert_eq!(
-        store
-            .set_state(key, older, 1_700_000_000_000_001, ttl)
-            .await
-            .unwrap(),
-        Written::Stale {
-            current: 1_700_000_000_000_002
-        },
-        "a late write does not go back in time"
-    );
-    assert_eq!(store.get(key).await.unwrap().as_deref(), Some(newer));
-    store.delete(key).await.unwrap();
-}
-
 #[tokio::test]
 async fn a_state_older_than_the_stored_one_is_refused_through_upstash_eval() {
     let store = UpstashStore::new(UpstashSettings::new(upstash_front().await, TOKEN)).unwrap();
 
-    refuses_a_late_state(&store, &key("628123456789")).await;
+    assert_refuses_a_late_state(&store, &key("628123456789")).await;
 }

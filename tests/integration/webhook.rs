@@ -3,11 +3,10 @@
 //! directly, not with the service's own signer), a refused delivery is
 //! retried with the same id, and one that keeps failing is given up.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
@@ -19,57 +18,14 @@ use wa_pair::session::PairState;
 use wa_pair::store::MemoryStore;
 use wa_pair::webhook::{WebhookSettings, Webhooks};
 
-use crate::helpers::{FLOW_TIMEOUT, TestApp};
+use crate::helpers::{FLOW_TIMEOUT, ReceivedWebhook, TestApp, webhook_receiver};
 
 const PHONE: &str = "628123456789";
 /// The Standard Webhooks spec's example secret.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// One POST the receiver got.
-#[derive(Debug)]
-struct Received {
-    id: String,
-    timestamp: String,
-    signature: String,
-    body: Vec<u8>,
-}
-
-/// A webhook receiver on a loopback port: answers each POST with the next
-/// scripted status (then 200), and hands what it got to the test.
-async fn receiver(script: Vec<StatusCode>) -> (String, mpsc::UnboundedReceiver<Received>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let script = Arc::new(Mutex::new(VecDeque::from(script)));
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let tx = tx.clone();
-            let script = Arc::clone(&script);
-            async move {
-                let header = |name: &str| {
-                    headers
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned()
-                };
-                let _ = tx.send(Received {
-                    id: header("webhook-id"),
-                    timestamp: header("webhook-timestamp"),
-                    signature: header("webhook-signature"),
-                    body: body.to_vec(),
-                });
-                script.lock().unwrap().pop_front().unwrap_or(StatusCode::OK)
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, rx)
-}
-
 /// Verifies a delivery as a receiver following the spec does.
-fn verify(received: &Received) -> bool {
+fn verify(received: &ReceivedWebhook) -> bool {
     let key = base64::engine::general_purpose::STANDARD
         .decode(SECRET.trim_start_matches("whsec_"))
         .unwrap();
@@ -83,7 +39,7 @@ fn verify(received: &Received) -> bool {
         .any(|sig| sig.strip_prefix("v1,") == Some(expected.as_str()))
 }
 
-async fn next(rx: &mut mpsc::UnboundedReceiver<Received>) -> Received {
+async fn next(rx: &mut mpsc::UnboundedReceiver<ReceivedWebhook>) -> ReceivedWebhook {
     tokio::time::timeout(FLOW_TIMEOUT, rx.recv())
         .await
         .expect("a delivery in time")
@@ -106,7 +62,7 @@ fn linked_state() -> PairState {
 #[tokio::test]
 async fn a_linked_session_posts_its_outcome_signed_the_standard_webhooks_way() {
     // Arrange
-    let (url, mut deliveries) = receiver(Vec::new()).await;
+    let (url, mut deliveries) = webhook_receiver(Vec::new()).await;
     let app = TestApp::spawn_with(Arc::new(MemoryStore::new()), |config| {
         config.webhook = Some(WebhookConfig {
             url,
@@ -141,7 +97,7 @@ async fn a_linked_session_posts_its_outcome_signed_the_standard_webhooks_way() {
 #[tokio::test]
 async fn a_delivery_the_receiver_refuses_twice_is_retried_with_the_same_id_until_it_lands() {
     // Arrange
-    let (url, mut deliveries) = receiver(vec![
+    let (url, mut deliveries) = webhook_receiver(vec![
         StatusCode::INTERNAL_SERVER_ERROR,
         StatusCode::SERVICE_UNAVAILABLE,
     ])
@@ -176,7 +132,8 @@ async fn a_delivery_the_receiver_refuses_twice_is_retried_with_the_same_id_until
 #[tokio::test]
 async fn a_delivery_that_keeps_failing_is_given_up_after_its_time() {
     // Arrange
-    let (url, mut deliveries) = receiver(vec![StatusCode::INTERNAL_SERVER_ERROR; 1000]).await;
+    let (url, mut deliveries) =
+        webhook_receiver(vec![StatusCode::INTERNAL_SERVER_ERROR; 1000]).await;
     let settings = WebhookSettings {
         url,
         key: key(),
@@ -206,7 +163,7 @@ async fn a_delivery_that_keeps_failing_is_given_up_after_its_time() {
 #[tokio::test]
 async fn only_outcomes_are_announced() {
     // Arrange
-    let (url, mut deliveries) = receiver(Vec::new()).await;
+    let (url, mut deliveries) = webhook_receiver(Vec::new()).await;
     let (webhooks, deliverer) = Webhooks::new(WebhookSettings {
         url,
         key: key(),

@@ -1090,16 +1090,20 @@ fn companion_finish(shared: &Shared, id: &str, reg: &Node) -> Node {
     }
 }
 
+/// The phone whose device logged in on `connection`, if one did.
+fn logged_in_phone(shared: &Shared, connection: u64) -> Option<String> {
+    shared
+        .lock()
+        .connections
+        .get(&connection)
+        .and_then(|c| c.phone.clone())
+}
+
 /// `encrypt` IQs of a logged-in device: `count` is answered with the
 /// pre-keys it uploaded so far; an upload (`set` with a `list` of keys) is
 /// counted.
 fn encrypt(shared: &Shared, connection: u64, id: &str, node: &Node) -> Node {
-    let phone = shared
-        .lock()
-        .connections
-        .get(&connection)
-        .and_then(|c| c.phone.clone());
-    let Some(phone) = phone else {
+    let Some(phone) = logged_in_phone(shared, connection) else {
         return iq_error(id, 401, "not-authorized", None);
     };
     let uploaded = node
@@ -1128,12 +1132,7 @@ fn encrypt(shared: &Shared, connection: u64, id: &str, node: &Node) -> Node {
 /// A logged-in device removing itself (`Client::logout`): only its own
 /// account's device, and only one that exists; later logins of it get 401.
 fn remove_device(shared: &Shared, connection: u64, id: &str, remove: &Node) -> Node {
-    let phone = shared
-        .lock()
-        .connections
-        .get(&connection)
-        .and_then(|c| c.phone.clone());
-    let Some(phone) = phone else {
+    let Some(phone) = logged_in_phone(shared, connection) else {
         return iq_error(id, 401, "not-authorized", None);
     };
     let device = attr(remove, "jid").and_then(|jid| {

@@ -147,7 +147,7 @@ impl Session {
             );
         }
         if error.status() == Some(452) && self.link.is_some() {
-            return self.code_unavailable(&error).await;
+            return self.code_unavailable().await;
         }
         if !error.is_retryable() {
             tracing::warn!(phone = %self.phone, error = %error, "code request refused for good");
@@ -316,14 +316,11 @@ impl Session {
 
     /// WhatsApp refused codes for this account (452): the session stays
     /// `pending` on its connection's QR codes, and asks for no more codes.
-    async fn code_unavailable(&mut self, error: &LinkError) -> StepOutcome {
+    async fn code_unavailable(&mut self) -> StepOutcome {
         self.qr_only = true;
         self.next_request = None;
         self.failures = 0;
-        let state = code_unavailable_state(&PairState {
-            whatsapp_status: error.status(),
-            ..self.state.without_code(Status::Pending)
-        });
+        let state = code_unavailable_state(&self.state.without_code(Status::Pending));
         self.commit(state).await;
         tracing::warn!(
             phone = %self.phone,
@@ -386,7 +383,7 @@ impl Session {
     }
 
     pub(super) async fn linked(&mut self, account: LinkedAccount) -> StepOutcome {
-        if !account_is(&account.jid, &self.phone) {
+        if !self.phone.owns_device(&account.jid) {
             // Someone else's phone scanned the QR: their device must not
             // stay linked here under this number.
             self.discard_device = true;
@@ -492,32 +489,6 @@ fn code_unavailable_state(state: &PairState) -> PairState {
     }
 }
 
-/// Whether the device `jid` (`628123456789:3@s.whatsapp.net`) belongs to
-/// `phone`'s account. Where WhatsApp's account number is spelled otherwise
-/// than the dialled one, both are compared in WhatsApp's spelling, so a
-/// right link is never taken for a stranger's.
-fn account_is(jid: &str, phone: &crate::phone::PhoneNumber) -> bool {
-    let user = jid.split([':', '@']).next().unwrap_or_default();
-    account_spelling(user) == account_spelling(phone.as_str())
-}
-
-/// A number as WhatsApp names the account: Brazil's mobile ninth digit
-/// (`55 AA 9XXXX-XXXX`) is left out of older accounts' JIDs, and Mexico's
-/// `521` and Argentina's `549` mobile prefixes are `52` and `54` there.
-fn account_spelling(digits: &str) -> std::borrow::Cow<'_, str> {
-    use std::borrow::Cow;
-    if let Some(rest) = digits.strip_prefix("521").filter(|r| r.len() == 10) {
-        return Cow::Owned(format!("52{rest}"));
-    }
-    if let Some(rest) = digits.strip_prefix("549").filter(|r| r.len() == 10) {
-        return Cow::Owned(format!("54{rest}"));
-    }
-    if digits.len() == 13 && digits.starts_with("55") && digits.as_bytes()[4] == b'9' {
-        return Cow::Owned(format!("{}{}", &digits[..4], &digits[5..]));
-    }
-    Cow::Borrowed(digits)
-}
-
 /// A message about `error` that is safe to store and show.
 fn refusal_message(error: &LinkError) -> String {
     match error {
@@ -534,32 +505,5 @@ fn refusal_message(error: &LinkError) -> String {
         LinkError::Storage(_) => "the session could not be stored on this server".into(),
         LinkError::Closed => "the link session closed".into(),
         LinkError::Client(_) => "the WhatsApp client failed".into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::phone::PhoneNumber;
-
-    fn is(jid: &str, phone: &str) -> bool {
-        account_is(jid, &PhoneNumber::parse(phone).unwrap())
-    }
-
-    #[test]
-    fn a_device_of_the_dialled_number_is_its_account() {
-        assert!(is("628123456789:3@s.whatsapp.net", "628123456789"));
-        assert!(!is("628111111111:3@s.whatsapp.net", "628123456789"));
-    }
-
-    #[test]
-    fn numbers_whatsapp_spells_otherwise_are_still_their_own_account() {
-        // Brazil: an older account's JID lacks the mobile ninth digit.
-        assert!(is("551187654321:1@s.whatsapp.net", "5511987654321"));
-        // Mexico and Argentina: the mobile 1 and 9 are not in the JID.
-        assert!(is("525512345678:1@s.whatsapp.net", "5215512345678"));
-        assert!(is("541112345678:1@s.whatsapp.net", "5491112345678"));
-        // Another Brazilian subscriber is still another account.
-        assert!(!is("551187654322:1@s.whatsapp.net", "5511987654321"));
     }
 }
