@@ -30,6 +30,12 @@
 //!    ref on the connection whose Noise key the QR names, and the ADV secret
 //!    from the QR, then the same `pair-success`, for the account that
 //!    scanned.
+//!
+//!    For an account with a passkey ([`FakeWhatsApp::require_passkey`]),
+//!    the `companion_hello` is answered and then the companion is asked for
+//!    the passkey instead: see [`passkey`] for the exchange, which ends in
+//!    the same `pair-success`. Such an account's phone cannot link by code
+//!    or QR.
 //! 4. A login gets `<success>` only from a device that completed
 //!    `pair-device-sign`, with the device number it was given and the Noise
 //!    key it registered; anything else gets `<failure reason="401">` and
@@ -42,6 +48,7 @@
 //! server's certificate chain: it can never stand in for WhatsApp to a
 //! release build.
 
+pub mod passkey;
 pub mod primary;
 pub mod wire;
 
@@ -138,6 +145,16 @@ pub struct PhoneRecord {
     /// This account's devices removed by their own `remove-companion-device`
     /// (a logout).
     pub devices_removed: u32,
+    /// Companions asked for this account's passkey.
+    pub passkey_requests: u32,
+    /// Passkey assertions that verified (a `passkey_prologue` accepted).
+    pub passkey_assertions: u32,
+    /// Passkey exchanges refused: an assertion that did not verify, a
+    /// nonce that broke its commitment, a sealed request that did not open.
+    pub passkey_refusals: u32,
+    /// The verification code the phone shows during a passkey link
+    /// (`ABCDEFGH`), for the person to compare with the companion's.
+    pub verification_code: Option<String>,
 }
 
 /// The companion device the fake phone linked.
@@ -162,6 +179,8 @@ pub enum LinkedVia {
     Code,
     /// The person scanned the companion's QR code.
     Qr,
+    /// The companion answered with the account's passkey.
+    Passkey,
 }
 
 /// Why typing a code or scanning a QR on the fake phone linked nothing.
@@ -195,6 +214,10 @@ pub enum LinkAttemptError {
     /// Anything else that went wrong in the protocol.
     #[error("protocol failure: {0}")]
     Protocol(String),
+    /// The account links new devices only with its passkey: the companion
+    /// is asked for it, and a code or QR from the phone links nothing.
+    #[error("this account links devices with its passkey only")]
+    PasskeyRequired,
 }
 
 /// A running fake server on a loopback port.
@@ -230,6 +253,8 @@ struct Connection {
     phone: Option<String>,
     /// The QR refs handed to this (registering) connection.
     qr_refs: Vec<IssuedRef>,
+    /// The passkey exchange this connection was asked for.
+    passkey: Option<passkey::Exchange>,
 }
 
 /// A QR ref in `<pair-device>`, and until when a phone may scan it: the
@@ -259,6 +284,8 @@ struct Phone {
     /// key registered in their `companion_hello`.
     devices: HashMap<u32, [u8; 32]>,
     finish_waiter: Option<oneshot::Sender<Finish>>,
+    /// The account's passkey: new devices must present it.
+    passkey: Option<passkey::PasskeyCredential>,
 }
 
 #[derive(Clone)]
@@ -270,7 +297,7 @@ struct Pairing {
     noise_key: [u8; 32],
 }
 
-/// What [`FakeWhatsApp::complete_link`] needs, however the phone learned it.
+/// What [`Shared::complete_link`] needs, however the phone learned it.
 struct Completion<'a> {
     /// The account the new device belongs to (the phone that typed or scanned).
     account: &'a str,
@@ -281,6 +308,8 @@ struct Completion<'a> {
     adv_secret: [u8; 32],
     /// The Noise key the device will log in with.
     noise_key: [u8; 32],
+    /// How the phone learned the companion.
+    via: LinkedVia,
     /// The code typed, when it was linked by code.
     code: Option<String>,
 }
@@ -335,6 +364,7 @@ impl Phone {
             devices_linked: 0,
             devices: HashMap::new(),
             finish_waiter: None,
+            passkey: None,
         }
     }
 }
@@ -448,6 +478,13 @@ impl FakeWhatsApp {
         }
     }
 
+    /// Registers `credential` as `phone`'s passkey: from now on a companion
+    /// asking for this account's code is asked for the passkey instead, and
+    /// the phone links nothing by code or QR.
+    pub fn require_passkey(&self, phone: &str, credential: passkey::PasskeyCredential) {
+        self.shared.update(phone, |p| p.passkey = Some(credential));
+    }
+
     /// Plays the person typing `code` into WhatsApp on the phone `phone`.
     /// Returns the linked device once the companion signed it.
     pub async fn enter_code(
@@ -465,6 +502,9 @@ impl FakeWhatsApp {
                 .phones
                 .get(phone)
                 .ok_or(LinkAttemptError::NoCodeRequested)?;
+            if entry.passkey.is_some() {
+                return Err(LinkAttemptError::PasskeyRequired);
+            }
             let pairing = entry
                 .pairing
                 .clone()
@@ -524,6 +564,7 @@ impl FakeWhatsApp {
         };
 
         let linked = self
+            .shared
             .complete_link(Completion {
                 account: phone,
                 connection: &connection,
@@ -531,6 +572,7 @@ impl FakeWhatsApp {
                 companion_identity: finish.companion_identity,
                 adv_secret,
                 noise_key: pairing.noise_key,
+                via: LinkedVia::Code,
                 code: Some(code),
             })
             .await?;
@@ -570,138 +612,28 @@ impl FakeWhatsApp {
         };
         let identity = {
             let mut state = self.shared.lock();
-            state
+            let phone = state
                 .phones
                 .entry(as_phone.to_owned())
-                .or_insert_with(Phone::new)
-                .identity
-                .clone()
+                .or_insert_with(Phone::new);
+            if phone.passkey.is_some() {
+                return Err(LinkAttemptError::PasskeyRequired);
+            }
+            phone.identity.clone()
         };
         self.shared.update(as_phone, |p| p.record.qr_scans += 1);
-        self.complete_link(Completion {
-            account: as_phone,
-            connection: &connection,
-            identity: &identity,
-            companion_identity: scanned.identity_key,
-            adv_secret: scanned.adv_secret,
-            noise_key: scanned.noise_key,
-            code: None,
-        })
-        .await
-    }
-
-    /// The phone's side once it knows the companion and the ADV secret:
-    /// `pair-success` for a new device of `account`, the companion's
-    /// `pair-device-sign` checked under the phone's own identity key, then
-    /// stream error 515 so the new device logs in.
-    async fn complete_link(&self, link: Completion<'_>) -> Result<LinkedDevice, LinkAttemptError> {
-        let Completion {
-            account,
-            connection,
-            identity,
-            companion_identity,
-            adv_secret,
-            noise_key,
-            code,
-        } = link;
-        let (device_number, device_jid, lid) = {
-            let mut state = self.shared.lock();
-            let entry = state
-                .phones
-                .entry(account.to_owned())
-                .or_insert_with(Phone::new);
-            entry.devices_linked += 1;
-            let number = entry.devices_linked;
-            (
-                number,
-                format!("{account}:{number}@s.whatsapp.net"),
-                device_lid(&entry.lid_user, number),
-            )
-        };
-        let device_identity =
-            primary::signed_device_identity(identity, &companion_identity, &adv_secret, 1);
-        let iq_id = self.shared.next_stanza_id();
-        let (answer_tx, answer_rx) = oneshot::channel();
         self.shared
-            .lock()
-            .pending_iqs
-            .insert(iq_id.clone(), answer_tx);
-        let mut device = NodeBuilder::new("device");
-        if let (Ok(jid), Ok(lid)) = (device_jid.parse::<Jid>(), lid.parse::<Jid>()) {
-            device = device.attr("jid", jid).attr("lid", lid);
-        }
-        let pair_success = NodeBuilder::new("iq")
-            .attrs([
-                ("from", SERVER_JID.to_string()),
-                ("type", "set".to_string()),
-                ("id", iq_id.clone()),
-                ("xmlns", "md".to_string()),
-            ])
-            .children([NodeBuilder::new("pair-success")
-                .children([
-                    NodeBuilder::new("device-identity")
-                        .bytes(device_identity)
-                        .build(),
-                    device.build(),
-                    NodeBuilder::new("platform").attr("name", "android").build(),
-                ])
-                .build()])
-            .build();
-        connection
-            .send(Command::Send(pair_success))
-            .map_err(|_| LinkAttemptError::CompanionGone)?;
-
-        let answer = companion_answer(answer_rx, connection)
+            .complete_link(Completion {
+                account: as_phone,
+                connection: &connection,
+                identity: &identity,
+                companion_identity: scanned.identity_key,
+                adv_secret: scanned.adv_secret,
+                noise_key: scanned.noise_key,
+                via: LinkedVia::Qr,
+                code: None,
+            })
             .await
-            .inspect_err(|_| {
-                self.shared.lock().pending_iqs.remove(&iq_id);
-            })?;
-        if attr(&answer, "type").as_deref() == Some("error") {
-            let detail = answer
-                .get_optional_child_by_tag(&["error"])
-                .map(|e| {
-                    format!(
-                        "{} {}",
-                        attr(e, "code").unwrap_or_default(),
-                        attr(e, "text").unwrap_or_default()
-                    )
-                })
-                .unwrap_or_else(|| "error".into());
-            return Err(LinkAttemptError::Refused(detail));
-        }
-        let signed = answer
-            .get_optional_child_by_tag(&["pair-device-sign", "device-identity"])
-            .and_then(content_bytes)
-            .ok_or_else(|| {
-                LinkAttemptError::Protocol("pair-device-sign without identity".into())
-            })?;
-        primary::verify_device_signature(
-            &signed,
-            &companion_identity,
-            &wire::public_bytes(identity),
-        )
-        .map_err(LinkAttemptError::Protocol)?;
-
-        let linked = LinkedDevice {
-            jid: device_jid,
-            lid,
-            via: if code.is_some() {
-                LinkedVia::Code
-            } else {
-                LinkedVia::Qr
-            },
-            code,
-        };
-        self.shared.update(account, |p| {
-            p.record.linked = Some(linked.clone());
-            p.devices.insert(device_number, noise_key);
-        });
-        // WhatsApp closes the stream after pairing so the new device logs in.
-        let _ = connection.send(Command::Send(
-            NodeBuilder::new("stream:error").attr("code", "515").build(),
-        ));
-        let _ = connection.send(Command::Close);
-        Ok(linked)
     }
 
     /// Closes the connection of the companion that asked for `phone`'s code.
@@ -758,6 +690,114 @@ impl Drop for FakeWhatsApp {
 }
 
 impl Shared {
+    /// The phone's side once it knows the companion and the ADV secret:
+    /// `pair-success` for a new device of `account`, the companion's
+    /// `pair-device-sign` checked under the phone's own identity key, then
+    /// stream error 515 so the new device logs in.
+    async fn complete_link(&self, link: Completion<'_>) -> Result<LinkedDevice, LinkAttemptError> {
+        let Completion {
+            account,
+            connection,
+            identity,
+            companion_identity,
+            adv_secret,
+            noise_key,
+            via,
+            code,
+        } = link;
+        let (device_number, device_jid, lid) = {
+            let mut state = self.lock();
+            let entry = state
+                .phones
+                .entry(account.to_owned())
+                .or_insert_with(Phone::new);
+            entry.devices_linked += 1;
+            let number = entry.devices_linked;
+            (
+                number,
+                format!("{account}:{number}@s.whatsapp.net"),
+                device_lid(&entry.lid_user, number),
+            )
+        };
+        let device_identity =
+            primary::signed_device_identity(identity, &companion_identity, &adv_secret, 1);
+        let iq_id = self.next_stanza_id();
+        let (answer_tx, answer_rx) = oneshot::channel();
+        self.lock().pending_iqs.insert(iq_id.clone(), answer_tx);
+        let mut device = NodeBuilder::new("device");
+        if let (Ok(jid), Ok(lid)) = (device_jid.parse::<Jid>(), lid.parse::<Jid>()) {
+            device = device.attr("jid", jid).attr("lid", lid);
+        }
+        let pair_success = NodeBuilder::new("iq")
+            .attrs([
+                ("from", SERVER_JID.to_string()),
+                ("type", "set".to_string()),
+                ("id", iq_id.clone()),
+                ("xmlns", "md".to_string()),
+            ])
+            .children([NodeBuilder::new("pair-success")
+                .children([
+                    NodeBuilder::new("device-identity")
+                        .bytes(device_identity)
+                        .build(),
+                    device.build(),
+                    NodeBuilder::new("platform").attr("name", "android").build(),
+                ])
+                .build()])
+            .build();
+        connection
+            .send(Command::Send(pair_success))
+            .map_err(|_| LinkAttemptError::CompanionGone)?;
+
+        let answer = companion_answer(answer_rx, connection)
+            .await
+            .inspect_err(|_| {
+                self.lock().pending_iqs.remove(&iq_id);
+            })?;
+        if attr(&answer, "type").as_deref() == Some("error") {
+            let detail = answer
+                .get_optional_child_by_tag(&["error"])
+                .map(|e| {
+                    format!(
+                        "{} {}",
+                        attr(e, "code").unwrap_or_default(),
+                        attr(e, "text").unwrap_or_default()
+                    )
+                })
+                .unwrap_or_else(|| "error".into());
+            return Err(LinkAttemptError::Refused(detail));
+        }
+        let signed = answer
+            .get_optional_child_by_tag(&["pair-device-sign", "device-identity"])
+            .and_then(content_bytes)
+            .ok_or_else(|| {
+                LinkAttemptError::Protocol("pair-device-sign without identity".into())
+            })?;
+        primary::verify_device_signature(
+            &signed,
+            &companion_identity,
+            &wire::public_bytes(identity),
+        )
+        .map_err(LinkAttemptError::Protocol)?;
+
+        let linked = LinkedDevice {
+            jid: device_jid,
+            lid,
+            via,
+            code,
+        };
+        self.update(account, |p| {
+            p.record.linked = Some(linked.clone());
+            p.devices.insert(device_number, noise_key);
+        });
+        // WhatsApp closes the stream after pairing so the new device logs in.
+        let _ = connection.send(Command::Send(
+            NodeBuilder::new("stream:error").attr("code", "515").build(),
+        ));
+        let _ = connection.send(Command::Close);
+        Ok(linked)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps half-written
         // in a way that matters to a test double; keep serving.
@@ -819,6 +859,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) -> Result<(), wire::WireE
                 noise_key,
                 phone: None,
                 qr_refs: Vec::new(),
+                passkey: None,
             },
         );
     }
@@ -932,7 +973,7 @@ async fn companion_answer<T>(
 }
 
 /// Reacts to one node from a client; returns what to send back.
-fn handle(shared: &Shared, connection: u64, node: &Node) -> Vec<Command> {
+fn handle(shared: &Arc<Shared>, connection: u64, node: &Node) -> Vec<Command> {
     if node.tag != "iq" {
         return Vec::new();
     }
@@ -947,6 +988,9 @@ fn handle(shared: &Shared, connection: u64, node: &Node) -> Vec<Command> {
         _ => {
             if attr(node, "xmlns").as_deref() == Some("encrypt") {
                 return vec![Command::Send(encrypt(shared, connection, &id, node))];
+            }
+            if let Some(answer) = passkey::answer_iq(shared, connection, &id, node) {
+                return answer;
             }
             if let Some(remove) = node.get_optional_child_by_tag(&["remove-companion-device"]) {
                 return vec![Command::Send(remove_device(
@@ -1029,16 +1073,22 @@ fn companion_hello(shared: &Shared, connection: u64, id: &str, reg: &Node) -> Ve
         }
     });
     match fault {
-        None => vec![Command::Send(iq_result(
-            id,
-            Some(
-                NodeBuilder::new("link_code_companion_reg")
-                    .children([NodeBuilder::new("link_code_pairing_ref")
-                        .bytes(pairing_ref)
-                        .build()])
-                    .build(),
-            ),
-        ))],
+        None => {
+            let answered = Command::Send(iq_result(
+                id,
+                Some(
+                    NodeBuilder::new("link_code_companion_reg")
+                        .children([NodeBuilder::new("link_code_pairing_ref")
+                            .bytes(pairing_ref)
+                            .build()])
+                        .build(),
+                ),
+            ));
+            // An account with a passkey is asked for it right after.
+            std::iter::once(answered)
+                .chain(passkey::ask(shared, connection, &phone))
+                .collect()
+        }
         Some(Fault::RateOverlimit { backoff_secs }) => vec![Command::Send(iq_error(
             id,
             429,
@@ -1254,13 +1304,13 @@ mod tests {
 
     /// A server state with one open connection (id 1) whose Noise key is
     /// `noise_key`.
-    fn shared_with_connection(noise_key: [u8; 32]) -> Shared {
-        let shared = Shared {
+    fn shared_with_connection(noise_key: [u8; 32]) -> Arc<Shared> {
+        let shared = Arc::new(Shared {
             identity: ServerIdentity::generate(),
             state: Mutex::new(State::default()),
             changed: Notify::new(),
             next_id: AtomicU64::new(1),
-        };
+        });
         let (commands, _) = mpsc::unbounded_channel();
         shared.lock().connections.insert(
             1,
@@ -1269,6 +1319,7 @@ mod tests {
                 noise_key,
                 phone: None,
                 qr_refs: Vec::new(),
+                passkey: None,
             },
         );
         shared
@@ -1358,7 +1409,7 @@ mod tests {
     }
 
     /// A phone whose pairing (ref `REF`) waits for the companion's finish.
-    fn waiting_for_finish(shared: &Shared) -> oneshot::Receiver<Finish> {
+    fn waiting_for_finish(shared: &Arc<Shared>) -> oneshot::Receiver<Finish> {
         handle(shared, 1, &companion_hello(Some([9; 32]), true));
         let (tx, rx) = oneshot::channel();
         let mut state = shared.lock();
