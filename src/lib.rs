@@ -18,7 +18,8 @@
 //!   who owns each session, and the per-phone code budget.
 //! - [`link`]: the `Linker` seam and the real `whatsapp-rust` link client,
 //!   each on a runtime that owns (and at the end, stops) its tasks; the warm
-//!   pool of connected clients; the sweep of devices set aside by a re-link.
+//!   pool of connected clients; the sweep of devices set aside by a re-link;
+//!   the passkey path's types (`link::passkey`).
 //! - [`store`]: where states are kept: in memory or Upstash Redis (REST),
 //!   timed and counted for the metrics.
 //! - [`metrics`]: the Prometheus metrics served at `/metrics`.

@@ -108,6 +108,17 @@ pub enum ApiError {
     /// A bug or an unexpected failure on our side.
     #[error("internal error; the request id in the response headers helps us find it")]
     Internal,
+    /// The body is JSON but not a WebAuthn assertion (the text says why).
+    #[error("not a WebAuthn assertion (AuthenticationResponseJSON): {0}")]
+    InvalidPasskey(String),
+    /// A passkey step that does not fit where the session is.
+    #[error("{0}; GET /pair/{{phone}} says where the session is")]
+    PasskeyOutOfOrder(&'static str),
+    /// WhatsApp did not accept the assertion.
+    #[error(
+        "WhatsApp did not accept this passkey assertion; make a new one with the session's current passkey_options"
+    )]
+    PasskeyRefused,
     /// Sandbox: the typed code does not match.
     #[error("wrong code: it does not match the code the companion displays")]
     WrongCode,
@@ -150,7 +161,9 @@ impl ApiError {
             Self::InvalidPhone(_)
             | Self::PairingUnavailable
             | Self::WrongCode
-            | Self::UnknownQr => StatusCode::UNPROCESSABLE_ENTITY,
+            | Self::UnknownQr
+            | Self::InvalidPasskey(_)
+            | Self::PasskeyRefused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::ServerCallersOnly => StatusCode::FORBIDDEN,
@@ -162,7 +175,8 @@ impl ApiError {
             Self::AlreadyLinked
             | Self::SessionEnded(_)
             | Self::NoCodeRequested
-            | Self::CompanionGone => StatusCode::CONFLICT,
+            | Self::CompanionGone
+            | Self::PasskeyOutOfOrder(_) => StatusCode::CONFLICT,
             Self::RateLimited { .. } | Self::TooManySessions(_) | Self::CodeBudgetExhausted(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -204,6 +218,9 @@ impl ApiError {
             Self::Busy => "busy",
             Self::AtCapacity => "at_capacity",
             Self::Internal => "internal",
+            Self::InvalidPasskey(_) => "invalid_passkey",
+            Self::PasskeyOutOfOrder(_) => "passkey_out_of_order",
+            Self::PasskeyRefused => "passkey_refused",
             Self::WrongCode => "wrong_code",
             Self::NoCodeRequested => "no_code_requested",
             Self::CompanionGone => "companion_gone",
@@ -237,6 +254,8 @@ impl From<SessionError> for ApiError {
             SessionError::StoreUnavailable => Self::StoreUnavailable,
             SessionError::TooManySessions { limit } => Self::TooManySessions(limit),
             SessionError::CodeBudget { retry_after } => Self::CodeBudgetExhausted(retry_after),
+            SessionError::PasskeyOutOfOrder(why) => Self::PasskeyOutOfOrder(why),
+            SessionError::PasskeyRefused => Self::PasskeyRefused,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod limits;
 mod metrics;
 pub mod openapi;
 mod pair;
+mod passkey;
 mod qr;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
     // charged.
     let api = pair::routes()
         .merge(qr::routes())
+        .merge(passkey::routes())
         .merge(events::routes())
         .merge(metrics::routes())
         .route_layer(axum::middleware::from_fn_with_state(

@@ -258,6 +258,8 @@ async fn cancel(
 fn answer(state: PairState, with_code: StatusCode) -> Result<Response, ApiError> {
     match state.status {
         Status::Pending => Ok((with_code, Json(state)).into_response()),
+        // The person has something to do first (the state says what).
+        Status::ActionRequired => Ok((StatusCode::OK, Json(state)).into_response()),
         Status::Linked | Status::Expired | Status::Cancelled => {
             Ok((StatusCode::OK, Json(state)).into_response())
         }

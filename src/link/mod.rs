@@ -18,10 +18,16 @@
 //! 3. [`LinkEvent`]s arrive on [`OpenedLink::events`]: a QR rotated, the
 //!    code was invalidated, WhatsApp refused, the phone linked, the session
 //!    failed.
+//!    For an account with a passkey, WhatsApp asks for it
+//!    ([`LinkEvent::PasskeyRequested`]); [`LinkHandle::send_passkey`]
+//!    answers, a verification code follows
+//!    ([`LinkEvent::PasskeyVerification`]) and
+//!    [`LinkHandle::confirm_passkey`] finishes the link (see [`passkey`]).
 //! 4. [`LinkHandle::shutdown`] ends it; nothing keeps running afterwards.
 
 pub mod backups;
 pub mod http_client;
+pub mod passkey;
 pub mod tasks;
 pub mod version;
 pub mod whatsapp;
@@ -35,6 +41,7 @@ use serde::{Serialize, Serializer};
 use tokio::sync::mpsc;
 
 use crate::phone::PhoneNumber;
+use passkey::{PasskeyAssertion, PasskeyOptions, VerificationCode};
 
 /// An 8-character pairing code, e.g. `ABCD1234`.
 ///
@@ -200,6 +207,19 @@ pub enum LinkEvent {
         /// Human-readable reason, safe to log and show.
         reason: String,
     },
+    /// WhatsApp links this account only with its passkey: it asks for a
+    /// WebAuthn assertion made with these options. No code or QR links it.
+    PasskeyRequested(PasskeyOptions),
+    /// WhatsApp accepted the passkey; the phone and the companion now show
+    /// this code, which the person compares before
+    /// [`LinkHandle::confirm_passkey`].
+    PasskeyVerification(VerificationCode),
+    /// The passkey link broke off after the assertion (the phone's answer
+    /// was malformed, a step was refused).
+    PasskeyFailed {
+        /// What went wrong, for the log.
+        reason: String,
+    },
 }
 
 /// Why a link operation failed.
@@ -227,6 +247,9 @@ pub enum LinkError {
     /// The session was shut down.
     #[error("link client is closed")]
     Closed,
+    /// WhatsApp (or the client library) refused a step of a passkey link.
+    #[error("passkey step refused: {0}")]
+    Passkey(String),
     /// Anything else from the client library.
     #[error("link client failed: {0}")]
     Client(String),
@@ -259,7 +282,7 @@ impl LinkError {
         match self {
             Self::Refused { status, .. } => !matches!(status, 403 | 452),
             Self::Timeout(_) | Self::Disconnected | Self::Client(_) | Self::Storage(_) => true,
-            Self::Closed => false,
+            Self::Closed | Self::Passkey(_) => false,
         }
     }
 }
@@ -301,6 +324,15 @@ pub trait LinkHandle: Send + Sync {
     /// files are deleted. For a device linked to another account than the
     /// session's phone.
     async fn discard(&self);
+
+    /// Answers WhatsApp's passkey request ([`LinkEvent::PasskeyRequested`])
+    /// with `assertion`. `Ok` once WhatsApp accepted it; the verification
+    /// code follows as [`LinkEvent::PasskeyVerification`].
+    async fn send_passkey(&self, assertion: PasskeyAssertion) -> Result<(), LinkError>;
+
+    /// Confirms that the verification code matched: the link completes
+    /// ([`LinkEvent::Linked`]).
+    async fn confirm_passkey(&self) -> Result<(), LinkError>;
 }
 
 /// Opens link clients. Object-safe so the service holds `Arc<dyn Linker>`.

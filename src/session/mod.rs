@@ -9,6 +9,8 @@
 //! starting|pending -> failed     (refused for good, gave up, logged out, interrupted)
 //! starting|pending -> expired    (PAIR_SESSION_MAX_SECS without a link)
 //! starting|pending -> cancelled  (DELETE)
+//! starting|pending -> action_required  (WhatsApp asks for the passkey; see
+//!                                       `task/passkey.rs` for that path)
 //! ```
 //!
 //! A code is replaced at `min(PAIR_REFRESH_SECS, WhatsApp's validity - 15 s)`
@@ -104,4 +106,11 @@ pub enum SessionError {
         /// Until a code may be issued again.
         retry_after: Duration,
     },
+    /// A passkey step that does not fit where the session is (the text
+    /// says which).
+    #[error("{0}")]
+    PasskeyOutOfOrder(&'static str),
+    /// WhatsApp did not accept the passkey assertion.
+    #[error("WhatsApp did not accept the passkey assertion")]
+    PasskeyRefused,
 }

@@ -20,6 +20,7 @@ use super::schedule::SessionSettings;
 use super::state::{PairState, ReadState, Reason, Status};
 use super::task::{Command, Reply, Session, ended, outcome_error};
 use crate::link::Linker;
+use crate::link::passkey::PasskeyAssertion;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
 use crate::store::{Metered, PairingStore};
@@ -532,6 +533,27 @@ impl Sessions {
         actor: &Actor,
     ) -> Result<PairState, SessionError> {
         self.command(phone, actor, Command::Cancel).await
+    }
+
+    /// Answers WhatsApp's passkey request in `phone`'s session with
+    /// `assertion`; returns the state once WhatsApp took it.
+    pub async fn send_passkey(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+        assertion: PasskeyAssertion,
+    ) -> Result<PairState, SessionError> {
+        self.command(phone, actor, |reply| Command::Passkey(assertion, reply))
+            .await
+    }
+
+    /// Confirms the verification code of `phone`'s passkey link.
+    pub async fn confirm_passkey(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<PairState, SessionError> {
+        self.command(phone, actor, Command::ConfirmPasskey).await
     }
 
     async fn command(

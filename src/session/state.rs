@@ -14,9 +14,16 @@ use crate::phone::PhoneNumber;
 pub enum Status {
     /// No code yet (connecting, or retrying after a failure).
     Starting,
-    /// A live code is shown, or (where WhatsApp offers no codes,
-    /// `reason: code_unavailable`) a QR code only.
+    /// Waiting for the phone: a live code is shown, or (where WhatsApp
+    /// offers no codes, `reason: code_unavailable`) a QR code only, or
+    /// (`reason: passkey_accepted` / `passkey_confirmed`) a passkey link is
+    /// under way.
     Pending,
+    /// Waiting for the person (or the host app): WhatsApp asks for the
+    /// account's passkey (`reason: passkey_required`, with
+    /// `passkey_options`), or for the verification code to be confirmed
+    /// (`reason: passkey_confirmation`, with `verification_code`).
+    ActionRequired,
     /// The phone linked. Final.
     Linked,
     /// Refused for good, gave up, logged out or interrupted. Final.
@@ -30,7 +37,7 @@ pub enum Status {
 impl Status {
     /// Whether the session has ended.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, Self::Starting | Self::Pending)
+        !matches!(self, Self::Starting | Self::Pending | Self::ActionRequired)
     }
 
     /// The snake-case name used in JSON and logs.
@@ -38,6 +45,7 @@ impl Status {
         match self {
             Self::Starting => "starting",
             Self::Pending => "pending",
+            Self::ActionRequired => "action_required",
             Self::Linked => "linked",
             Self::Failed => "failed",
             Self::Expired => "expired",
@@ -73,6 +81,18 @@ pub enum Reason {
     /// The phone had `PAIR_CODES_PER_HOUR` codes this hour; no new one
     /// until `retry_at` (the session waits, it has not ended).
     CodeBudget,
+    /// WhatsApp links this account only with its passkey: answer with an
+    /// assertion (`POST /pair/{phone}/passkey`).
+    PasskeyRequired,
+    /// WhatsApp accepted the passkey; the verification code follows.
+    PasskeyAccepted,
+    /// The phone shows `verification_code`: confirm it matches
+    /// (`POST /pair/{phone}/passkey/confirm`).
+    PasskeyConfirmation,
+    /// The verification code was confirmed; the phone finishes the link.
+    PasskeyConfirmed,
+    /// The passkey link broke off. Final.
+    PasskeyFailed,
 }
 
 impl Reason {
@@ -89,6 +109,11 @@ impl Reason {
             Self::Cancelled => "cancelled",
             Self::Storage => "storage",
             Self::CodeBudget => "code_budget",
+            Self::PasskeyRequired => "passkey_required",
+            Self::PasskeyAccepted => "passkey_accepted",
+            Self::PasskeyConfirmation => "passkey_confirmation",
+            Self::PasskeyConfirmed => "passkey_confirmed",
+            Self::PasskeyFailed => "passkey_failed",
         }
     }
 }
@@ -155,6 +180,16 @@ pub struct PairState {
     /// The linked device's JID.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub jid: Option<String>,
+    /// While `reason` is `passkey_required`: WhatsApp's WebAuthn request
+    /// options (`challenge`, `rpId`, `allowCredentials`, ...) for the
+    /// authenticator that holds the account's passkey.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[schema(value_type = Option<Object>)]
+    pub passkey_options: Option<serde_json::Value>,
+    /// While `reason` is `passkey_confirmation`: the code the phone shows
+    /// too (`ABCD-EFGH`), for the person to compare.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub verification_code: Option<String>,
 }
 
 /// A state as the store holds it: the state, plus a one-way tag of who
@@ -190,6 +225,10 @@ impl fmt::Debug for PairState {
             .field("status", &self.status)
             .field("code", &self.code.as_ref().map(|_| "[redacted]"))
             .field("qr", &self.qr.as_ref().map(|_| "[redacted]"))
+            .field(
+                "verification_code",
+                &self.verification_code.as_ref().map(|_| "[redacted]"),
+            )
             .field("attempt", &self.attempt)
             .field("reason", &self.reason)
             .finish_non_exhaustive()
@@ -217,6 +256,8 @@ impl PairState {
             retry_at: None,
             whatsapp_status: None,
             jid: None,
+            passkey_options: None,
+            verification_code: None,
         }
     }
 
@@ -264,6 +305,8 @@ impl PairState {
             message: None,
             retry_at: None,
             whatsapp_status: None,
+            passkey_options: None,
+            verification_code: None,
             ..self.clone()
         }
     }

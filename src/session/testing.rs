@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::SessionSettings;
+use crate::link::passkey::PasskeyAssertion;
 use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, Linker, OpenedLink, PairingCode};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
@@ -38,6 +39,10 @@ pub(super) struct Script {
     pub(super) connects: AtomicU32,
     /// Links ended by discarding the device.
     pub(super) discards: AtomicU32,
+    /// What WhatsApp answers the next passkey assertions (then `Ok`).
+    pub(super) passkey_answers: Mutex<VecDeque<Result<(), LinkError>>>,
+    pub(super) passkeys_sent: AtomicU32,
+    pub(super) confirmations: AtomicU32,
 }
 
 impl Script {
@@ -102,6 +107,19 @@ impl LinkHandle for ScriptedHandle {
     async fn discard(&self) {
         self.0.discards.fetch_add(1, Ordering::SeqCst);
         self.shutdown().await;
+    }
+    async fn send_passkey(&self, _assertion: PasskeyAssertion) -> Result<(), LinkError> {
+        self.0.passkeys_sent.fetch_add(1, Ordering::SeqCst);
+        self.0
+            .passkey_answers
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Ok(()))
+    }
+    async fn confirm_passkey(&self) -> Result<(), LinkError> {
+        self.0.confirmations.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ use crate::helpers::TestApp;
 const PHONE: &str = "628123456789";
 
 /// Captures this process's logs at `filter` from now on; keep the guard.
-fn capture(filter: &str) -> (CapturedLogs, Option<tracing::subscriber::DefaultGuard>) {
+pub(crate) fn capture(filter: &str) -> (CapturedLogs, Option<tracing::subscriber::DefaultGuard>) {
     let (subscriber, logs) = capture_subscriber_with_filter(filter);
     // nextest runs each test in its own process: there the capture can be
     // global and also sees logs from blocking threads. Under `cargo test`

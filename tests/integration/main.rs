@@ -16,6 +16,7 @@ mod log_redaction;
 mod metrics;
 mod openapi;
 mod page;
+mod passkey;
 mod qr;
 mod redis_store;
 #[cfg(feature = "sandbox")]

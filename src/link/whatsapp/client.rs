@@ -22,6 +22,7 @@ use super::{
     WhatsAppSettings,
 };
 use crate::link::http_client::ReqwestHttpClient;
+use crate::link::passkey::{PasskeyOptions, VerificationCode};
 use crate::link::tasks::{ClientRuntime, TaskScope};
 use crate::link::version::SharedVersion;
 use crate::link::{
@@ -315,6 +316,20 @@ async fn on_event(
             code_died(Invalidation::ClientStopped)
         }
         Event::PairError(_) if !linked => code_died(Invalidation::PairingRejected),
+        Event::PairPasskeyRequest(request) if !linked => {
+            send(match PasskeyOptions::parse(&request.request_options_json) {
+                Some(options) => LinkEvent::PasskeyRequested(options),
+                None => LinkEvent::PasskeyFailed {
+                    reason: "WhatsApp's passkey request carries no usable WebAuthn options".into(),
+                },
+            })
+        }
+        Event::PairPasskeyConfirmation(confirmation) if !linked => send(
+            LinkEvent::PasskeyVerification(VerificationCode::new(confirmation.code.clone())),
+        ),
+        Event::PairPasskeyError(error) if !linked => send(LinkEvent::PasskeyFailed {
+            reason: error.error.clone(),
+        }),
         Event::PairSuccess(success) => {
             flags.linked.store(true, Ordering::Release);
             // The identity must be on disk before anyone is told "linked":

@@ -58,6 +58,7 @@ use self::client::{ClientFactory, Flags, Running, Wiring, await_post_link_login,
 use self::files::keep_earlier_device_aside;
 use self::warm::{WarmClient, WarmPool};
 use super::http_client::ReqwestHttpClient;
+use super::passkey::PasskeyAssertion;
 use super::version::{ServiceWorker, SharedVersion, VersionSource};
 use super::{IssuedCode, LinkError, LinkHandle, Linker, OpenedLink, PairingCode};
 use crate::phone::PhoneNumber;
@@ -68,6 +69,10 @@ pub const SOCKET_WAIT: Duration = Duration::from_secs(25);
 /// Upper bound on one code request: the library's IQ timeout is 30 s, plus
 /// one PBKDF2 (131,072 rounds) before the request leaves.
 pub const CODE_REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
+/// Upper bound on one step of a passkey link (fetching a ref and sending
+/// the assertion; sending the sealed pairing request): two IQs at most,
+/// each under the library's own 30 s IQ timeout.
+pub const PASSKEY_STEP_TIMEOUT: Duration = Duration::from_secs(40);
 /// After the link, how long to wait for the client's post-pairing login
 /// before shutting it down anyway. The link is already complete by then, and
 /// the login is one reconnect (about a second); the bound stays well inside
@@ -338,6 +343,43 @@ impl PhoneClient {
         }
     }
 
+    /// The client whose connection carries this session's passkey link:
+    /// the one running now. A new connection would not know the exchange.
+    async fn passkey_client(&self) -> Result<Arc<Client>, LinkError> {
+        let running = self.running.lock().await;
+        match running.as_ref() {
+            Some(current) if !current.run_loop.is_finished() => Ok(Arc::clone(&current.client)),
+            _ => Err(LinkError::Disconnected),
+        }
+    }
+
+    async fn send_passkey(&self, assertion: PasskeyAssertion) -> Result<(), LinkError> {
+        let client = self.passkey_client().await?;
+        let assertion_json = whatsapp_rust::passkey::build_webauthn_assertion_json(
+            &assertion.credential_id,
+            &assertion.client_data_json,
+            &assertion.authenticator_data,
+            &assertion.signature,
+            assertion.user_handle.as_deref(),
+        );
+        let answer = whatsapp_rust::passkey::Assertion {
+            assertion_json,
+            credential_id: assertion.credential_id,
+        };
+        tokio::time::timeout(PASSKEY_STEP_TIMEOUT, client.send_passkey_response(answer))
+            .await
+            .map_err(|_| LinkError::Timeout("WhatsApp did not answer the passkey"))?
+            .map_err(|e| LinkError::Passkey(e.to_string()))
+    }
+
+    async fn confirm_passkey(&self) -> Result<(), LinkError> {
+        let client = self.passkey_client().await?;
+        tokio::time::timeout(PASSKEY_STEP_TIMEOUT, client.send_passkey_confirmation())
+            .await
+            .map_err(|_| LinkError::Timeout("WhatsApp did not answer the confirmation"))?
+            .map_err(|e| LinkError::Passkey(e.to_string()))
+    }
+
     async fn shutdown(&self) {
         let mut running = self.running.lock().await;
         self.flags().closed.store(true, Ordering::Release);
@@ -428,5 +470,13 @@ impl LinkHandle for PhoneClientHandle {
 
     async fn discard(&self) {
         self.0.discard().await
+    }
+
+    async fn send_passkey(&self, assertion: PasskeyAssertion) -> Result<(), LinkError> {
+        self.0.send_passkey(assertion).await
+    }
+
+    async fn confirm_passkey(&self) -> Result<(), LinkError> {
+        self.0.confirm_passkey().await
     }
 }

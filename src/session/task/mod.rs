@@ -7,6 +7,7 @@
 //! in flight, the timers). [`transitions`] is what each outcome does to the
 //! state; [`writer`] stores it.
 
+mod passkey;
 mod transitions;
 mod writer;
 
@@ -27,6 +28,7 @@ use self::transitions::ends_the_session;
 use super::SessionError;
 use super::schedule::{MANUAL_REFRESH_DEBOUNCE, SessionSettings};
 use super::state::{PairState, Reason, Status};
+use crate::link::passkey::PasskeyAssertion;
 use crate::link::{IssuedCode, LinkError, LinkEvent, Linker, OpenedLink};
 use crate::metrics::{CodeTrigger, Metrics};
 use crate::phone::PhoneNumber;
@@ -46,6 +48,22 @@ pub enum Command {
     Refresh(Reply),
     /// Cancel the session.
     Cancel(Reply),
+    /// Answer WhatsApp's passkey request with this assertion.
+    Passkey(PasskeyAssertion, Reply),
+    /// Confirm the passkey link's verification code.
+    ConfirmPasskey(Reply),
+}
+
+impl Command {
+    /// Where the command's answer goes.
+    pub fn into_reply(self) -> Reply {
+        match self {
+            Self::Refresh(reply)
+            | Self::Cancel(reply)
+            | Self::Passkey(_, reply)
+            | Self::ConfirmPasskey(reply) => reply,
+        }
+    }
 }
 
 /// What one [`Session::step`] did.
@@ -73,6 +91,11 @@ pub enum StepOutcome {
         /// Until the budget's window closes (or the live code dies).
         after: Duration,
     },
+    /// A passkey link moved on to this stage (`passkey_required`,
+    /// `passkey_accepted`, `passkey_confirmation`, `passkey_confirmed`).
+    Passkey(Reason),
+    /// WhatsApp did not accept a passkey assertion; it still asks for one.
+    PasskeyRefused,
     /// Nothing visible changed (an informational event, a store heal).
     Idle,
     /// The session ended with this status.
@@ -107,6 +130,10 @@ enum Asking {
     /// A new connection for QR codes only (WhatsApp offers this account no
     /// codes).
     Connect(BoxFuture<'static, Result<(), LinkError>>),
+    /// A passkey assertion sent to WhatsApp.
+    Passkey(BoxFuture<'static, Result<(), LinkError>>),
+    /// The passkey link's verification code confirmed to WhatsApp.
+    ConfirmPasskey(BoxFuture<'static, Result<(), LinkError>>),
 }
 
 /// What an [`InFlight`] request came back with.
@@ -114,6 +141,8 @@ enum Answer {
     Opened(Result<OpenedLink, LinkError>),
     Code(Result<IssuedCode, LinkError>),
     Connected(Result<(), LinkError>),
+    PasskeySent(Result<(), LinkError>),
+    PasskeyConfirmed(Result<(), LinkError>),
 }
 
 /// One phone's pairing session. Owned by its task; see the module docs.
@@ -156,6 +185,9 @@ pub struct Session {
     discard_device: bool,
     /// Where the outcome is announced, when a webhook is configured.
     webhooks: Option<Webhooks>,
+    /// WhatsApp asked for the account's passkey: no code or QR code can
+    /// link it any more (see `passkey.rs`).
+    passkey_link: bool,
 }
 
 impl Session {
@@ -198,6 +230,7 @@ impl Session {
             qr_only: false,
             discard_device: false,
             webhooks: None,
+            passkey_link: false,
         };
         (session, commands_tx, state_rx)
     }
@@ -248,8 +281,7 @@ impl Session {
     fn refuse_late_commands(&mut self) {
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
-            let (Command::Refresh(reply) | Command::Cancel(reply)) = command;
-            let _ = reply.send(Err(outcome_error(&self.state)));
+            let _ = command.into_reply().send(Err(outcome_error(&self.state)));
         }
     }
 
@@ -308,6 +340,8 @@ impl Session {
                         let waiting = self.drop_in_flight();
                         Some(self.cancel(reply, waiting).await)
                     }
+                    Some(Command::Passkey(assertion, reply)) => self.send_passkey(assertion, reply),
+                    Some(Command::ConfirmPasskey(reply)) => self.confirm_passkey(reply),
                     // Every sender gone means the registry is gone: treat it
                     // as a shutdown rather than run unobserved.
                     None => Some(self.stop_now().await),
@@ -328,6 +362,14 @@ impl Session {
         if let Some(in_flight) = self.in_flight.as_mut() {
             match &event {
                 Some(event) if ends_the_session(event) => {}
+                // No code can link the account any more: a code request
+                // in flight is of no use.
+                Some(LinkEvent::PasskeyRequested(_) | LinkEvent::PasskeyFailed { .. }) => {}
+                // The exchange moved on while WhatsApp's answer to the
+                // assertion is on its way: the answer stays awaited.
+                Some(LinkEvent::PasskeyVerification(_)) => {
+                    return Some(self.on_link_event(event).await);
+                }
                 // The QR of a connection being made, or spent meanwhile:
                 // the state the request commits carries it.
                 Some(LinkEvent::QrRotated(qr)) => {
@@ -470,6 +512,8 @@ impl Session {
                 return Some(StepOutcome::QrShown);
             }
             Answer::Connected(Err(error)) => self.request_failed(error).await,
+            Answer::PasskeySent(result) => self.passkey_sent(result).await,
+            Answer::PasskeyConfirmed(result) => self.passkey_confirmed(result).await,
             Answer::Code(result) => {
                 let trigger = match (waiting.is_empty(), self.state.attempt) {
                     (false, _) => CodeTrigger::Manual,
@@ -497,8 +541,10 @@ impl Session {
             && self
                 .last_issued
                 .is_some_and(|at| now.duration_since(at) < MANUAL_REFRESH_DEBOUNCE);
-        // No code to refresh where WhatsApp offers none: the QR is there.
-        (backing_off || just_issued || self.qr_only).then(|| self.state.clone())
+        // No code to refresh where WhatsApp offers none (the QR is there),
+        // nor where only the passkey links.
+        (backing_off || just_issued || self.qr_only || self.passkey_link)
+            .then(|| self.state.clone())
     }
 
     /// How long until a code may be issued again, while the phone's budget
@@ -535,6 +581,14 @@ async fn answer_of(in_flight: &mut Option<InFlight>) -> Answer {
             asking: Asking::Connect(connect),
             ..
         }) => Answer::Connected(connect.await),
+        Some(InFlight {
+            asking: Asking::Passkey(sent),
+            ..
+        }) => Answer::PasskeySent(sent.await),
+        Some(InFlight {
+            asking: Asking::ConfirmPasskey(confirmed),
+            ..
+        }) => Answer::PasskeyConfirmed(confirmed.await),
         None => std::future::pending().await,
     }
 }
@@ -561,16 +615,16 @@ mod tests {
     };
     use crate::session::testing::{FlakyStore, Script, ScriptedLinker, VALIDITY, settings};
 
-    struct Fixture {
-        session: Session,
-        commands: mpsc::Sender<Command>,
+    pub(super) struct Fixture {
+        pub(super) session: Session,
+        pub(super) commands: mpsc::Sender<Command>,
         stop: watch::Sender<bool>,
-        states: watch::Receiver<PairState>,
-        script: Arc<Script>,
+        pub(super) states: watch::Receiver<PairState>,
+        pub(super) script: Arc<Script>,
         store: Arc<FlakyStore>,
     }
 
-    fn fixture(settings: SessionSettings) -> Fixture {
+    pub(super) fn fixture(settings: SessionSettings) -> Fixture {
         let script = Arc::new(Script::default());
         let store = Arc::new(FlakyStore::default());
         let stop = watch::Sender::new(false);

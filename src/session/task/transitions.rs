@@ -33,6 +33,7 @@ impl Session {
                 StepOutcome::BudgetSpent { .. } => Err(SessionError::CodeBudget {
                     retry_after: self.budget_wait().unwrap_or(Duration::from_secs(1)),
                 }),
+                StepOutcome::PasskeyRefused => Err(SessionError::PasskeyRefused),
                 _ => Ok(self.state.clone()),
             };
             let _ = reply.send(answer);
@@ -214,6 +215,11 @@ impl Session {
     }
 
     pub(super) async fn on_link_event(&mut self, event: Option<LinkEvent>) -> StepOutcome {
+        if self.passkey_link
+            && let Some(outcome) = self.during_passkey_link(event.as_ref()).await
+        {
+            return outcome;
+        }
         let Some(event) = event else {
             // The link client went away without telling us why: release
             // what is left of it and start over with a fresh one, after a
@@ -280,12 +286,60 @@ impl Session {
                 self.finish(Status::Failed, Reason::LoggedOut, Some(reason))
                     .await
             }
+            LinkEvent::PasskeyRequested(options) => self.passkey_requested(options).await,
+            LinkEvent::PasskeyVerification(code) => self.passkey_verification(code).await,
+            // Not in a passkey link (handled above): nothing to break off.
+            LinkEvent::PasskeyFailed { .. } => StepOutcome::Idle,
         }
+    }
+
+    /// What the link client's events mean once only the passkey links:
+    /// `Some` for the events that mean something else than usual.
+    async fn during_passkey_link(&mut self, event: Option<&LinkEvent>) -> Option<StepOutcome> {
+        let why = match event {
+            // The passkey's own steps, the link and real failures: as usual.
+            Some(
+                LinkEvent::PasskeyRequested(_)
+                | LinkEvent::PasskeyVerification(_)
+                | LinkEvent::Linked(_)
+                | LinkEvent::LinkedButNotSaved
+                | LinkEvent::Failed { .. },
+            ) => return None,
+            // QR codes and codes can no longer link this account.
+            Some(
+                LinkEvent::QrRotated(_)
+                | LinkEvent::QrExhausted {
+                    connection_closed: false,
+                }
+                | LinkEvent::CodeIssued(_)
+                | LinkEvent::CodeInvalidated(Invalidation::RefreshRequested),
+            ) => return Some(StepOutcome::Idle),
+            Some(LinkEvent::PasskeyFailed { reason }) => {
+                tracing::warn!(phone = %self.phone, reason, "the passkey exchange broke off");
+                "WhatsApp's passkey check did not complete"
+            }
+            Some(LinkEvent::Refused { .. }) => "WhatsApp refused the link",
+            Some(LinkEvent::CodeInvalidated(Invalidation::PairingRejected)) => {
+                "the phone's answer could not be verified"
+            }
+            Some(
+                LinkEvent::QrExhausted {
+                    connection_closed: true,
+                }
+                | LinkEvent::CodeInvalidated(_),
+            )
+            | None => "the connection to WhatsApp dropped during the passkey link",
+        };
+        Some(self.passkey_failed(why).await)
     }
 
     /// This session's state showing `qr`; a QR-only session shows it as
     /// `pending` (its code is unavailable, its QR is what there is).
     pub(super) fn with_qr(&self, qr: &QrCode) -> PairState {
+        if self.passkey_link {
+            // No QR code links an account that asked for its passkey.
+            return self.state.clone();
+        }
         let now = OffsetDateTime::now_utc();
         let state = PairState {
             qr: Some(qr.expose().to_owned()),
@@ -505,5 +559,6 @@ fn refusal_message(error: &LinkError) -> String {
         LinkError::Storage(_) => "the session could not be stored on this server".into(),
         LinkError::Closed => "the link session closed".into(),
         LinkError::Client(_) => "the WhatsApp client failed".into(),
+        LinkError::Passkey(_) => "WhatsApp refused a step of the passkey link".into(),
     }
 }

@@ -1,0 +1,101 @@
+//! `/pair/{phone}/passkey`: answer WhatsApp's passkey request and confirm
+//! the verification code, for accounts that link only with their passkey
+//! (see `link::passkey` for what a page on another origin can and cannot
+//! do).
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, State};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::Caller;
+use super::error::ErrorBody;
+use super::extract::{ApiJson, PhoneParam, PhonePath};
+use super::pair::actor;
+use super::{ApiError, AppState};
+use crate::link::passkey::{AuthenticationResponseJson, PasskeyAssertion};
+use crate::session::PairState;
+
+/// Largest passkey body accepted. An assertion is a few hundred bytes of
+/// base64url; WebAuthn allows credential ids up to 1,023 bytes, which
+/// `id` and `rawId` each carry, so this leaves room for the longest.
+pub const PASSKEY_MAX_BODY_BYTES: usize = 8 * 1024;
+
+/// The passkey routes, each with its description.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(send_passkey))
+        .routes(routes!(confirm_passkey))
+        .layer(DefaultBodyLimit::max(PASSKEY_MAX_BODY_BYTES))
+}
+
+/// Answers WhatsApp's passkey request (the session is `action_required`
+/// with `reason: passkey_required`) with a WebAuthn assertion made from
+/// its `passkey_options`.
+#[utoipa::path(
+    post,
+    path = "/pair/{phone}/passkey",
+    tag = "pairing",
+    params(PhoneParam),
+    request_body = AuthenticationResponseJson,
+    responses(
+        (status = 200, description = "WhatsApp accepted the passkey: `pending` with `reason: passkey_accepted` (or already the verification code)", body = PairState),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another caller started this session", body = ErrorBody),
+        (status = 404, description = "`not_found`: no open session for this phone", body = ErrorBody),
+        (status = 409, description = "`passkey_out_of_order` (not waiting for a passkey), `session_ended` or `already_linked`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_phone`, `invalid_passkey` (not an assertion) or `passkey_refused` (WhatsApp did not accept it; the session still asks)", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `shutting_down` or `busy`", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+async fn send_passkey(
+    State(app): State<AppState>,
+    caller: Caller,
+    PhonePath(phone): PhonePath,
+    body: Result<ApiJson<AuthenticationResponseJson>, ApiError>,
+) -> Result<Json<PairState>, ApiError> {
+    let ApiJson(response) = body.map_err(|error| match error {
+        ApiError::PayloadTooLarge(_) => ApiError::PayloadTooLarge(PASSKEY_MAX_BODY_BYTES),
+        other => other,
+    })?;
+    let assertion =
+        PasskeyAssertion::parse(&response).map_err(|e| ApiError::InvalidPasskey(e.to_string()))?;
+    let state = app
+        .sessions
+        .send_passkey(&phone, &actor(&app, &caller, None), assertion)
+        .await?;
+    Ok(Json(state))
+}
+
+/// Confirms that the phone shows the same verification code as the
+/// session (`action_required` with `reason: passkey_confirmation`); the
+/// phone then finishes the link.
+#[utoipa::path(
+    post,
+    path = "/pair/{phone}/passkey/confirm",
+    tag = "pairing",
+    params(PhoneParam),
+    responses(
+        (status = 200, description = "Confirmed: `pending` with `reason: passkey_confirmed`, `linked` follows", body = PairState),
+        (status = 403, description = "`forbidden`: another caller started this session", body = ErrorBody),
+        (status = 404, description = "`not_found`: no open session for this phone", body = ErrorBody),
+        (status = 409, description = "`passkey_out_of_order` (no code to confirm), `session_ended` (the link broke off) or `already_linked`", body = ErrorBody),
+        (status = 422, description = "`invalid_phone`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`, `shutting_down` or `busy`", body = ErrorBody),
+    ),
+    security((), ("bearer" = [])),
+)]
+async fn confirm_passkey(
+    State(app): State<AppState>,
+    caller: Caller,
+    PhonePath(phone): PhonePath,
+) -> Result<Json<PairState>, ApiError> {
+    let state = app
+        .sessions
+        .confirm_passkey(&phone, &actor(&app, &caller, None))
+        .await?;
+    Ok(Json(state))
+}
