@@ -155,8 +155,28 @@ function render(state) {
   if (state.status === "starting") status = state.retry_at ? T.status_retrying : T.status_starting;
   if (state.reason === "code_unavailable") status = T.reason_code_unavailable;
   else if (state.reason === "code_budget") status = T.reason_code_budget;
+  // An account that links with its passkey: no code or QR code links it.
+  const passkey = (state.reason || "").startsWith("passkey_");
+  if (passkey) status = reasonText(state);
   $("status-text").textContent = status;
-  showQr(state);
+  $("passkey-box").hidden = !passkey;
+  $("ways").hidden = passkey;
+  const confirming = state.reason === "passkey_confirmation" && !!state.verification_code;
+  $("verification-code").hidden = !confirming;
+  $("verification-code").textContent = confirming ? state.verification_code : "";
+  $("confirm-passkey").hidden = !confirming;
+  if (!passkey) showQr(state);
+}
+
+async function confirmPasskey() {
+  $("confirm-passkey").disabled = true;
+  const answer = await api("POST", "/pair/" + phone + "/passkey/confirm");
+  $("confirm-passkey").disabled = false;
+  if (answer.body && answer.body.status) {
+    render(answer.body);
+  } else {
+    $("status-text").textContent = errorText(answer);
+  }
 }
 
 async function start(event) {
@@ -222,6 +242,7 @@ $("use-suggestion").addEventListener("click", () => {
   showPhoneError("", "");
 });
 $("refresh").addEventListener("click", refresh);
+$("confirm-passkey").addEventListener("click", confirmPasskey);
 $("again").addEventListener("click", again);
 $("save-token").addEventListener("click", () => {
   token = $("token").value.trim();

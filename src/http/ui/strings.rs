@@ -209,6 +209,37 @@ pub const STRINGS: &[Text] = &[
         "Sesi dibatalkan.",
     ),
     t(
+        "reason_passkey_required",
+        "WhatsApp asks for this account's passkey. This page cannot answer it (a passkey works only on WhatsApp's own site and apps): link from an app that can, or from WhatsApp on a device that has the passkey.",
+        "WhatsApp meminta passkey akun ini. Halaman ini tidak dapat menjawabnya (passkey hanya berfungsi di situs dan aplikasi WhatsApp sendiri): tautkan dari aplikasi yang bisa, atau dari WhatsApp di perangkat yang menyimpan passkey.",
+    ),
+    t(
+        "reason_passkey_accepted",
+        "Passkey accepted. A verification code appears in a moment.",
+        "Passkey diterima. Kode verifikasi akan muncul sebentar lagi.",
+    ),
+    t(
+        "reason_passkey_confirmation",
+        "Check that your phone shows the same code, then confirm. Do not confirm a different code.",
+        "Pastikan ponsel Anda menampilkan kode yang sama, lalu konfirmasi. Jangan konfirmasi kode yang berbeda.",
+    ),
+    t(
+        "reason_passkey_confirmed",
+        "Confirmed. The phone is finishing the link.",
+        "Terkonfirmasi. Ponsel sedang menyelesaikan penautan.",
+    ),
+    t(
+        "reason_passkey_failed",
+        "The passkey check did not complete; start again.",
+        "Pemeriksaan passkey tidak selesai; mulai lagi.",
+    ),
+    t("passkey_heading", "Passkey", "Passkey"),
+    t(
+        "confirm_passkey",
+        "The codes match",
+        "Kodenya sama",
+    ),
+    t(
         "error_generic",
         "Something went wrong; try again in a moment.",
         "Terjadi kesalahan; coba lagi sebentar lagi.",
@@ -285,6 +316,11 @@ mod tests {
             Reason::Cancelled,
             Reason::Storage,
             Reason::CodeBudget,
+            Reason::PasskeyRequired,
+            Reason::PasskeyAccepted,
+            Reason::PasskeyConfirmation,
+            Reason::PasskeyConfirmed,
+            Reason::PasskeyFailed,
         ] {
             assert!(has(&format!("reason_{}", reason.as_str())), "{reason:?}");
         }
