@@ -145,9 +145,14 @@ impl Exchange {
         .to_string()
     }
 
-    /// Hands out the ref the companion's prologue must name.
-    pub fn issue_ref(&mut self, pairing_ref: String) {
+    /// Hands out the ref the companion's prologue must name; not once a
+    /// prologue was accepted (the keys both sides derive name that ref).
+    pub fn issue_ref(&mut self, pairing_ref: String) -> Result<(), String> {
+        if self.prologue.is_some() {
+            return Err("a ref after an accepted prologue".into());
+        }
         self.pairing_ref = Some(pairing_ref);
+        Ok(())
     }
 
     /// Checks a `passkey_prologue`; on success returns the
@@ -451,9 +456,10 @@ fn exchange_step(shared: &Arc<Shared>, connection: u64, id: &str, step: Step) ->
     let outcome = match step {
         Step::Ref => {
             let pairing_ref = random_ref();
-            exchange.issue_ref(pairing_ref.clone());
-            let answer = NodeBuilder::new("ref").bytes(pairing_ref.into_bytes());
-            Ok(vec![Command::Send(iq_result(id, Some(answer.build())))])
+            exchange.issue_ref(pairing_ref.clone()).map(|()| {
+                let answer = NodeBuilder::new("ref").bytes(pairing_ref.into_bytes());
+                vec![Command::Send(iq_result(id, Some(answer.build())))]
+            })
         }
         Step::Options => {
             let answer = NodeBuilder::new("passkey_request_options")
@@ -638,7 +644,7 @@ mod tests {
 
     fn exchange(authenticator: &SoftwareAuthenticator) -> Exchange {
         let mut exchange = Exchange::new("15551230000", authenticator.credential());
-        exchange.issue_ref("REF-1".into());
+        exchange.issue_ref("REF-1".into()).unwrap();
         exchange
     }
 
