@@ -257,9 +257,8 @@ async fn cancel(
 /// Turns a session state into the answer for a request that wanted a code.
 fn answer(state: PairState, with_code: StatusCode) -> Result<Response, ApiError> {
     match state.status {
-        Status::Pending => Ok((with_code, Json(state)).into_response()),
-        // The person has something to do first (the state says what).
-        Status::ActionRequired => Ok((StatusCode::OK, Json(state)).into_response()),
+        // A code, a QR code, or (action_required) what the person must do.
+        Status::Pending | Status::ActionRequired => Ok((with_code, Json(state)).into_response()),
         Status::Linked | Status::Expired | Status::Cancelled => {
             Ok((StatusCode::OK, Json(state)).into_response())
         }

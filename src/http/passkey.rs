@@ -5,6 +5,7 @@
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -14,7 +15,7 @@ use super::extract::{ApiJson, PhoneParam, PhonePath};
 use super::pair::actor;
 use super::{ApiError, AppState};
 use crate::link::passkey::{AuthenticationResponseJson, PasskeyAssertion};
-use crate::session::PairState;
+use crate::session::{PairState, Reason};
 
 /// Largest passkey body accepted. An assertion is a few hundred bytes of
 /// base64url; WebAuthn allows credential ids up to 1,023 bytes, which
@@ -40,6 +41,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     request_body = AuthenticationResponseJson,
     responses(
         (status = 200, description = "WhatsApp accepted the passkey: `pending` with `reason: passkey_accepted` (or already the verification code)", body = PairState),
+        (status = 202, description = "WhatsApp has not answered yet (still `passkey_required`); follow `GET /pair/{phone}`", body = PairState),
         (status = 400, description = "`invalid_json`", body = ErrorBody),
         (status = 403, description = "`forbidden`: another caller started this session", body = ErrorBody),
         (status = 404, description = "`not_found`: no open session for this phone", body = ErrorBody),
@@ -56,7 +58,7 @@ async fn send_passkey(
     caller: Caller,
     PhonePath(phone): PhonePath,
     body: Result<ApiJson<AuthenticationResponseJson>, ApiError>,
-) -> Result<Json<PairState>, ApiError> {
+) -> Result<(StatusCode, Json<PairState>), ApiError> {
     let ApiJson(response) = body.map_err(|error| match error {
         ApiError::PayloadTooLarge(_) => ApiError::PayloadTooLarge(PASSKEY_MAX_BODY_BYTES),
         other => other,
@@ -67,7 +69,7 @@ async fn send_passkey(
         .sessions
         .send_passkey(&phone, &actor(&app, &caller, None), assertion)
         .await?;
-    Ok(Json(state))
+    Ok(answer(state, Reason::PasskeyRequired))
 }
 
 /// Confirms that the phone shows the same verification code as the
@@ -80,6 +82,7 @@ async fn send_passkey(
     params(PhoneParam),
     responses(
         (status = 200, description = "Confirmed: `pending` with `reason: passkey_confirmed`, `linked` follows", body = PairState),
+        (status = 202, description = "WhatsApp has not answered yet (still `passkey_confirmation`); follow `GET /pair/{phone}`", body = PairState),
         (status = 403, description = "`forbidden`: another caller started this session", body = ErrorBody),
         (status = 404, description = "`not_found`: no open session for this phone", body = ErrorBody),
         (status = 409, description = "`passkey_out_of_order` (no code to confirm), `session_ended` (the link broke off) or `already_linked`", body = ErrorBody),
@@ -92,10 +95,22 @@ async fn confirm_passkey(
     State(app): State<AppState>,
     caller: Caller,
     PhonePath(phone): PhonePath,
-) -> Result<Json<PairState>, ApiError> {
+) -> Result<(StatusCode, Json<PairState>), ApiError> {
     let state = app
         .sessions
         .confirm_passkey(&phone, &actor(&app, &caller, None))
         .await?;
-    Ok(Json(state))
+    Ok(answer(state, Reason::PasskeyConfirmation))
+}
+
+/// `200` with the state once the step went through; `202` while the
+/// session is still at the stage the step leaves (WhatsApp has not
+/// answered within the command's wait).
+fn answer(state: PairState, before: Reason) -> (StatusCode, Json<PairState>) {
+    let status = if state.reason == Some(before) {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(state))
 }

@@ -26,8 +26,9 @@ use crate::phone::PhoneNumber;
 use crate::store::{Metered, PairingStore};
 use crate::webhook::Webhooks;
 
-/// How long a refresh or cancel waits for the session to answer. A refresh
-/// still in progress then answers with the current state (`starting`).
+/// How long a command waits for the session to answer. A refresh or a
+/// passkey step still in progress then answers with the current state
+/// (`starting`; for a passkey step, the stage it has not left yet).
 pub const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most sessions open at once. Each holds a WhatsApp connection (about
 /// 0.7 MiB, see the pairing benchmark); the cap keeps a flood of numbers
@@ -587,7 +588,10 @@ impl Sessions {
         }
         let (reply, answer) = oneshot::channel();
         let command = make(reply);
-        let is_refresh = matches!(command, Command::Refresh(_));
+        let slow_is_fine = matches!(
+            command,
+            Command::Refresh(_) | Command::Passkey(..) | Command::ConfirmPasskey(_)
+        );
         commands.try_send(command).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SessionError::Busy,
             // The session ended between the look-up and the send.
@@ -598,8 +602,8 @@ impl Sessions {
             // The task answers every command it takes, and the ones still
             // queued when it ends; a dropped reply means it unwound.
             Ok(Err(_)) => Err(self.ended_meanwhile(&states)),
-            // A refresh still in progress: say where things stand.
-            Err(_) if is_refresh => Ok(states.borrow().clone()),
+            // WhatsApp is still being asked: say where things stand.
+            Err(_) if slow_is_fine => Ok(states.borrow().clone()),
             Err(_) => Err(SessionError::Busy),
         }
     }

@@ -24,7 +24,7 @@ pub(super) struct Script {
     pub(super) results: Mutex<VecDeque<Result<IssuedCode, LinkError>>>,
     pub(super) events: Mutex<Option<mpsc::UnboundedSender<LinkEvent>>>,
     pub(super) valid_for: Mutex<Option<Duration>>,
-    /// Code requests never answer (WhatsApp silent).
+    /// Code requests and passkey assertions never answer (WhatsApp silent).
     pub(super) hang: AtomicBool,
     /// Opening a link panics (a bug in the client library, say).
     pub(super) panic_on_open: AtomicBool,
@@ -110,6 +110,9 @@ impl LinkHandle for ScriptedHandle {
     }
     async fn send_passkey(&self, _assertion: PasskeyAssertion) -> Result<(), LinkError> {
         self.0.passkeys_sent.fetch_add(1, Ordering::SeqCst);
+        if self.0.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.0
             .passkey_answers
             .lock()

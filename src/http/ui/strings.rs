@@ -234,11 +234,7 @@ pub const STRINGS: &[Text] = &[
         "Pemeriksaan passkey tidak selesai; mulai lagi.",
     ),
     t("passkey_heading", "Passkey", "Passkey"),
-    t(
-        "confirm_passkey",
-        "The codes match",
-        "Kodenya sama",
-    ),
+    t("confirm_passkey", "The codes match", "Kodenya sama"),
     t(
         "error_generic",
         "Something went wrong; try again in a moment.",
@@ -278,6 +274,16 @@ pub const STRINGS: &[Text] = &[
         "error_whatsapp_unavailable",
         "WhatsApp cannot be reached right now.",
         "WhatsApp tidak dapat dihubungi saat ini.",
+    ),
+    t(
+        "error_passkey_out_of_order",
+        "This step does not fit where the pairing is now; the page shows the current state.",
+        "Langkah ini tidak sesuai dengan tahap penautan saat ini; halaman menampilkan keadaan terkini.",
+    ),
+    t(
+        "error_session_ended",
+        "This pairing has ended; start again.",
+        "Penautan ini sudah berakhir; mulai lagi.",
     ),
     t(
         "error_whatsapp_forbidden",

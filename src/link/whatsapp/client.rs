@@ -324,6 +324,9 @@ async fn on_event(
                 },
             })
         }
+        // `skip_handoff_ux` is only ever set on a re-link of a device that
+        // was linked before; every session here starts a fresh device (a
+        // forced re-link sets the old one aside), so the code is shown.
         Event::PairPasskeyConfirmation(confirmation) if !linked => send(
             LinkEvent::PasskeyVerification(VerificationCode::new(confirmation.code.clone())),
         ),

@@ -71,8 +71,8 @@ pub const SOCKET_WAIT: Duration = Duration::from_secs(25);
 pub const CODE_REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
 /// Upper bound on one step of a passkey link (fetching a ref and sending
 /// the assertion; sending the sealed pairing request): two IQs at most,
-/// each under the library's own 30 s IQ timeout.
-pub const PASSKEY_STEP_TIMEOUT: Duration = Duration::from_secs(40);
+/// each under the library's own 30 s IQ timeout, plus a margin.
+pub const PASSKEY_STEP_TIMEOUT: Duration = Duration::from_secs(65);
 /// After the link, how long to wait for the client's post-pairing login
 /// before shutting it down anyway. The link is already complete by then, and
 /// the login is one reconnect (about a second); the bound stays well inside

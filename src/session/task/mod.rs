@@ -359,17 +359,20 @@ impl Session {
 
     /// A link event; `None` when it changed nothing visible.
     async fn on_event_in_step(&mut self, event: Option<LinkEvent>) -> Option<StepOutcome> {
+        let passkey_link = self.passkey_link;
         if let Some(in_flight) = self.in_flight.as_mut() {
             match &event {
                 Some(event) if ends_the_session(event) => {}
+                // Once only the passkey links, an event either means
+                // nothing (a QR rotation) or moves the exchange on (the
+                // verification code; once the library sends it, it is done
+                // with the assertion in flight) or breaks it off (a drop):
+                // the latter two replace the request.
+                Some(event) if passkey_link && passkey::is_noise(event) => return None,
+                _ if passkey_link => {}
                 // No code can link the account any more: a code request
                 // in flight is of no use.
                 Some(LinkEvent::PasskeyRequested(_) | LinkEvent::PasskeyFailed { .. }) => {}
-                // The exchange moved on while WhatsApp's answer to the
-                // assertion is on its way: the answer stays awaited.
-                Some(LinkEvent::PasskeyVerification(_)) => {
-                    return Some(self.on_link_event(event).await);
-                }
                 // The QR of a connection being made, or spent meanwhile:
                 // the state the request commits carries it.
                 Some(LinkEvent::QrRotated(qr)) => {
@@ -390,15 +393,35 @@ impl Session {
         }
         // A link (or a failure) that ends the session wins over the
         // request in flight: the request is dropped.
+        let sent_passkey = matches!(
+            self.in_flight,
+            Some(InFlight {
+                asking: Asking::Passkey(_),
+                ..
+            })
+        );
         let waiting = self.drop_in_flight();
         let outcome = self.on_link_event(event).await;
-        self.answer(waiting, &outcome);
+        if sent_passkey && outcome == StepOutcome::Passkey(Reason::PasskeyRequired) {
+            // WhatsApp asked again, with new options, instead of answering
+            // the assertion: it has to be made again.
+            for reply in waiting {
+                let _ = reply.send(Err(SessionError::PasskeyRefused));
+            }
+        } else {
+            self.answer(waiting, &outcome);
+        }
         Some(outcome)
     }
 
     /// A manual refresh: joins the request in flight, or is answered at
     /// once, or starts a request.
     async fn refresh(&mut self, reply: Reply) -> Option<StepOutcome> {
+        if self.passkey_link {
+            // No code to refresh: only the passkey links this account.
+            let _ = reply.send(Ok(self.state.clone()));
+            return Some(StepOutcome::Idle);
+        }
         if let Some(in_flight) = self.in_flight.as_mut() {
             in_flight.waiting.push(reply);
             return None;
@@ -541,10 +564,8 @@ impl Session {
             && self
                 .last_issued
                 .is_some_and(|at| now.duration_since(at) < MANUAL_REFRESH_DEBOUNCE);
-        // No code to refresh where WhatsApp offers none (the QR is there),
-        // nor where only the passkey links.
-        (backing_off || just_issued || self.qr_only || self.passkey_link)
-            .then(|| self.state.clone())
+        // No code to refresh where WhatsApp offers none: the QR is there.
+        (backing_off || just_issued || self.qr_only).then(|| self.state.clone())
     }
 
     /// How long until a code may be issued again, while the phone's budget
@@ -621,7 +642,7 @@ mod tests {
         stop: watch::Sender<bool>,
         pub(super) states: watch::Receiver<PairState>,
         pub(super) script: Arc<Script>,
-        store: Arc<FlakyStore>,
+        pub(super) store: Arc<FlakyStore>,
     }
 
     pub(super) fn fixture(settings: SessionSettings) -> Fixture {

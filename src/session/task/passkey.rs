@@ -20,10 +20,24 @@
 use std::sync::Arc;
 
 use super::{Asking, InFlight, Reply, Session, StepOutcome};
-use crate::link::LinkError;
 use crate::link::passkey::{PasskeyAssertion, PasskeyOptions, VerificationCode};
+use crate::link::{Invalidation, LinkError, LinkEvent};
 use crate::session::SessionError;
 use crate::session::state::{PairState, Reason, Status};
+
+/// Whether `event` means nothing once only the passkey links the account:
+/// QR codes and codes, which can no longer link it.
+pub(super) fn is_noise(event: &LinkEvent) -> bool {
+    matches!(
+        event,
+        LinkEvent::QrRotated(_)
+            | LinkEvent::QrExhausted {
+                connection_closed: false,
+            }
+            | LinkEvent::CodeIssued(_)
+            | LinkEvent::CodeInvalidated(Invalidation::RefreshRequested)
+    )
+}
 
 impl Session {
     /// WhatsApp asks for the account's passkey.
@@ -133,6 +147,12 @@ impl Session {
             Ok(()) => StepOutcome::Idle,
             Err(LinkError::Disconnected | LinkError::Closed) => {
                 self.passkey_failed("the connection to WhatsApp dropped during the passkey link")
+                    .await
+            }
+            // Whether WhatsApp took it is unknown: answering again could
+            // open a second exchange beside a live one.
+            Err(LinkError::Timeout(_)) => {
+                self.passkey_failed("WhatsApp did not answer the passkey in time")
                     .await
             }
             Err(error) => {
@@ -263,6 +283,13 @@ mod tests {
             StepOutcome::Passkey(Reason::PasskeyRequired)
         );
         f
+    }
+
+    /// Steps until the session waits on a request that never answers (the
+    /// script hangs): the request is in flight.
+    async fn taken_in_flight(f: &mut Fixture) {
+        let step = tokio::time::timeout(Duration::from_secs(1), f.session.step()).await;
+        assert!(step.is_err(), "a request hangs in flight: {step:?}");
     }
 
     /// Sends `command` and steps until the session answers it.
@@ -404,5 +431,98 @@ mod tests {
         ));
         assert_eq!(f.script.requests.load(Ordering::SeqCst), 1);
         assert_eq!(f.script.confirmations.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drop_while_the_assertion_is_unanswered_fails_the_session_and_tells_the_caller() {
+        // Arrange
+        let mut f = asked().await;
+        f.script.hang.store(true, Ordering::SeqCst);
+        let (reply, answer) = oneshot::channel();
+        f.commands
+            .send(Command::Passkey(assertion(), reply))
+            .await
+            .unwrap();
+        taken_in_flight(&mut f).await;
+        f.script
+            .emit(LinkEvent::CodeInvalidated(Invalidation::Disconnected));
+
+        // Act
+        let outcome = f.session.step().await;
+
+        // Assert
+        assert_eq!(outcome, StepOutcome::Ended(Status::Failed));
+        assert_eq!(f.states.borrow().reason, Some(Reason::PasskeyFailed));
+        assert!(matches!(answer.await.unwrap(), Err(SessionError::Ended(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_verification_code_arriving_before_the_assertions_answer_answers_the_caller() {
+        // Arrange
+        let mut f = asked().await;
+        f.script.hang.store(true, Ordering::SeqCst);
+        let (reply, answer) = oneshot::channel();
+        let (refresh, refreshed) = oneshot::channel();
+        f.commands
+            .send(Command::Passkey(assertion(), reply))
+            .await
+            .unwrap();
+        taken_in_flight(&mut f).await;
+
+        // Act
+        f.commands.send(Command::Refresh(refresh)).await.unwrap();
+        let refresh_outcome = f.session.step().await;
+        f.script
+            .emit(LinkEvent::PasskeyVerification(VerificationCode::new(
+                "ABCD-EFGH",
+            )));
+        let outcome = f.session.step().await;
+
+        // Assert
+        assert_eq!(
+            refresh_outcome,
+            StepOutcome::Idle,
+            "a refresh waits on nothing"
+        );
+        assert_eq!(
+            refreshed.await.unwrap().unwrap().reason,
+            Some(Reason::PasskeyRequired)
+        );
+        assert_eq!(outcome, StepOutcome::Passkey(Reason::PasskeyConfirmation));
+        let answered = answer.await.unwrap().unwrap();
+        assert_eq!(answered.verification_code.as_deref(), Some("ABCD-EFGH"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passkey_failure_before_any_request_ends_the_session_instead_of_leaving_it_codeless()
+    {
+        // Arrange: a code request in flight when the library says its
+        // passkey step failed (WhatsApp's options could not be read).
+        let mut f = fixture(settings());
+        f.script.hang.store(true, Ordering::SeqCst);
+        taken_in_flight(&mut f).await;
+        f.script.emit(LinkEvent::PasskeyFailed {
+            reason: "no usable options".into(),
+        });
+
+        // Act
+        let outcome = f.session.step().await;
+
+        // Assert
+        assert_eq!(outcome, StepOutcome::Ended(Status::Failed));
+        assert_eq!(f.states.borrow().reason, Some(Reason::PasskeyFailed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passkey_state_is_stored_until_the_sessions_deadline() {
+        // Arrange, Act
+        let f = asked().await;
+
+        // Assert: nothing rewrites it while the person acts.
+        let ttl = f.store.inner.ttl_of("wa:pair:628123456789").unwrap();
+        assert!(
+            ttl >= settings().session_max - Duration::from_secs(5),
+            "{ttl:?}"
+        );
     }
 }

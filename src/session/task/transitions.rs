@@ -288,8 +288,13 @@ impl Session {
             }
             LinkEvent::PasskeyRequested(options) => self.passkey_requested(options).await,
             LinkEvent::PasskeyVerification(code) => self.passkey_verification(code).await,
-            // Not in a passkey link (handled above): nothing to break off.
-            LinkEvent::PasskeyFailed { .. } => StepOutcome::Idle,
+            LinkEvent::PasskeyFailed { reason } => {
+                // Also before any request reached us (WhatsApp's options
+                // could not be read): codes cannot link this account.
+                tracing::warn!(phone = %self.phone, reason, "the passkey exchange broke off");
+                self.passkey_failed("WhatsApp's passkey check did not complete")
+                    .await
+            }
         }
     }
 
@@ -297,36 +302,26 @@ impl Session {
     /// `Some` for the events that mean something else than usual.
     async fn during_passkey_link(&mut self, event: Option<&LinkEvent>) -> Option<StepOutcome> {
         let why = match event {
+            // QR codes and codes can no longer link this account.
+            Some(event) if super::passkey::is_noise(event) => return Some(StepOutcome::Idle),
             // The passkey's own steps, the link and real failures: as usual.
             Some(
                 LinkEvent::PasskeyRequested(_)
                 | LinkEvent::PasskeyVerification(_)
+                | LinkEvent::PasskeyFailed { .. }
                 | LinkEvent::Linked(_)
                 | LinkEvent::LinkedButNotSaved
                 | LinkEvent::Failed { .. },
             ) => return None,
-            // QR codes and codes can no longer link this account.
-            Some(
-                LinkEvent::QrRotated(_)
-                | LinkEvent::QrExhausted {
-                    connection_closed: false,
-                }
-                | LinkEvent::CodeIssued(_)
-                | LinkEvent::CodeInvalidated(Invalidation::RefreshRequested),
-            ) => return Some(StepOutcome::Idle),
-            Some(LinkEvent::PasskeyFailed { reason }) => {
-                tracing::warn!(phone = %self.phone, reason, "the passkey exchange broke off");
-                "WhatsApp's passkey check did not complete"
-            }
             Some(LinkEvent::Refused { .. }) => "WhatsApp refused the link",
             Some(LinkEvent::CodeInvalidated(Invalidation::PairingRejected)) => {
                 "the phone's answer could not be verified"
             }
             Some(
-                LinkEvent::QrExhausted {
-                    connection_closed: true,
-                }
-                | LinkEvent::CodeInvalidated(_),
+                LinkEvent::QrExhausted { .. }
+                | LinkEvent::CodeInvalidated(_)
+                | LinkEvent::QrRotated(_)
+                | LinkEvent::CodeIssued(_),
             )
             | None => "the connection to WhatsApp dropped during the passkey link",
         };

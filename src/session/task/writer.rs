@@ -84,9 +84,14 @@ impl Session {
                 return;
             }
         };
-        let wait = self
-            .next_request
-            .map(|at| at.saturating_duration_since(Instant::now()));
+        // A passkey link waits on the person, with nothing scheduled that
+        // would write again: its state stays until the session's deadline.
+        let wait = if self.passkey_link {
+            Some(self.deadline.saturating_duration_since(Instant::now()))
+        } else {
+            self.next_request
+                .map(|at| at.saturating_duration_since(Instant::now()))
+        };
         let ttl = self.settings.store_ttl(self.state.status, wait);
         let result = tokio::time::timeout(
             STORE_WRITE_BUDGET,
