@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use fake_wa::{LinkAttemptError, LinkedDevice, PhoneRecord};
 use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
@@ -28,6 +29,56 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(show))
         .routes(routes!(enter_code))
         .routes(routes!(scan_qr))
+        .routes(routes!(create_passkey))
+        .routes(routes!(answer_passkey))
+}
+
+/// Gives the number's WhatsApp account a passkey, kept on its fake phone:
+/// from now on WhatsApp asks a companion for it instead of linking by code
+/// or QR (start the pairing after this).
+#[utoipa::path(
+    post,
+    path = "/sandbox/phones/{phone}/passkey",
+    tag = "sandbox",
+    params(PhoneParam),
+    responses(
+        (status = 204, description = "The account has a passkey"),
+        (status = 422, description = "`invalid_phone`", body = ErrorBody),
+    ),
+)]
+async fn create_passkey(
+    State(app): State<AppState>,
+    PhonePath(phone): PhonePath,
+) -> Result<StatusCode, ApiError> {
+    let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;
+    fake.create_passkey(phone.as_str());
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Plays a host app that can sign in with the account's passkey: the
+/// WebAuthn assertion (`AuthenticationResponseJSON`) for the request
+/// WhatsApp sent, to post to `POST /pair/{phone}/passkey`.
+#[utoipa::path(
+    post,
+    path = "/sandbox/phones/{phone}/passkey/assertion",
+    tag = "sandbox",
+    params(PhoneParam),
+    responses(
+        (status = 200, description = "The assertion", body = Object),
+        (status = 409, description = "`passkey_out_of_order`: WhatsApp has not asked for this number's passkey", body = ErrorBody),
+        (status = 422, description = "`invalid_phone`", body = ErrorBody),
+    ),
+)]
+async fn answer_passkey(
+    State(app): State<AppState>,
+    PhonePath(phone): PhonePath,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;
+    fake.answer_passkey(phone.as_str())
+        .map(Json)
+        .ok_or(ApiError::PasskeyOutOfOrder(
+            "WhatsApp has not asked for this number's passkey (POST /sandbox/phones/{phone}/passkey, then POST /pair)",
+        ))
 }
 
 /// `POST /sandbox/phones/{phone}/scan-qr` body.
@@ -146,6 +197,9 @@ async fn play(
         }
         Err(LinkAttemptError::NoCodeRequested) => Err(ApiError::NoCodeRequested),
         Err(LinkAttemptError::CompanionGone) => Err(ApiError::CompanionGone),
+        Err(LinkAttemptError::PasskeyRequired) => Err(ApiError::PasskeyOutOfOrder(
+            "this account links only with its passkey",
+        )),
         Err(other) => {
             tracing::warn!(phone = %phone, error = %other, "the fake phone could not link");
             Err(ApiError::CompanionUnavailable)

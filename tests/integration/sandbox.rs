@@ -131,3 +131,58 @@ async fn sandbox_scan_qr_as_another_phone_plays_a_wrong_account_scan() {
     assert_eq!(state["reason"], "wrong_account");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn sandbox_plays_a_passkey_account_and_the_host_app_that_answers_for_it() {
+    // Arrange
+    let app = TestApp::spawn_sandbox().await;
+    let phone = "628123457777";
+    let created = app
+        .post_json(&format!("/sandbox/phones/{phone}/passkey"), json!({}))
+        .await;
+    let too_early = app
+        .post_json(
+            &format!("/sandbox/phones/{phone}/passkey/assertion"),
+            json!({}),
+        )
+        .await;
+
+    // Act
+    app.post_pair(phone).await;
+    app.wait_for_state(phone, |s| s["reason"] == "passkey_required")
+        .await;
+    let typed = app
+        .post_json(
+            &format!("/sandbox/phones/{phone}/enter-code"),
+            json!({ "code": "ABCD1234" }),
+        )
+        .await;
+    let assertion: Value = app
+        .post_json(
+            &format!("/sandbox/phones/{phone}/passkey/assertion"),
+            json!({}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sent = app
+        .post_json(&format!("/pair/{phone}/passkey"), assertion)
+        .await;
+    app.wait_for_state(phone, |s| s["reason"] == "passkey_confirmation")
+        .await;
+    let confirmed = app
+        .post_json(&format!("/pair/{phone}/passkey/confirm"), json!({}))
+        .await;
+    let linked = app.wait_for_state(phone, |s| s["status"] == "linked").await;
+    let record = app.get_json(&format!("/sandbox/phones/{phone}")).await;
+
+    // Assert
+    assert_eq!(created.status(), StatusCode::NO_CONTENT);
+    assert_eq!(too_early.status(), StatusCode::CONFLICT);
+    assert_eq!(typed.status(), StatusCode::CONFLICT, "no code links it");
+    assert_eq!(sent.status(), StatusCode::OK);
+    assert_eq!(confirmed.status(), StatusCode::OK);
+    assert_eq!(record["linked"]["via"], "passkey");
+    assert_eq!(linked["jid"], record["linked"]["jid"]);
+}

@@ -286,6 +286,9 @@ struct Phone {
     finish_waiter: Option<oneshot::Sender<Finish>>,
     /// The account's passkey: new devices must present it.
     passkey: Option<passkey::PasskeyCredential>,
+    /// The phone's password manager, holding that passkey, when the fake
+    /// made it ([`FakeWhatsApp::create_passkey`]).
+    authenticator: Option<passkey::SoftwareAuthenticator>,
 }
 
 #[derive(Clone)]
@@ -365,6 +368,7 @@ impl Phone {
             devices: HashMap::new(),
             finish_waiter: None,
             passkey: None,
+            authenticator: None,
         }
     }
 }
@@ -483,6 +487,34 @@ impl FakeWhatsApp {
     /// the phone links nothing by code or QR.
     pub fn require_passkey(&self, phone: &str, credential: passkey::PasskeyCredential) {
         self.shared.update(phone, |p| p.passkey = Some(credential));
+    }
+
+    /// Gives `phone`'s account a new passkey, kept in its phone's password
+    /// manager (as [`FakeWhatsApp::require_passkey`] with a key the fake
+    /// makes), so [`FakeWhatsApp::answer_passkey`] can answer for it.
+    pub fn create_passkey(&self, phone: &str) {
+        let authenticator = passkey::SoftwareAuthenticator::generate();
+        self.shared.update(phone, |p| {
+            p.passkey = Some(authenticator.credential());
+            p.authenticator = Some(authenticator);
+        });
+    }
+
+    /// Plays the person approving a passkey prompt on `phone`: the
+    /// assertion (an `AuthenticationResponseJSON`, made on
+    /// [`passkey::ORIGIN`]) for the passkey request WhatsApp sent a
+    /// companion of this account. `None` when no companion was asked, or
+    /// the account's passkey was not made by [`FakeWhatsApp::create_passkey`].
+    pub fn answer_passkey(&self, phone: &str) -> Option<serde_json::Value> {
+        let state = self.shared.lock();
+        let options = state
+            .connections
+            .values()
+            .filter_map(|c| c.passkey.as_ref())
+            .find(|exchange| exchange.account == phone)?
+            .request_options();
+        let authenticator = state.phones.get(phone)?.authenticator.as_ref()?;
+        Some(authenticator.assert(&options, passkey::ORIGIN))
     }
 
     /// Plays the person typing `code` into WhatsApp on the phone `phone`.
