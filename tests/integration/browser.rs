@@ -316,3 +316,67 @@ async fn browser_the_indonesian_page_has_no_english_left_and_links_by_qr() {
     browser.stop().await;
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium and chromedriver: run by .ci/browser"]
+async fn browser_a_passkey_account_shows_the_verification_code_and_links_on_its_button() {
+    // Arrange: the account has a passkey; a host app will answer for it.
+    let mut app = TestApp::spawn_sandbox().await;
+    let browser = Browser::start("passkey").await;
+    let created = app
+        .post_json("/sandbox/phones/628123457777/passkey", json!({}))
+        .await;
+    browser
+        .client
+        .goto(&format!("{}/?lang=en", app.base))
+        .await
+        .expect("page loads");
+
+    // Act 1: the page says WhatsApp asks for the passkey, and shows no code.
+    browser.type_into("phone", "628123457777").await;
+    browser.click("connect").await;
+    let asked = browser
+        .until(
+            "the passkey request",
+            "return document.getElementById('session').dataset.status === 'action_required' ? document.getElementById('status-text').textContent : '';",
+        )
+        .await;
+    browser.snap("1-passkey-required").await;
+    let code_hidden = browser
+        .js("return document.getElementById('ways').offsetParent === null")
+        .await;
+
+    // Act 2: the host app answers; the page shows the verification code.
+    let assertion: Value = app
+        .post_json("/sandbox/phones/628123457777/passkey/assertion", json!({}))
+        .await
+        .json()
+        .await
+        .expect("an assertion");
+    let sent = app.post_json("/pair/628123457777/passkey", assertion).await;
+    let shown = browser
+        .until("the verification code", &text_of("verification-code"))
+        .await;
+    browser.snap("2-verification-code").await;
+    let phone_shows =
+        app.get_json("/sandbox/phones/628123457777").await["verification_code"].clone();
+
+    // Act 3: the person confirms; the page shows the link.
+    browser.click("confirm-passkey").await;
+    let outcome = browser.until("the outcome", &text_of("outcome-text")).await;
+    browser.snap("3-linked").await;
+
+    // Assert
+    assert_eq!(created.status(), reqwest::StatusCode::NO_CONTENT);
+    assert!(asked.as_str().unwrap().contains("passkey"), "{asked}");
+    assert_eq!(code_hidden, true, "no code or QR box for a passkey account");
+    assert_eq!(sent.status(), reqwest::StatusCode::OK);
+    assert_eq!(
+        shown.as_str().unwrap().replace('-', ""),
+        phone_shows.as_str().unwrap(),
+        "the page shows the phone's code"
+    );
+    assert!(outcome.as_str().unwrap().starts_with("Linked"), "{outcome}");
+    browser.stop().await;
+    app.shutdown().await;
+}

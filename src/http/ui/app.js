@@ -159,9 +159,11 @@ function render(state) {
   const passkey = (state.reason || "").startsWith("passkey_");
   if (passkey) status = reasonText(state);
   $("status-text").textContent = status;
-  $("passkey-box").hidden = !passkey;
   $("ways").hidden = passkey;
+  // The steps are about typing the code or scanning the QR code.
+  $("steps").hidden = passkey;
   const confirming = state.reason === "passkey_confirmation" && !!state.verification_code;
+  $("passkey-box").hidden = !confirming;
   $("verification-code").hidden = !confirming;
   $("verification-code").textContent = confirming ? state.verification_code : "";
   $("confirm-passkey").hidden = !confirming;

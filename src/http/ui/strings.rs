@@ -211,12 +211,12 @@ pub const STRINGS: &[Text] = &[
     t(
         "reason_passkey_required",
         "WhatsApp asks for this account's passkey. This page cannot answer it (a passkey works only on WhatsApp's own site and apps): link from an app that can, or from WhatsApp on a device that has the passkey.",
-        "WhatsApp meminta passkey akun ini. Halaman ini tidak dapat menjawabnya (passkey hanya berfungsi di situs dan aplikasi WhatsApp sendiri): tautkan dari aplikasi yang bisa, atau dari WhatsApp di perangkat yang menyimpan passkey.",
+        "WhatsApp meminta kunci sandi (passkey) akun ini. Halaman ini tidak dapat menjawabnya (kunci sandi hanya berfungsi di situs dan aplikasi WhatsApp sendiri): tautkan dari aplikasi yang bisa, atau dari WhatsApp di perangkat yang menyimpan kunci sandi.",
     ),
     t(
         "reason_passkey_accepted",
         "Passkey accepted. A verification code appears in a moment.",
-        "Passkey diterima. Kode verifikasi akan muncul sebentar lagi.",
+        "Kunci sandi diterima. Kode verifikasi akan muncul sebentar lagi.",
     ),
     t(
         "reason_passkey_confirmation",
@@ -231,9 +231,9 @@ pub const STRINGS: &[Text] = &[
     t(
         "reason_passkey_failed",
         "The passkey check did not complete; start again.",
-        "Pemeriksaan passkey tidak selesai; mulai lagi.",
+        "Pemeriksaan kunci sandi tidak selesai; mulai lagi.",
     ),
-    t("passkey_heading", "Passkey", "Passkey"),
+    t("passkey_heading", "Passkey", "Kunci sandi"),
     t("confirm_passkey", "The codes match", "Kodenya sama"),
     t(
         "error_generic",
