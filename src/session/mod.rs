@@ -36,7 +36,9 @@
 //!   as pure functions ([`SessionSettings`]).
 //! - [`task`]: one session's task ([`Session`]), with ONE `select!` in
 //!   [`Session::step`]; its files: `transitions.rs` (what each outcome does
-//!   to the state) and `writer.rs` (the store writes and the code budget).
+//!   to the state), `writer.rs` (the store writes and the code budget),
+//!   `passkey.rs` (the passkey path) and `lease.rs` (the phone's lease,
+//!   when processes share the store).
 //! - [`registry`]: all sessions of the process ([`Sessions`]): start or join,
 //!   commands, shutdown.
 //! - [`access`]: who started a session ([`Owner`]) and who may touch it
@@ -63,8 +65,8 @@ pub use schedule::{
 };
 pub use state::{PairState, Reason, Status};
 pub use task::{
-    Command, FINAL_HEAL_ATTEMPTS, Reply, STORE_HEAL_BACKOFF, STORE_WRITE_BUDGET, Session,
-    StepOutcome,
+    Command, FINAL_HEAL_ATTEMPTS, LEASE_RENEW_EVERY, LEASE_TTL, Reply, STORE_HEAL_BACKOFF,
+    STORE_WRITE_BUDGET, Session, StepOutcome,
 };
 
 /// Why a command to a session could not be carried out.

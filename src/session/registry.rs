@@ -18,11 +18,12 @@ use super::SessionError;
 use super::access::{Actor, Owner};
 use super::schedule::SessionSettings;
 use super::state::{PairState, ReadState, Reason, Status};
-use super::task::{Command, Reply, Session, ended, outcome_error};
+use super::task::{Command, LEASE_TTL, Reply, Session, ended, outcome_error};
 use crate::link::Linker;
 use crate::link::passkey::PasskeyAssertion;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
+use crate::store::LeaseStep;
 use crate::store::{Metered, PairingStore};
 use crate::webhook::Webhooks;
 
@@ -177,6 +178,20 @@ pub struct Sessions {
     metrics: Arc<Metrics>,
     /// Where outcomes are announced, when `WEBHOOK_URL` is set.
     webhooks: Option<Webhooks>,
+    /// This process, as the holder of phones' leases: random, so two
+    /// processes (or two runs of one) never share it.
+    holder: String,
+}
+
+/// Who has a phone's lease, as a start finds it.
+enum Leased {
+    /// This process: the epoch it holds.
+    Here(u64),
+    /// Another process runs the phone's session.
+    Elsewhere,
+    /// The store did not say; a start goes ahead (a store outage must not
+    /// stop pairing), without a lease.
+    Unknown,
 }
 
 /// How many entries the registry holds, for soak tests and diagnostics.
@@ -205,6 +220,7 @@ impl Sessions {
             stopping: watch::Sender::new(false),
             metrics,
             webhooks: None,
+            holder: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
@@ -287,6 +303,10 @@ impl Sessions {
         if let Some(live) = lock(&self.registry).live.get(phone) {
             return Ok(Some(live.state.borrow().clone()));
         }
+        if !read.state.status.is_terminal() && self.leased_elsewhere(phone).await {
+            // Running in another process: as that process stored it.
+            return Ok(Some(read.state));
+        }
         Ok(Some(read.state.orphaned()))
     }
 
@@ -310,14 +330,32 @@ impl Sessions {
     ) -> Result<(Joined, watch::Receiver<PairState>), SessionError> {
         let deadline = tokio::time::Instant::now() + PREVIOUS_SESSION_WAIT;
         let mut looked_at_store = false;
+        let mut lease = None;
         loop {
-            let look = self.try_start_or_join(phone, actor, relink, looked_at_store)?;
+            let look = match self.try_start_or_join(phone, actor, relink, looked_at_store, lease) {
+                Ok(look) => look,
+                Err(error) => {
+                    if let Some(epoch) = lease {
+                        self.release_lease(phone, epoch).await;
+                    }
+                    return Err(error);
+                }
+            };
             let mut released = match look {
                 Look::Session(joined, state) => return Ok((joined, state)),
                 Look::NotRunning => {
                     if let Some(state) = self.ended_to_join(phone, actor, relink).await? {
                         let (_, state) = watch::channel(state);
                         return Ok((Joined::Existing, state));
+                    }
+                    match self.take_lease(phone).await {
+                        Leased::Here(epoch) => lease = Some(epoch),
+                        Leased::Unknown => lease = None,
+                        Leased::Elsewhere => {
+                            let state = self.running_elsewhere(phone, actor).await?;
+                            let (_, state) = watch::channel(state);
+                            return Ok((Joined::Existing, state));
+                        }
                     }
                     looked_at_store = true;
                     continue;
@@ -330,6 +368,67 @@ impl Sessions {
                 tracing::warn!(phone = %phone, "previous session still releasing its link client");
                 return Err(SessionError::Busy);
             }
+        }
+    }
+
+    /// Takes `phone`'s lease for a session about to start here.
+    async fn take_lease(&self, phone: &PhoneNumber) -> Leased {
+        let step = LeaseStep::Take {
+            holder: &self.holder,
+        };
+        let key = self.settings.lease_key(phone);
+        match tokio::time::timeout(STORE_READ_TIMEOUT, self.store.lease(&key, step, LEASE_TTL))
+            .await
+        {
+            Ok(Ok(Some(epoch))) => Leased::Here(epoch),
+            Ok(Ok(None)) => Leased::Elsewhere,
+            Ok(Err(e)) => {
+                tracing::warn!(phone = %phone, error = %e, "lease not taken; starting without one");
+                Leased::Unknown
+            }
+            Err(_) => {
+                tracing::warn!(phone = %phone, "lease not taken in time; starting without one");
+                Leased::Unknown
+            }
+        }
+    }
+
+    /// Gives up a lease taken for a session that did not start.
+    async fn release_lease(&self, phone: &PhoneNumber, epoch: u64) {
+        let step = LeaseStep::Release {
+            holder: &self.holder,
+            epoch,
+        };
+        let key = self.settings.lease_key(phone);
+        let _ =
+            tokio::time::timeout(STORE_READ_TIMEOUT, self.store.lease(&key, step, LEASE_TTL)).await;
+    }
+
+    /// Whether another process holds `phone`'s lease (so its stored state
+    /// is that process's running session, not one left behind).
+    async fn leased_elsewhere(&self, phone: &PhoneNumber) -> bool {
+        let key = self.settings.lease_key(phone);
+        matches!(
+            tokio::time::timeout(STORE_READ_TIMEOUT, self.store.get(&key)).await,
+            Ok(Ok(Some(_)))
+        )
+    }
+
+    /// The state of `phone`'s session that another process runs: as stored
+    /// (`starting` until its first write lands), if `actor` may see it.
+    async fn running_elsewhere(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<PairState, SessionError> {
+        match self.stored(phone).await? {
+            Some(read) => {
+                if !actor.may_touch_tagged(read.owner.as_deref()) {
+                    return Err(SessionError::Forbidden);
+                }
+                Ok(read.state)
+            }
+            None => Ok(PairState::starting(phone.clone())),
         }
     }
 
@@ -369,6 +468,7 @@ impl Sessions {
         actor: &Actor,
         relink: bool,
         looked_at_store: bool,
+        lease: Option<u64>,
     ) -> Result<Look, SessionError> {
         let mut registry = lock(&self.registry);
         if let Some(live) = registry.live.get(phone) {
@@ -417,6 +517,12 @@ impl Sessions {
         let session = session
             .owned_by(actor.owner.tag())
             .metered(Arc::clone(&self.metrics));
+        let session = match lease {
+            Some(epoch) => {
+                session.leased(self.settings.lease_key(phone), self.holder.clone(), epoch)
+            }
+            None => session,
+        };
         let session = match &self.webhooks {
             Some(webhooks) => session.announcing_to(webhooks.clone()),
             None => session,
@@ -856,7 +962,11 @@ mod tests {
             "the outcome comes from the store"
         );
         assert_eq!(refresh, Err(SessionError::Ended("cancelled")));
-        assert_eq!(store.stored_entries(), phones.len() * 2, "state and budget");
+        assert_eq!(
+            store.stored_entries(),
+            phones.len() * 3,
+            "state, budget and the lease's epoch counter (the lease itself is given up)"
+        );
         assert_eq!(
             script.opens.load(Ordering::SeqCst),
             script.shutdowns.load(Ordering::SeqCst),

@@ -73,6 +73,11 @@ impl SessionSettings {
         format!("{}{}", self.key_prefix, phone.as_str())
     }
 
+    /// The store key of `phone`'s lease: which process runs its session.
+    pub fn lease_key(&self, phone: &PhoneNumber) -> String {
+        format!("{}lease:{}", self.key_prefix, phone.as_str())
+    }
+
     /// The store key counting `phone`'s codes.
     pub fn budget_key(&self, phone: &PhoneNumber) -> String {
         format!("{}budget:{}", self.key_prefix, phone.as_str())

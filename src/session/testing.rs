@@ -14,7 +14,7 @@ use crate::link::passkey::PasskeyAssertion;
 use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, Linker, OpenedLink, PairingCode};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
-use crate::store::{Counted, MemoryStore, PairingStore, StoreError, Written};
+use crate::store::{Counted, HeldLease, LeaseStep, MemoryStore, PairingStore, StoreError, Written};
 
 /// WhatsApp's own code validity.
 pub(super) const VALIDITY: Duration = Duration::from_secs(180);
@@ -150,6 +150,7 @@ impl PairingStore for FlakyStore {
         value: &str,
         seq: u64,
         ttl: Duration,
+        lease: Option<HeldLease<'_>>,
     ) -> Result<Written, StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Server {
@@ -157,7 +158,7 @@ impl PairingStore for FlakyStore {
                 message: "down".into(),
             });
         }
-        self.inner.set_state(key, value, seq, ttl).await
+        self.inner.set_state(key, value, seq, ttl, lease).await
     }
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.inner.get(key).await
@@ -176,6 +177,17 @@ impl PairingStore for FlakyStore {
             });
         }
         self.inner.count(key, window).await
+    }
+    async fn lease(
+        &self,
+        key: &str,
+        step: LeaseStep<'_>,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Timeout);
+        }
+        self.inner.lease(key, step, ttl).await
     }
     fn kind(&self) -> &'static str {
         "flaky"

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Counted, PairingStore, StoreError, Written, stored_seq, ttl_seconds};
+use super::{
+    Counted, HeldLease, LEASE_EPOCH_TTL_MS, LeaseStep, PairingStore, StoreError, Written,
+    lease_epoch_key, stored_seq, ttl_seconds,
+};
 
 /// Number of stored entries below which [`MemoryStore`] never prunes.
 ///
@@ -120,10 +123,22 @@ impl PairingStore for MemoryStore {
         value: &str,
         seq: u64,
         ttl: Duration,
+        lease: Option<HeldLease<'_>>,
     ) -> Result<Written, StoreError> {
         let now = Instant::now();
         {
-            let inner = self.lock();
+            let mut inner = self.lock();
+            if let Some(lease) = lease {
+                let value = lease.value();
+                let Some(held) = inner
+                    .entries
+                    .get_mut(lease.key)
+                    .filter(|entry| !entry.is_expired(now) && entry.value == value)
+                else {
+                    return Ok(Written::LeaseLost);
+                };
+                held.expires_at = now.checked_add(lease.ttl);
+            }
             if let Some(current) = inner
                 .entries
                 .get(key)
@@ -161,6 +176,77 @@ impl PairingStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn lease(
+        &self,
+        key: &str,
+        step: LeaseStep<'_>,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.prune_if_due(now);
+        let current = inner
+            .entries
+            .get(key)
+            .filter(|entry| !entry.is_expired(now))
+            .map(|entry| entry.value.clone());
+        let holding =
+            |holder: &str, epoch: u64| current.as_deref() == Some(&format!("{holder}|{epoch}"));
+        let expires_at = now.checked_add(ttl);
+        let epoch = match step {
+            LeaseStep::Take { holder } => {
+                if let Some(current) = current {
+                    let Some(epoch) = current
+                        .strip_prefix(holder)
+                        .and_then(|rest| rest.strip_prefix('|'))
+                        .and_then(|epoch| epoch.parse::<u64>().ok())
+                    else {
+                        return Ok(None);
+                    };
+                    epoch
+                } else {
+                    let counter = lease_epoch_key(key);
+                    let epoch = inner
+                        .entries
+                        .get(&counter)
+                        .filter(|entry| !entry.is_expired(now))
+                        .and_then(|entry| entry.value.parse::<u64>().ok())
+                        .unwrap_or(0)
+                        + 1;
+                    inner.entries.insert(
+                        counter,
+                        MemoryEntry {
+                            value: epoch.to_string(),
+                            expires_at: now.checked_add(Duration::from_millis(LEASE_EPOCH_TTL_MS)),
+                        },
+                    );
+                    epoch
+                }
+            }
+            LeaseStep::Renew { holder, epoch } | LeaseStep::Release { holder, epoch } => {
+                if !holding(holder, epoch) {
+                    return Ok(None);
+                }
+                epoch
+            }
+        };
+        match step {
+            LeaseStep::Release { .. } => {
+                inner.entries.remove(key);
+            }
+            LeaseStep::Take { holder } | LeaseStep::Renew { holder, .. } => {
+                inner.entries.insert(
+                    key.to_owned(),
+                    MemoryEntry {
+                        value: format!("{holder}|{epoch}"),
+                        expires_at,
+                    },
+                );
+            }
+        }
+        Ok(Some(epoch))
     }
 
     async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
@@ -438,21 +524,21 @@ mod tests {
         let store = MemoryStore::new();
         let ttl = Duration::from_secs(600);
         store
-            .set_state("k", r#"{"seq":20,"status":"linked"}"#, 20, ttl)
+            .set_state("k", r#"{"seq":20,"status":"linked"}"#, 20, ttl, None)
             .await
             .unwrap();
 
         // Act
         let late = store
-            .set_state("k", r#"{"seq":10,"status":"pending"}"#, 10, ttl)
+            .set_state("k", r#"{"seq":10,"status":"pending"}"#, 10, ttl, None)
             .await
             .unwrap();
         let again = store
-            .set_state("k", r#"{"seq":20,"status":"linked"}"#, 20, ttl)
+            .set_state("k", r#"{"seq":20,"status":"linked"}"#, 20, ttl, None)
             .await
             .unwrap();
         let newer = store
-            .set_state("k", r#"{"seq":30,"status":"pending"}"#, 30, ttl)
+            .set_state("k", r#"{"seq":30,"status":"pending"}"#, 30, ttl, None)
             .await
             .unwrap();
 
@@ -464,5 +550,44 @@ mod tests {
             store.get("k").await.unwrap().as_deref(),
             Some(r#"{"seq":30,"status":"pending"}"#)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_goes_to_one_holder_at_a_time_and_each_take_over_numbers_above() {
+        // Arrange
+        let store = MemoryStore::new();
+        let ttl = Duration::from_secs(30);
+
+        // Act
+        let first = store
+            .lease("l", LeaseStep::Take { holder: "a" }, ttl)
+            .await
+            .unwrap();
+        let other = store
+            .lease("l", LeaseStep::Take { holder: "b" }, ttl)
+            .await
+            .unwrap();
+        tokio::time::advance(ttl).await;
+        let after_expiry = store
+            .lease("l", LeaseStep::Take { holder: "b" }, ttl)
+            .await
+            .unwrap();
+        let stale = store
+            .lease(
+                "l",
+                LeaseStep::Renew {
+                    holder: "a",
+                    epoch: 1,
+                },
+                ttl,
+            )
+            .await
+            .unwrap();
+
+        // Assert
+        assert_eq!(first, Some(1));
+        assert_eq!(other, None);
+        assert_eq!(after_expiry, Some(2));
+        assert_eq!(stale, None);
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Counted, PairingStore, StoreError, Written};
+use super::{Counted, HeldLease, LeaseStep, PairingStore, StoreError, Written};
 use crate::metrics::{Metrics, StoreOutcome};
 
 /// Wraps a store so every command's latency, and every failure, reaches
@@ -75,10 +75,11 @@ impl PairingStore for Metered {
         value: &str,
         seq: u64,
         ttl: Duration,
+        lease: Option<HeldLease<'_>>,
     ) -> Result<Written, StoreError> {
         // Counted as `set`: it is the state write, one command.
         let timing = Timing::start(&self.metrics, "set");
-        timing.finish(self.inner.set_state(key, value, seq, ttl).await)
+        timing.finish(self.inner.set_state(key, value, seq, ttl, lease).await)
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -99,6 +100,16 @@ impl PairingStore for Metered {
     async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError> {
         let timing = Timing::start(&self.metrics, "count");
         timing.finish(self.inner.count(key, window).await)
+    }
+
+    async fn lease(
+        &self,
+        key: &str,
+        step: LeaseStep<'_>,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let timing = Timing::start(&self.metrics, "lease");
+        timing.finish(self.inner.lease(key, step, ttl).await)
     }
 
     fn kind(&self) -> &'static str {
@@ -125,6 +136,7 @@ mod tests {
             _: &str,
             _: u64,
             _: Duration,
+            _: Option<HeldLease<'_>>,
         ) -> Result<Written, StoreError> {
             std::future::pending().await
         }
@@ -138,6 +150,14 @@ mod tests {
             std::future::pending().await
         }
         async fn count(&self, _: &str, _: Duration) -> Result<Counted, StoreError> {
+            std::future::pending().await
+        }
+        async fn lease(
+            &self,
+            _: &str,
+            _: LeaseStep<'_>,
+            _: Duration,
+        ) -> Result<Option<u64>, StoreError> {
             std::future::pending().await
         }
         fn kind(&self) -> &'static str {

@@ -102,15 +102,18 @@ pub trait PairingStore: Send + Sync + 'static {
     /// Writes the pairing state `value`, numbered `seq` (its `"seq"` field),
     /// under `key` with expiry `ttl`, unless the state stored there has a
     /// higher `"seq"`: a write that arrived late never replaces a newer
-    /// state. One store command (a script where the store is Redis). A
-    /// state with the same number is written again (a retry of the same
-    /// write).
+    /// state. With `lease`, only while the writer still holds that lease,
+    /// which the write renews: a process that lost a phone to another
+    /// writes nothing more for it. One store command (a script where the
+    /// store is Redis). A state with the same number is written again (a
+    /// retry of the same write).
     async fn set_state(
         &self,
         key: &str,
         value: &str,
         seq: u64,
         ttl: Duration,
+        lease: Option<HeldLease<'_>>,
     ) -> Result<Written, StoreError>;
 
     /// Reads the value under `key`; `None` when it is missing or expired.
@@ -128,8 +131,101 @@ pub trait PairingStore: Send + Sync + 'static {
     /// left. One store command.
     async fn count(&self, key: &str, window: Duration) -> Result<Counted, StoreError>;
 
+    /// One step of the lease `key` (who runs a phone's session when
+    /// several processes share the store): see [`LeaseStep`]. `Some(epoch)`
+    /// when the step succeeded, `None` when another holder has the lease
+    /// (take) or it is no longer `holder`'s with that epoch (renew,
+    /// release). One store command (a script where the store is Redis).
+    async fn lease(
+        &self,
+        key: &str,
+        step: LeaseStep<'_>,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError>;
+
     /// Short name for logs and /readyz ("memory", "upstash").
     fn kind(&self) -> &'static str;
+}
+
+/// A lease a writer holds, checked and renewed by its writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLease<'a> {
+    /// The lease's key.
+    pub key: &'a str,
+    /// Who holds it.
+    pub holder: &'a str,
+    /// The epoch it was taken at.
+    pub epoch: u64,
+    /// How long it lasts from this write.
+    pub ttl: Duration,
+}
+
+impl HeldLease<'_> {
+    /// The lease's value while this writer holds it.
+    fn value(&self) -> String {
+        format!("{}|{}", self.holder, self.epoch)
+    }
+}
+
+/// A step of a lease, held by one process (`holder`, unique per process)
+/// and numbered by an epoch that grows with every new holder, so a holder
+/// can tell whether it still has the lease it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStep<'a> {
+    /// Take the lease for `ttl` if nobody has it (a new epoch), or extend
+    /// it if `holder` has it already (the same epoch).
+    Take {
+        /// Who takes it.
+        holder: &'a str,
+    },
+    /// Extend the lease for `ttl`, if `holder` still has it at `epoch`.
+    Renew {
+        /// Who holds it.
+        holder: &'a str,
+        /// The epoch it was taken at.
+        epoch: u64,
+    },
+    /// Give the lease up, if `holder` still has it at `epoch`.
+    Release {
+        /// Who holds it.
+        holder: &'a str,
+        /// The epoch it was taken at.
+        epoch: u64,
+    },
+}
+
+impl LeaseStep<'_> {
+    /// The script's arguments after the keys: step, holder, epoch.
+    fn script_args(self) -> [String; 3] {
+        match self {
+            Self::Take { holder } => ["take".into(), holder.into(), "0".into()],
+            Self::Renew { holder, epoch } => ["renew".into(), holder.into(), epoch.to_string()],
+            Self::Release { holder, epoch } => ["release".into(), holder.into(), epoch.to_string()],
+        }
+    }
+}
+
+/// The key that numbers the epochs of lease `key`.
+pub(crate) fn lease_epoch_key(key: &str) -> String {
+    format!("{key}:epoch")
+}
+
+/// How long a lease's epoch counter outlives its last take: a day, so an
+/// idle phone leaves nothing behind, and epochs grow while leases of a
+/// phone come and go.
+const LEASE_EPOCH_TTL_MS: u64 = 86_400_000;
+
+/// One step of a lease: `KEYS[1]` the lease (`holder|epoch`), `KEYS[2]` its
+/// epoch counter; `ARGV[1]` `take`, `renew` or `release`, `ARGV[2]` the
+/// holder, `ARGV[3]` the epoch (renew, release), `ARGV[4]` the TTL in
+/// milliseconds, `ARGV[5]` the counter's. Returns the epoch, or 0 when the
+/// lease is another's. Plain string functions only (see
+/// [`SET_STATE_SCRIPT`]).
+pub(crate) const LEASE_SCRIPT: &str = "local current = redis.call('GET', KEYS[1]) local mine = ARGV[2] .. '|' if ARGV[1] == 'take' then if current then if string.sub(current, 1, #mine) == mine then redis.call('PEXPIRE', KEYS[1], ARGV[4]) return tonumber(string.sub(current, #mine + 1)) end return 0 end local epoch = redis.call('INCR', KEYS[2]) redis.call('PEXPIRE', KEYS[2], ARGV[5]) redis.call('SET', KEYS[1], mine .. epoch, 'PX', ARGV[4]) return epoch end if current ~= mine .. ARGV[3] then return 0 end if ARGV[1] == 'renew' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end return tonumber(ARGV[3])";
+
+/// The TTL in whole milliseconds, at least 1.
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// What [`PairingStore::set_state`] did.
@@ -142,14 +238,17 @@ pub enum Written {
         /// The `seq` of the state the store holds.
         current: u64,
     },
+    /// The writer's lease is another's now: nothing was written.
+    LeaseLost,
 }
 
 impl Written {
-    /// `Written` from a set-state script's reply: -1 for stored, else the
-    /// newer `seq` it found.
+    /// `Written` from a set-state script's reply: -1 for stored, -2 for a
+    /// lost lease, else the newer `seq` it found.
     fn from_script(reply: i64) -> Self {
         match u64::try_from(reply) {
             Ok(current) => Self::Stale { current },
+            Err(_) if reply == -2 => Self::LeaseLost,
             Err(_) => Self::Stored,
         }
     }
@@ -173,9 +272,12 @@ if ttl < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) ttl = tonumber(ARGV[1]) e
 return {n, ttl}";
 
 /// Writes a state unless a newer one is stored: `KEYS[1]` the key,
-/// `ARGV[1]` the JSON, `ARGV[2]` its `seq`, `ARGV[3]` the TTL in seconds.
-/// Returns -1 when written, else the stored (newer) `seq`. A stored value
-/// without a `seq` (written by an older build, or by hand) is replaced.
+/// `ARGV[1]` the JSON, `ARGV[2]` its `seq`, `ARGV[3]` the TTL in seconds;
+/// with a lease, `KEYS[2]` the lease, `ARGV[4]` its value while the writer
+/// holds it and `ARGV[5]` its TTL in milliseconds (renewed by the write).
+/// Returns -1 when written, -2 when the lease is another's (nothing
+/// written), else the stored (newer) `seq`. A stored value without a `seq`
+/// (written by an older build, or by hand) is replaced.
 ///
 /// The stored number is found with a string pattern, not `cjson`: plain
 /// Lua string functions run on every Redis and on Upstash's engine, whose
@@ -183,7 +285,10 @@ return {n, ttl}";
 /// before any free text (`message`), so the first `"seq":<digits>` is the
 /// state's own. Numbers stay exact in Lua's doubles up to 2^53
 /// (microseconds: the year 2255).
-pub(crate) const SET_STATE_SCRIPT: &str = "local current = redis.call('GET', KEYS[1]) \
+pub(crate) const SET_STATE_SCRIPT: &str = "if KEYS[2] then \
+if redis.call('GET', KEYS[2]) ~= ARGV[4] then return -2 end \
+redis.call('PEXPIRE', KEYS[2], ARGV[5]) end \
+local current = redis.call('GET', KEYS[1]) \
 if current then \
 local stored = tonumber(string.match(current, '\"seq\":(%d+)')) \
 if stored and stored > tonumber(ARGV[2]) then return stored end end \

@@ -10,7 +10,8 @@ use redis::aio::ConnectionManager;
 use redis::{ErrorKind, RedisError};
 
 use super::{
-    COUNT_SCRIPT, Counted, PairingStore, SET_STATE_SCRIPT, StoreError, Written, ttl_seconds,
+    COUNT_SCRIPT, Counted, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep, PairingStore,
+    SET_STATE_SCRIPT, StoreError, Written, lease_epoch_key, ttl_millis, ttl_seconds,
 };
 
 /// Bound on one command (connect included): a store that does not answer
@@ -33,6 +34,7 @@ pub struct RedisStore {
     connection: tokio::sync::OnceCell<ConnectionManager>,
     count: redis::Script,
     set_state: redis::Script,
+    lease: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -55,6 +57,7 @@ impl RedisStore {
             connection: tokio::sync::OnceCell::new(),
             count: redis::Script::new(COUNT_SCRIPT),
             set_state: redis::Script::new(SET_STATE_SCRIPT),
+            lease: redis::Script::new(LEASE_SCRIPT),
         })
     }
 
@@ -125,16 +128,17 @@ impl PairingStore for RedisStore {
         value: &str,
         seq: u64,
         ttl: Duration,
+        lease: Option<HeldLease<'_>>,
     ) -> Result<Written, StoreError> {
-        let reply: i64 = self
-            .invoke(
-                self.set_state
-                    .key(key)
-                    .arg(value)
-                    .arg(seq)
-                    .arg(ttl_seconds(ttl)),
-            )
-            .await?;
+        let mut invocation = self.set_state.key(key);
+        invocation.arg(value).arg(seq).arg(ttl_seconds(ttl));
+        if let Some(lease) = lease {
+            invocation
+                .key(lease.key)
+                .arg(lease.value())
+                .arg(ttl_millis(lease.ttl));
+        }
+        let reply: i64 = self.invoke(&invocation).await?;
         Ok(Written::from_script(reply))
     }
 
@@ -163,6 +167,28 @@ impl PairingStore for RedisStore {
             count,
             window_left: Duration::from_secs(ttl),
         })
+    }
+
+    async fn lease(
+        &self,
+        key: &str,
+        step: LeaseStep<'_>,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let [name, holder, epoch] = step.script_args();
+        let reply: u64 = self
+            .invoke(
+                self.lease
+                    .key(key)
+                    .key(lease_epoch_key(key))
+                    .arg(name)
+                    .arg(holder)
+                    .arg(epoch)
+                    .arg(ttl_millis(ttl))
+                    .arg(LEASE_EPOCH_TTL_MS),
+            )
+            .await?;
+        Ok((reply > 0).then_some(reply))
     }
 
     fn kind(&self) -> &'static str {

@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{
-    COUNT_SCRIPT, Counted, PairingStore, SET_STATE_SCRIPT, StoreError, Written, ttl_seconds,
+    COUNT_SCRIPT, Counted, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep, PairingStore,
+    SET_STATE_SCRIPT, StoreError, Written, lease_epoch_key, ttl_millis, ttl_seconds,
 };
 use crate::phone::mask_phone;
 use crate::retry::Backoff;
@@ -282,18 +283,25 @@ impl PairingStore for UpstashStore {
         value: &str,
         seq: u64,
         ttl: Duration,
+        lease: Option<HeldLease<'_>>,
     ) -> Result<Written, StoreError> {
         let seq = seq.to_string();
         let seconds = ttl_seconds(ttl).to_string();
-        let command = [
-            "EVAL",
-            SET_STATE_SCRIPT,
-            "1",
-            key,
-            value,
-            seq.as_str(),
-            seconds.as_str(),
-        ];
+        let held = lease.map(|lease| (lease.value(), ttl_millis(lease.ttl).to_string()));
+        let mut command = vec!["EVAL", SET_STATE_SCRIPT];
+        match (&lease, &held) {
+            (Some(lease), Some((value_held, millis))) => command.extend([
+                "2",
+                key,
+                lease.key,
+                value,
+                seq.as_str(),
+                seconds.as_str(),
+                value_held.as_str(),
+                millis.as_str(),
+            ]),
+            _ => command.extend(["1", key, value, seq.as_str(), seconds.as_str()]),
+        }
         // Retried like SET: the same state written twice is one state.
         match self
             .run("EVAL", Some(key), &command, self.max_retries)
@@ -353,6 +361,42 @@ impl PairingStore for UpstashStore {
         match self.run("PING", None, &["PING"], 0).await? {
             Value::String(reply) if reply == "PONG" => Ok(()),
             other => Err(unexpected("PING", "\"PONG\"", &other)),
+        }
+    }
+
+    async fn lease(
+        &self,
+        key: &str,
+        step: LeaseStep<'_>,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let [name, holder, epoch] = step.script_args();
+        let counter = lease_epoch_key(key);
+        let millis = ttl_millis(ttl).to_string();
+        let counter_millis = LEASE_EPOCH_TTL_MS.to_string();
+        let command = [
+            "EVAL",
+            LEASE_SCRIPT,
+            "2",
+            key,
+            counter.as_str(),
+            name.as_str(),
+            holder.as_str(),
+            epoch.as_str(),
+            millis.as_str(),
+            counter_millis.as_str(),
+        ];
+        // Retried: taking a lease one holds already, renewing it or
+        // releasing it twice gives the same answer.
+        match self
+            .run("EVAL", Some(key), &command, self.max_retries)
+            .await?
+        {
+            Value::Number(n) => n
+                .as_u64()
+                .map(|epoch| (epoch > 0).then_some(epoch))
+                .ok_or_else(|| unexpected("EVAL", "an epoch", &Value::Number(n))),
+            other => Err(unexpected("EVAL", "an epoch", &other)),
         }
     }
 

@@ -381,20 +381,26 @@ async fn an_overlong_or_unprintable_request_id_is_replaced_not_logged() {
 }
 
 #[tokio::test]
-async fn an_upstash_backed_pair_reads_once_writes_one_command_per_state_change_and_counts_its_code_once()
+async fn an_upstash_backed_pair_reads_once_takes_its_lease_writes_one_command_per_state_change_and_counts_its_code_once()
  {
     // Arrange
     let upstash = MockServer::start().await;
     Mock::given(method("POST"))
+        .and(body_string_contains("'take'"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": 1})))
+        .with_priority(1)
+        .mount(&upstash)
+        .await;
+    Mock::given(method("POST"))
         .and(body_string_contains("INCR"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": [1, 3600]})))
-        .with_priority(1)
+        .with_priority(2)
         .mount(&upstash)
         .await;
     Mock::given(method("POST"))
         .and(body_string_contains("ARGV[3]"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": -1})))
-        .with_priority(1)
+        .with_priority(2)
         .mount(&upstash)
         .await;
     Mock::given(method("POST"))
@@ -408,9 +414,10 @@ async fn an_upstash_backed_pair_reads_once_writes_one_command_per_state_change_a
     // Act
     let body = json(app.post_pair(PHONE).await).await;
 
-    // Assert: a look for a recent outcome, `starting`, the code counted,
-    // then `pending` with the code; nothing else. Each state goes out as
-    // the set-state script, numbered above the one before.
+    // Assert: a look for a recent outcome, the phone's lease taken,
+    // `starting`, the code counted, then `pending` with the code; nothing
+    // else. Each state goes out as the set-state script, numbered above
+    // the one before, checking and renewing the lease in the same command.
     let requests = upstash.received_requests().await.unwrap();
     let commands: Vec<Vec<String>> = requests
         .iter()
@@ -419,26 +426,47 @@ async fn an_upstash_backed_pair_reads_once_writes_one_command_per_state_change_a
             serde_json::from_slice(&r.body).unwrap()
         })
         .collect();
-    assert_eq!(commands.len(), 4, "{commands:?}");
+    assert_eq!(commands.len(), 5, "{commands:?}");
     assert_eq!(
         commands[0],
         ["GET", "wa:pair:628123456789"],
         "a recent outcome?"
     );
-    assert_eq!(commands[2][0], "EVAL");
+    assert_eq!(commands[1][0], "EVAL");
     assert_eq!(
-        commands[2][2..],
+        commands[1][2..6],
+        [
+            "2",
+            "wa:pair:lease:628123456789",
+            "wa:pair:lease:628123456789:epoch",
+            "take"
+        ]
+    );
+    assert_eq!(commands[1][8], "75000", "the lease's TTL");
+    let holder = commands[1][6].clone();
+    assert_eq!(commands[3][0], "EVAL");
+    assert_eq!(
+        commands[3][2..],
         ["1", "wa:pair:budget:628123456789", "3600"]
     );
-    let states: Vec<Value> = [&commands[1], &commands[3]]
+    let states: Vec<Value> = [&commands[2], &commands[4]]
         .iter()
         .map(|command| {
             assert_eq!(command[0], "EVAL");
             assert!(command[1].contains("seq"), "the set-state script");
-            assert_eq!(command[2..4], ["1", "wa:pair:628123456789"]);
-            let state = as_shown(&command[4]);
-            assert_eq!(command[5], state["seq"].to_string(), "its own number");
-            assert_eq!(command[6], "600");
+            assert_eq!(
+                command[2..5],
+                ["2", "wa:pair:628123456789", "wa:pair:lease:628123456789"]
+            );
+            let state = as_shown(&command[5]);
+            assert_eq!(command[6], state["seq"].to_string(), "its own number");
+            assert_eq!(command[7], "600");
+            assert_eq!(
+                command[8],
+                format!("{holder}|1"),
+                "while it holds the lease"
+            );
+            assert_eq!(command[9], "75000");
             state
         })
         .collect();

@@ -143,9 +143,27 @@ impl TestApp {
         store: std::sync::Arc<dyn wa_pair::store::PairingStore>,
         tweak: impl FnOnce(&mut wa_pair::config::Config),
     ) -> Self {
+        let fake = std::sync::Arc::new(FakeWhatsApp::start().await.expect("fake binds"));
+        Self::spawn_on(store, fake, tweak).await
+    }
+
+    /// Another process of the same service: this one's store and fake
+    /// WhatsApp, its own data directory and registry (a replica).
+    pub async fn spawn_replica(
+        &self,
+        store: std::sync::Arc<dyn wa_pair::store::PairingStore>,
+    ) -> Self {
+        let fake = std::sync::Arc::clone(self.fake.as_ref().expect("a test-owned fake"));
+        Self::spawn_on(store, fake, |_| {}).await
+    }
+
+    async fn spawn_on(
+        store: std::sync::Arc<dyn wa_pair::store::PairingStore>,
+        fake: std::sync::Arc<FakeWhatsApp>,
+        tweak: impl FnOnce(&mut wa_pair::config::Config),
+    ) -> Self {
         let (mut config, data_dir) = test_config();
         tweak(&mut config);
-        let fake = std::sync::Arc::new(FakeWhatsApp::start().await.expect("fake binds"));
         let linker = WhatsAppLinker::new(WhatsAppSettings {
             data_dir: config.data_dir.clone(),
             ws_url: Some(fake.ws_url()),
@@ -429,21 +447,21 @@ pub async fn assert_refuses_a_late_state(store: &dyn wa_pair::store::PairingStor
     let older = r#"{"seq":1700000000000001,"status":"pending"}"#;
     assert_eq!(
         store
-            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .set_state(key, older, 1_700_000_000_000_001, ttl, None)
             .await
             .unwrap(),
         Written::Stored
     );
     assert_eq!(
         store
-            .set_state(key, newer, 1_700_000_000_000_002, ttl)
+            .set_state(key, newer, 1_700_000_000_000_002, ttl, None)
             .await
             .unwrap(),
         Written::Stored
     );
     assert_eq!(
         store
-            .set_state(key, older, 1_700_000_000_000_001, ttl)
+            .set_state(key, older, 1_700_000_000_000_001, ttl, None)
             .await
             .unwrap(),
         Written::Stale {
@@ -453,6 +471,128 @@ pub async fn assert_refuses_a_late_state(store: &dyn wa_pair::store::PairingStor
     );
     assert_eq!(store.get(key).await.unwrap().as_deref(), Some(newer));
     store.delete(key).await.unwrap();
+}
+
+/// Takes, renews and releases the lease `key` on `store` as two processes
+/// would, and checks who gets it and with which epoch.
+pub async fn assert_leases_go_to_one_holder_at_a_time(
+    store: &dyn wa_pair::store::PairingStore,
+    key: &str,
+) {
+    use wa_pair::store::LeaseStep::{Release, Renew, Take};
+    let ttl = Duration::from_secs(30);
+    let short = Duration::from_millis(200);
+
+    let first = store.lease(key, Take { holder: "a" }, ttl).await.unwrap();
+    let again = store.lease(key, Take { holder: "a" }, ttl).await.unwrap();
+    let other = store.lease(key, Take { holder: "b" }, ttl).await.unwrap();
+    let epoch = first.expect("a free lease is taken");
+    let renewed = store
+        .lease(key, Renew { holder: "a", epoch }, ttl)
+        .await
+        .unwrap();
+    let renewed_by_other = store
+        .lease(key, Renew { holder: "b", epoch }, ttl)
+        .await
+        .unwrap();
+    let released = store
+        .lease(key, Release { holder: "a", epoch }, ttl)
+        .await
+        .unwrap();
+    let taken_over = store.lease(key, Take { holder: "b" }, short).await.unwrap();
+    let stale_renew = store
+        .lease(key, Renew { holder: "a", epoch }, ttl)
+        .await
+        .unwrap();
+    tokio::time::sleep(short * 2).await;
+    let after_expiry = store.lease(key, Take { holder: "a" }, ttl).await.unwrap();
+
+    assert_eq!(again, Some(epoch), "its holder takes it again, same epoch");
+    assert_eq!(other, None, "nobody else gets a held lease");
+    assert_eq!(renewed, Some(epoch));
+    assert_eq!(renewed_by_other, None);
+    assert_eq!(released, Some(epoch));
+    let taken_over = taken_over.expect("a released lease is free");
+    assert!(taken_over > epoch, "a new holder, a new epoch");
+    assert_eq!(stale_renew, None, "the old holder lost it");
+    assert!(
+        after_expiry.expect("an expired lease is free") > taken_over,
+        "each take-over numbers above the last"
+    );
+    store
+        .lease(
+            key,
+            Release {
+                holder: "a",
+                epoch: after_expiry.unwrap(),
+            },
+            ttl,
+        )
+        .await
+        .unwrap();
+    store.delete(&format!("{key}:epoch")).await.unwrap();
+}
+
+/// Writes states to `store` under `key` while holding the lease
+/// `lease_key`, and after another process took it: the first write renews
+/// the lease, the later one writes nothing.
+pub async fn assert_a_lost_lease_fences_writes(
+    store: &dyn wa_pair::store::PairingStore,
+    key: &str,
+    lease_key: &str,
+) {
+    use wa_pair::store::LeaseStep::{Release, Take};
+    use wa_pair::store::{HeldLease, Written};
+    let ttl = Duration::from_secs(60);
+    let short = Duration::from_millis(300);
+    let epoch = store
+        .lease(lease_key, Take { holder: "a" }, short)
+        .await
+        .unwrap()
+        .expect("a free lease");
+    let held = HeldLease {
+        key: lease_key,
+        holder: "a",
+        epoch,
+        ttl: Duration::from_secs(30),
+    };
+    let state = r#"{"seq":1700000000000001,"status":"pending"}"#;
+
+    let written = store
+        .set_state(key, state, 1_700_000_000_000_001, ttl, Some(held))
+        .await
+        .unwrap();
+    tokio::time::sleep(short * 2).await;
+    let still_held = store
+        .lease(lease_key, Take { holder: "b" }, ttl)
+        .await
+        .unwrap();
+    store
+        .lease(lease_key, Release { holder: "a", epoch }, ttl)
+        .await
+        .unwrap();
+    let taken = store
+        .lease(lease_key, Take { holder: "b" }, ttl)
+        .await
+        .unwrap()
+        .expect("a released lease is free");
+    let late = r#"{"seq":1700000000000002,"status":"failed"}"#;
+    let fenced = store
+        .set_state(key, late, 1_700_000_000_000_002, ttl, Some(held))
+        .await
+        .unwrap();
+
+    assert_eq!(written, Written::Stored);
+    assert_eq!(
+        still_held, None,
+        "the write renewed the lease past its first TTL"
+    );
+    assert!(taken > epoch);
+    assert_eq!(fenced, Written::LeaseLost);
+    assert_eq!(store.get(key).await.unwrap().as_deref(), Some(state));
+    store.delete(key).await.unwrap();
+    store.delete(lease_key).await.unwrap();
+    store.delete(&format!("{lease_key}:epoch")).await.unwrap();
 }
 
 /// One POST the webhook receiver got.

@@ -19,6 +19,7 @@ mod page;
 mod passkey;
 mod qr;
 mod redis_store;
+mod replicas;
 #[cfg(feature = "sandbox")]
 mod sandbox;
 mod soak;

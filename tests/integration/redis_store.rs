@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use wa_pair::store::{PairingStore, RedisStore, StoreError, Written};
 
-use crate::helpers::{TestApp, as_shown, assert_refuses_a_late_state, redis_test_url};
+use crate::helpers::{
+    TestApp, as_shown, assert_a_lost_lease_fences_writes, assert_leases_go_to_one_holder_at_a_time,
+    assert_refuses_a_late_state, redis_test_url,
+};
 
 /// A store on the test server, checked to answer; and a key prefix of its
 /// own, so tests running at once never share a key.
@@ -157,6 +160,25 @@ async fn a_state_older_than_the_stored_one_is_refused_by_the_script_on_redis() {
 }
 
 #[tokio::test]
+async fn a_phones_lease_goes_to_one_process_at_a_time_on_redis() {
+    let (store, prefix) = store().await;
+
+    assert_leases_go_to_one_holder_at_a_time(&store, &format!("{prefix}lease:628123456789")).await;
+}
+
+#[tokio::test]
+async fn a_write_after_the_lease_was_taken_over_is_refused_on_redis() {
+    let (store, prefix) = store().await;
+
+    assert_a_lost_lease_fences_writes(
+        &store,
+        &format!("{prefix}628123456789"),
+        &format!("{prefix}lease:628123456789"),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_seq_inside_the_message_text_does_not_fool_the_script() {
     // Arrange: the state's own seq comes first; free text after it quotes
     // a higher one.
@@ -164,15 +186,24 @@ async fn a_seq_inside_the_message_text_does_not_fool_the_script() {
     let key = format!("{prefix}628123456789");
     let ttl = Duration::from_secs(60);
     let stored = r#"{"status":"failed","seq":100,"message":"see \"seq\":999"}"#;
-    store.set_state(&key, stored, 100, ttl).await.unwrap();
+    store.set_state(&key, stored, 100, ttl, None).await.unwrap();
 
     // Act
     let newer = store
-        .set_state(&key, r#"{"status":"starting","seq":200}"#, 200, ttl)
+        .set_state(&key, r#"{"status":"starting","seq":200}"#, 200, ttl, None)
         .await
         .unwrap();
 
     // Assert
     assert_eq!(newer, Written::Stored);
     store.delete(&key).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_leases_and_fences_writes_as_redis_does() {
+    let store = wa_pair::store::MemoryStore::new();
+
+    assert_leases_go_to_one_holder_at_a_time(&store, "wa:pair:lease:628123456789").await;
+    assert_a_lost_lease_fences_writes(&store, "wa:pair:628123456789", "wa:pair:lease:628123456789")
+        .await;
 }

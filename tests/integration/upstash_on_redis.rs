@@ -12,7 +12,10 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore};
 
-use crate::helpers::{assert_refuses_a_late_state, redis_test_url};
+use crate::helpers::{
+    assert_a_lost_lease_fences_writes, assert_leases_go_to_one_holder_at_a_time,
+    assert_refuses_a_late_state, redis_test_url,
+};
 
 const TOKEN: &str = "upstash-front-token";
 
@@ -136,6 +139,21 @@ async fn a_wrong_upstash_token_is_unauthorized() {
     let error = store.ping().await.unwrap_err();
 
     assert!(matches!(error, StoreError::Unauthorized), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_phones_lease_goes_to_one_process_at_a_time_through_upstash_eval() {
+    let store = UpstashStore::new(UpstashSettings::new(upstash_front().await, TOKEN)).unwrap();
+
+    assert_leases_go_to_one_holder_at_a_time(&store, &key("lease:628123456789")).await;
+}
+
+#[tokio::test]
+async fn a_write_after_the_lease_was_taken_over_is_refused_through_upstash_eval() {
+    let store = UpstashStore::new(UpstashSettings::new(upstash_front().await, TOKEN)).unwrap();
+
+    assert_a_lost_lease_fences_writes(&store, &key("628123456789"), &key("lease:628123456789"))
+        .await;
 }
 
 #[tokio::test]

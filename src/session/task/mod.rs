@@ -7,10 +7,12 @@
 //! in flight, the timers). [`transitions`] is what each outcome does to the
 //! state; [`writer`] stores it.
 
+mod lease;
 mod passkey;
 mod transitions;
 mod writer;
 
+pub use lease::{LEASE_RENEW_EVERY, LEASE_TTL};
 pub(super) use transitions::{ended, outcome_error};
 pub use writer::{FINAL_HEAL_ATTEMPTS, STORE_HEAL_BACKOFF, STORE_WRITE_BUDGET};
 
@@ -96,6 +98,9 @@ pub enum StepOutcome {
     Passkey(Reason),
     /// WhatsApp did not accept a passkey assertion; it still asks for one.
     PasskeyRefused,
+    /// Another process took over the phone's lease: this session stopped
+    /// without writing anything more.
+    LeaseLost,
     /// Nothing visible changed (an informational event, a store heal).
     Idle,
     /// The session ended with this status.
@@ -105,7 +110,7 @@ pub enum StepOutcome {
 impl StepOutcome {
     /// Whether the session is over.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Ended(_))
+        matches!(self, Self::Ended(_) | Self::LeaseLost)
     }
 }
 
@@ -188,6 +193,10 @@ pub struct Session {
     /// WhatsApp asked for the account's passkey: no code or QR code can
     /// link it any more (see `passkey.rs`).
     passkey_link: bool,
+    /// The phone's lease, when this process took one (see `lease.rs`).
+    lease: Option<lease::Lease>,
+    /// Another process took the phone's lease: this session has stopped.
+    taken_over: bool,
 }
 
 impl Session {
@@ -231,6 +240,8 @@ impl Session {
             discard_device: false,
             webhooks: None,
             passkey_link: false,
+            lease: None,
+            taken_over: false,
         };
         (session, commands_tx, state_rx)
     }
@@ -262,17 +273,24 @@ impl Session {
         // The first state is stored too: a reader sees `starting`, not nothing.
         self.state.seq = writer::next_seq(self.state.seq);
         self.write_store().await;
-        loop {
-            if self.step().await.is_terminal() {
-                break;
+        let last = loop {
+            let outcome = self.step().await;
+            if outcome.is_terminal() {
+                break outcome;
             }
-        }
+        };
         // Queued, never awaited: the receiver cannot hold the session up.
-        if let Some(webhooks) = &self.webhooks {
+        // A session taken over has no outcome of its own to announce.
+        if let Some(webhooks) = self
+            .webhooks
+            .as_ref()
+            .filter(|_| last != StepOutcome::LeaseLost)
+        {
             webhooks.notify(&self.state);
         }
         self.refuse_late_commands();
         self.close().await;
+        self.release_lease().await;
     }
 
     /// Answers the commands still queued with the session's outcome and
@@ -280,8 +298,14 @@ impl Session {
     /// caller should learn the outcome, not wait for it.
     fn refuse_late_commands(&mut self) {
         self.commands.close();
+        let answer = if self.state.status.is_terminal() {
+            outcome_error(&self.state)
+        } else {
+            // Taken over: the other process has the session now.
+            SessionError::Busy
+        };
         while let Ok(command) = self.commands.try_recv() {
-            let _ = command.into_reply().send(Err(outcome_error(&self.state)));
+            let _ = command.into_reply().send(Err(answer.clone()));
         }
     }
 
@@ -316,6 +340,9 @@ impl Session {
     /// once something did change.
     pub async fn step(&mut self) -> StepOutcome {
         loop {
+            if self.taken_over {
+                return StepOutcome::LeaseLost;
+            }
             if self.state.status.is_terminal() {
                 return StepOutcome::Ended(self.state.status);
             }
@@ -326,6 +353,7 @@ impl Session {
                 .flatten()
                 .min()
                 .unwrap_or(self.deadline);
+            let renew_at = self.lease.as_ref().map(|lease| lease.renew_at);
             let outcome = tokio::select! {
                 // Link events first: a link that already happened must win
                 // over a cancel or a stop queued behind it.
@@ -350,7 +378,16 @@ impl Session {
                 // While WhatsApp is being asked, the request's own bounds
                 // (connect, code) come first; timers wait for its answer.
                 _ = tokio::time::sleep_until(wake), if !asking => self.timer_fired().await,
+                // The lease is renewed whatever the session waits on.
+                _ = tokio::time::sleep_until(renew_at.unwrap_or(wake)), if renew_at.is_some() => {
+                    self.renew_lease().await
+                }
             };
+            if self.taken_over {
+                // A write found the lease lost: whatever this step did is
+                // not ours to report.
+                return StepOutcome::LeaseLost;
+            }
             if let Some(outcome) = outcome {
                 return outcome;
             }
@@ -639,7 +676,7 @@ mod tests {
     pub(super) struct Fixture {
         pub(super) session: Session,
         pub(super) commands: mpsc::Sender<Command>,
-        stop: watch::Sender<bool>,
+        pub(super) stop: watch::Sender<bool>,
         pub(super) states: watch::Receiver<PairState>,
         pub(super) script: Arc<Script>,
         pub(super) store: Arc<FlakyStore>,

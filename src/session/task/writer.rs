@@ -8,11 +8,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Session;
+use super::lease::LEASE_TTL;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::session::schedule::CODE_BUDGET_WINDOW;
 use crate::session::state::{PairState, StoredState};
-use crate::store::Written;
+use crate::store::{HeldLease, Written};
 
 /// Longest a state write may hold up the session (and so the HTTP answer).
 /// The Upstash client retries internally; past this we move on and heal later.
@@ -93,12 +94,26 @@ impl Session {
                 .map(|at| at.saturating_duration_since(Instant::now()))
         };
         let ttl = self.settings.store_ttl(self.state.status, wait);
+        let lease = self.lease.as_ref().map(|lease| HeldLease {
+            key: &lease.key,
+            holder: &lease.holder,
+            epoch: lease.epoch,
+            ttl: LEASE_TTL,
+        });
         let result = tokio::time::timeout(
             STORE_WRITE_BUDGET,
-            self.store.set_state(&self.key, &json, self.state.seq, ttl),
+            self.store
+                .set_state(&self.key, &json, self.state.seq, ttl, lease),
         )
         .await;
+        if let Ok(Ok(Written::Stored | Written::Stale { .. })) = result {
+            // The write renewed the lease too.
+            self.lease_renewed();
+        }
         match result {
+            Ok(Ok(Written::LeaseLost)) => {
+                self.lease_lost();
+            }
             Ok(Ok(Written::Stale { current })) => {
                 // Someone wrote a newer state of this phone (another
                 // process): ours must not replace it, and retrying cannot
