@@ -335,7 +335,10 @@ impl Sessions {
             let look = match self.try_start_or_join(phone, actor, relink, looked_at_store, lease) {
                 Ok(look) => look,
                 Err(error) => {
-                    if let Some(epoch) = lease {
+                    // Not while a session of this process runs the phone:
+                    // the lease (this process's) is that session's.
+                    let running_here = lock(&self.registry).live.contains_key(phone);
+                    if let Some(epoch) = lease.filter(|_| !running_here) {
                         self.release_lease(phone, epoch).await;
                     }
                     return Err(error);
@@ -362,6 +365,10 @@ impl Sessions {
                 }
                 Look::WaitFor(released) => released,
             };
+            // The session waited for gives the lease up as it ends: look
+            // at the store and take the lease again.
+            lease = None;
+            looked_at_store = false;
             // `Err` means the sender is gone: released, look again.
             let wait = tokio::time::timeout_at(deadline, released.changed()).await;
             if wait.is_err() {
@@ -415,20 +422,21 @@ impl Sessions {
     }
 
     /// The state of `phone`'s session that another process runs: as stored
-    /// (`starting` until its first write lands), if `actor` may see it.
+    /// (`starting` until its first write lands: a final state in the store
+    /// is an earlier session's), if `actor` may see it.
     async fn running_elsewhere(
         &self,
         phone: &PhoneNumber,
         actor: &Actor,
     ) -> Result<PairState, SessionError> {
         match self.stored(phone).await? {
-            Some(read) => {
+            Some(read) if !read.state.status.is_terminal() => {
                 if !actor.may_touch_tagged(read.owner.as_deref()) {
                     return Err(SessionError::Forbidden);
                 }
                 Ok(read.state)
             }
-            None => Ok(PairState::starting(phone.clone())),
+            _ => Ok(PairState::starting(phone.clone())),
         }
     }
 

@@ -48,3 +48,46 @@ async fn concurrent_starts_on_two_replicas_open_one_whatsapp_pairing_and_both_sh
     let running = first.sessions.counts().live + second.sessions.counts().live;
     assert_eq!(running, 1, "one process runs the session");
 }
+
+#[tokio::test]
+async fn a_start_while_another_process_holds_the_lease_is_not_answered_with_an_earlier_outcome() {
+    // Arrange: an earlier session's outcome is stored, and another process
+    // has just taken the phone's lease (its first write has not landed).
+    let store: Arc<dyn PairingStore> = Arc::new(MemoryStore::new());
+    let earlier = serde_json::json!({
+        "phone": PHONE, "status": "cancelled", "code": null, "code_display": null,
+        "issued_at": null, "expires_at": null, "refresh_at": null, "attempt": 1,
+        "updated_at": "2026-01-01T00:00:00Z", "seq": 1, "reason": "cancelled"
+    });
+    store
+        .set(
+            &format!("wa:pair:{PHONE}"),
+            &earlier.to_string(),
+            std::time::Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
+    store
+        .lease(
+            &format!("wa:pair:lease:{PHONE}"),
+            wa_pair::store::LeaseStep::Take { holder: "another" },
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let app = TestApp::spawn_with(Arc::clone(&store), |_| {}).await;
+
+    // Act
+    let answer = app.post_pair(PHONE).await;
+    let status = answer.status();
+    let body: serde_json::Value = answer.json().await.unwrap();
+
+    // Assert
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "starting");
+    assert_eq!(
+        app.fake().record(PHONE).map_or(0, |r| r.code_requests),
+        0,
+        "this process does not pair the phone"
+    );
+}

@@ -24,6 +24,11 @@ pub const LEASE_TTL: Duration = Duration::from_secs(75);
 pub const LEASE_RENEW_EVERY: Duration = Duration::from_secs(30);
 /// After a renewal the store did not answer, how soon to try again.
 const LEASE_RETRY: Duration = Duration::from_secs(2);
+/// A session whose renewals keep failing stops this long before its lease
+/// could have expired (a retry plus a renewal's wait), so it never talks to
+/// WhatsApp past the lease.
+const LEASE_SAFETY: Duration =
+    Duration::from_secs(LEASE_RETRY.as_secs() + STORE_WRITE_BUDGET.as_secs());
 
 /// A lease this session holds.
 pub(super) struct Lease {
@@ -64,6 +69,9 @@ impl Session {
             holder: &lease.holder,
             epoch: lease.epoch,
         };
+        // The store counts the TTL from when it ran the renewal: at the
+        // latest, from now.
+        let sent = Instant::now();
         let renewed = tokio::time::timeout(
             STORE_WRITE_BUDGET,
             self.store.lease(&lease.key, step, LEASE_TTL),
@@ -73,11 +81,13 @@ impl Session {
         let lease = self.lease.as_mut()?;
         match renewed {
             Ok(Ok(Some(_))) => {
-                self.lease_renewed();
+                self.lease_renewed(sent);
                 None
             }
             Ok(Ok(None)) => Some(self.lease_lost()),
-            Ok(Err(_)) | Err(_) if now.duration_since(lease.renewed_at) >= LEASE_TTL => {
+            Ok(Err(_)) | Err(_)
+                if now.duration_since(lease.renewed_at) >= LEASE_TTL - LEASE_SAFETY =>
+            {
                 Some(self.lease_lost())
             }
             Ok(Err(_)) | Err(_) => {
@@ -87,12 +97,12 @@ impl Session {
         }
     }
 
-    /// The lease was renewed now (by a renewal, or a state write).
-    pub(super) fn lease_renewed(&mut self) {
+    /// The lease was renewed (by a renewal, or a state write) by a command
+    /// sent at `sent`.
+    pub(super) fn lease_renewed(&mut self, sent: Instant) {
         if let Some(lease) = self.lease.as_mut() {
-            let now = Instant::now();
-            lease.renewed_at = now;
-            lease.renew_at = now + LEASE_RENEW_EVERY;
+            lease.renewed_at = sent;
+            lease.renew_at = sent + LEASE_RENEW_EVERY;
         }
     }
 
@@ -136,7 +146,7 @@ mod tests {
 
     use std::sync::atomic::Ordering;
 
-    use super::super::tests::fixture;
+    use super::super::tests::{Fixture, fixture};
     use super::*;
     use crate::link::{LinkEvent, QrCode};
     use crate::session::state::Status;
@@ -145,9 +155,8 @@ mod tests {
 
     const LEASE: &str = "wa:pair:lease:628123456789";
 
-    #[tokio::test(start_paused = true)]
-    async fn a_session_whose_lease_another_process_took_stops_without_writing() {
-        // Arrange: this process holds the lease, the session shows a code.
+    /// A session that took the phone's lease (as `here`) and shows a code.
+    async fn leased() -> (Fixture, u64) {
         let f = fixture(settings());
         let epoch = f
             .store
@@ -155,11 +164,18 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let mut f = super::super::tests::Fixture {
+        let mut f = Fixture {
             session: f.session.leased(LEASE.into(), "here".into(), epoch),
             ..f
         };
         f.session.step().await;
+        (f, epoch)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_lease_another_process_took_stops_without_writing() {
+        // Arrange: this process holds the lease, the session shows a code.
+        let (mut f, epoch) = leased().await;
         let shown = f.states.borrow().clone();
 
         // Act: another process takes over, then a QR rotates here.
@@ -191,24 +207,18 @@ mod tests {
             serde_json::from_str(&f.store.get("wa:pair:628123456789").await.unwrap().unwrap())
                 .unwrap();
         assert_eq!(stored.seq, shown.seq, "nothing written after the loss");
+        assert_eq!(
+            f.states.borrow().seq,
+            shown.seq,
+            "nor shown to this process's readers"
+        );
         assert_eq!(f.script.requests.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_session_keeps_its_lease_by_renewing_it() {
         // Arrange
-        let f = fixture(settings());
-        let epoch = f
-            .store
-            .lease(LEASE, LeaseStep::Take { holder: "here" }, LEASE_TTL)
-            .await
-            .unwrap()
-            .unwrap();
-        let mut f = super::super::tests::Fixture {
-            session: f.session.leased(LEASE.into(), "here".into(), epoch),
-            ..f
-        };
-        f.session.step().await;
+        let (mut f, _) = leased().await;
 
         // Act: two TTLs with nothing to write (the code's refresh comes
         // after 165 s).

@@ -289,6 +289,12 @@ impl Session {
             webhooks.notify(&self.state);
         }
         self.refuse_late_commands();
+        // Given up before the link client is released (which can take
+        // seconds a shutdown may not have), unless a write still waits to
+        // heal the store: those writes need the lease.
+        if self.store_heal_at.is_none() {
+            self.release_lease().await;
+        }
         self.close().await;
         self.release_lease().await;
     }

@@ -20,7 +20,11 @@ impl Session {
         let outcome = self
             .finish(Status::Cancelled, Reason::Cancelled, None)
             .await;
-        let _ = reply.send(Ok(self.state.clone()));
+        let _ = reply.send(if self.taken_over {
+            Err(SessionError::Busy)
+        } else {
+            Ok(self.state.clone())
+        });
         self.answer(waiting, &outcome);
         outcome
     }
@@ -28,6 +32,11 @@ impl Session {
     /// Answers refreshes that waited for `outcome`.
     pub(super) fn answer(&self, waiting: Vec<Reply>, outcome: &StepOutcome) {
         for reply in waiting {
+            if self.taken_over {
+                // Another process runs the phone now.
+                let _ = reply.send(Err(SessionError::Busy));
+                continue;
+            }
             let answer = match outcome {
                 StepOutcome::Ended(_) => Err(outcome_error(&self.state)),
                 StepOutcome::BudgetSpent { .. } => Err(SessionError::CodeBudget {

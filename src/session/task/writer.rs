@@ -70,10 +70,17 @@ impl Session {
         state.seq = next_seq(self.state.seq);
         self.state = state;
         self.write_store().await;
+        if self.taken_over {
+            // Not ours to show: the other process's state is the phone's.
+            return;
+        }
         self.published.send_replace(self.state.clone());
     }
 
     pub(super) async fn write_store(&mut self) {
+        if self.taken_over {
+            return;
+        }
         let stored = StoredState {
             state: &self.state,
             owner: self.owner_tag.as_deref(),
@@ -100,6 +107,7 @@ impl Session {
             epoch: lease.epoch,
             ttl: LEASE_TTL,
         });
+        let sent = Instant::now();
         let result = tokio::time::timeout(
             STORE_WRITE_BUDGET,
             self.store
@@ -108,7 +116,7 @@ impl Session {
         .await;
         if let Ok(Ok(Written::Stored | Written::Stale { .. })) = result {
             // The write renewed the lease too.
-            self.lease_renewed();
+            self.lease_renewed(sent);
         }
         match result {
             Ok(Ok(Written::LeaseLost)) => {
