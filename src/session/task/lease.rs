@@ -233,4 +233,22 @@ mod tests {
         assert!(quiet.is_err(), "nothing visible happened");
         assert_eq!(other, None, "the lease is still this session's");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_gives_its_lease_up_when_it_ends() {
+        // Arrange
+        let (f, _) = leased().await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        f.commands
+            .send(crate::session::Command::Cancel(reply))
+            .await
+            .unwrap();
+
+        // Act
+        f.session.run().await;
+
+        // Assert
+        assert_eq!(answer.await.unwrap().unwrap().status, Status::Cancelled);
+        assert_eq!(f.store.get(LEASE).await.unwrap(), None, "given up");
+    }
 }
