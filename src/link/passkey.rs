@@ -19,7 +19,7 @@ use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::Deserialize;
 
 /// WhatsApp's WebAuthn request options (`PublicKeyCredentialRequestOptions`
 /// in its JSON form: `challenge`, `rpId`, `allowCredentials`,
@@ -65,12 +65,6 @@ impl VerificationCode {
 impl fmt::Debug for VerificationCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("VerificationCode([redacted])")
-    }
-}
-
-impl Serialize for VerificationCode {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
     }
 }
 

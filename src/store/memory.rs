@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::{
     Counted, HeldLease, LEASE_EPOCH_TTL_MS, LeaseStep, PairingStore, StoreError, Written,
-    lease_epoch_key, stored_seq, ttl_seconds,
+    lease_epoch_key, lease_value, stored_seq, ttl_seconds,
 };
 
 /// Number of stored entries below which [`MemoryStore`] never prunes.
@@ -193,7 +193,7 @@ impl PairingStore for MemoryStore {
             .filter(|entry| !entry.is_expired(now))
             .map(|entry| entry.value.clone());
         let holding =
-            |holder: &str, epoch: u64| current.as_deref() == Some(&format!("{holder}|{epoch}"));
+            |holder: &str, epoch: u64| current.as_deref() == Some(&lease_value(holder, epoch));
         let expires_at = now.checked_add(ttl);
         let epoch = match step {
             LeaseStep::Take { holder } => {
@@ -240,7 +240,7 @@ impl PairingStore for MemoryStore {
                 inner.entries.insert(
                     key.to_owned(),
                     MemoryEntry {
-                        value: format!("{holder}|{epoch}"),
+                        value: lease_value(holder, epoch),
                         expires_at,
                     },
                 );

@@ -163,8 +163,14 @@ pub struct HeldLease<'a> {
 impl HeldLease<'_> {
     /// The lease's value while this writer holds it.
     fn value(&self) -> String {
-        format!("{}|{}", self.holder, self.epoch)
+        lease_value(self.holder, self.epoch)
     }
+}
+
+/// A lease's stored value while `holder` has it at `epoch`: `holder|epoch`
+/// (what [`LEASE_SCRIPT`] writes and compares).
+fn lease_value(holder: &str, epoch: u64) -> String {
+    format!("{holder}|{epoch}")
 }
 
 /// A step of a lease, held by one process (`holder`, unique per process)

@@ -836,17 +836,22 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A `link_code_companion_reg` notification from the server carrying `stage`.
-    fn link_code_notification(&self, stage: Node) -> Node {
+    /// A server notification of `kind` carrying `child`.
+    fn notification(&self, kind: &str, child: Node) -> Node {
         NodeBuilder::new("notification")
             .attrs([
                 ("from", SERVER_JID.to_string()),
-                ("type", "link_code_companion_reg".to_string()),
+                ("type", kind.to_string()),
                 ("id", self.next_stanza_id()),
                 ("t", primary::now_secs().to_string()),
             ])
-            .children([stage])
+            .children([child])
             .build()
+    }
+
+    /// A `link_code_companion_reg` notification from the server carrying `stage`.
+    fn link_code_notification(&self, stage: Node) -> Node {
+        self.notification("link_code_companion_reg", stage)
     }
 
     fn next_stanza_id(&self) -> String {

@@ -48,8 +48,7 @@ use wacore_binary::builder::NodeBuilder;
 
 use crate::wire::public_bytes;
 use crate::{
-    Command, Completion, LinkedVia, SERVER_JID, Shared, attr, content_bytes, iq_error, iq_result,
-    random_ref,
+    Command, Completion, LinkedVia, Shared, attr, content_bytes, iq_error, iq_result, random_ref,
 };
 
 /// The relying party WhatsApp's passkeys are registered for: an assertion
@@ -376,13 +375,14 @@ pub(crate) fn ask(shared: &Shared, connection: u64, phone: &str) -> Option<Comma
         options
     };
     shared.update(phone, |p| p.record.passkey_requests += 1);
-    Some(Command::Send(notification(
-        shared,
-        "passkey_prologue_request",
-        NodeBuilder::new("passkey_request_options")
-            .bytes(options.into_bytes())
-            .build(),
-    )))
+    Some(Command::Send(
+        shared.notification(
+            "passkey_prologue_request",
+            NodeBuilder::new("passkey_request_options")
+                .bytes(options.into_bytes())
+                .build(),
+        ),
+    ))
 }
 
 /// Answers the passkey exchange's IQs (`md` namespace: `ref`,
@@ -472,8 +472,7 @@ fn exchange_step(shared: &Arc<Shared>, connection: u64, id: &str, step: Step) ->
             payload,
         } => match exchange.accept_prologue(&credential_id, &assertion, &payload) {
             Ok(primary) => {
-                let continuation = notification(
-                    shared,
+                let continuation = shared.notification(
                     "crsc_continuation",
                     NodeBuilder::new("primary_ephemeral_identity")
                         .bytes(primary)
@@ -546,19 +545,6 @@ fn exchange_step(shared: &Arc<Shared>, connection: u64, id: &str, step: Step) ->
             vec![Command::Send(iq_error(id, 401, "not-authorized", None))]
         }
     }
-}
-
-/// A server notification of `kind` carrying `child`.
-fn notification(shared: &Shared, kind: &str, child: Node) -> Node {
-    NodeBuilder::new("notification")
-        .attrs([
-            ("from", SERVER_JID.to_string()),
-            ("type", kind.to_string()),
-            ("id", shared.next_stanza_id()),
-            ("t", crate::primary::now_secs().to_string()),
-        ])
-        .children([child])
-        .build()
 }
 
 /// An authenticator holding one passkey in software: it signs what a

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use super::{Asking, InFlight, Reply, Session, StepOutcome};
 use crate::link::passkey::{PasskeyAssertion, PasskeyOptions, VerificationCode};
-use crate::link::{Invalidation, LinkError, LinkEvent};
+use crate::link::{Invalidation, LinkError, LinkEvent, LinkHandle};
 use crate::session::SessionError;
 use crate::session::state::{PairState, Reason, Status};
 
@@ -73,36 +73,42 @@ impl Session {
         assertion: PasskeyAssertion,
         reply: Reply,
     ) -> Option<StepOutcome> {
-        if self.state.reason != Some(Reason::PasskeyRequired) {
-            let _ = reply.send(Err(SessionError::PasskeyOutOfOrder(
-                "this session is not waiting for a passkey",
-            )));
-            return Some(StepOutcome::Idle);
-        }
-        let Some(handle) = self.link.as_ref().map(|link| Arc::clone(&link.handle)) else {
-            let _ = reply.send(Err(SessionError::Busy));
-            return Some(StepOutcome::Idle);
-        };
-        if self.in_flight.is_some() {
-            let _ = reply.send(Err(SessionError::Busy));
-            return Some(StepOutcome::Idle);
-        }
-        self.in_flight = Some(InFlight {
-            asking: Asking::Passkey(Box::pin(
-                async move { handle.send_passkey(assertion).await },
-            )),
-            waiting: vec![reply],
-            events_closed: false,
-        });
-        None
+        self.passkey_step(
+            Reason::PasskeyRequired,
+            "this session is not waiting for a passkey",
+            reply,
+            |handle| {
+                Asking::Passkey(Box::pin(
+                    async move { handle.send_passkey(assertion).await },
+                ))
+            },
+        )
     }
 
     /// The caller confirms the verification code matched.
     pub(super) fn confirm_passkey(&mut self, reply: Reply) -> Option<StepOutcome> {
-        if self.state.reason != Some(Reason::PasskeyConfirmation) {
-            let _ = reply.send(Err(SessionError::PasskeyOutOfOrder(
-                "this session shows no verification code to confirm",
-            )));
+        self.passkey_step(
+            Reason::PasskeyConfirmation,
+            "this session shows no verification code to confirm",
+            reply,
+            |handle| {
+                Asking::ConfirmPasskey(Box::pin(async move { handle.confirm_passkey().await }))
+            },
+        )
+    }
+
+    /// Puts the step `ask` makes in flight for `reply`, if the session is
+    /// at `stage` (else `out_of_order` is the answer) with its link client
+    /// and nothing else in flight (else `busy`).
+    fn passkey_step(
+        &mut self,
+        stage: Reason,
+        out_of_order: &'static str,
+        reply: Reply,
+        ask: impl FnOnce(Arc<dyn LinkHandle>) -> Asking,
+    ) -> Option<StepOutcome> {
+        if self.state.reason != Some(stage) {
+            let _ = reply.send(Err(SessionError::PasskeyOutOfOrder(out_of_order)));
             return Some(StepOutcome::Idle);
         }
         let (Some(handle), None) = (
@@ -113,7 +119,7 @@ impl Session {
             return Some(StepOutcome::Idle);
         };
         self.in_flight = Some(InFlight {
-            asking: Asking::ConfirmPasskey(Box::pin(async move { handle.confirm_passkey().await })),
+            asking: ask(handle),
             waiting: vec![reply],
             events_closed: false,
         });
