@@ -122,6 +122,9 @@ pub struct App {
     sandbox_guard: Sandbox,
     /// Delivers outcomes to `WEBHOOK_URL` while `serve` runs.
     deliverer: Option<Deliverer>,
+    /// Sessions are handed over on shutdown, and this process resumes the
+    /// ones handed over to it (the store is shared).
+    hands_over: bool,
 }
 
 impl App {
@@ -172,9 +175,16 @@ impl App {
             Arc::clone(&linker),
             Arc::clone(&store),
         );
-        let sessions = Arc::new(match webhooks {
+        let sessions = match webhooks {
             Some(webhooks) => sessions.announcing_to(webhooks),
             None => sessions,
+        };
+        // A store that outlives this process (Upstash, Redis) lets the next
+        // process go on with its sessions; the memory store dies with it.
+        let hands_over = store.kind() != "memory";
+        let sessions = Arc::new(match hands_over {
+            true => sessions.handing_over_on_stop(),
+            false => sessions,
         });
         let state = AppState {
             sessions: Arc::clone(&sessions),
@@ -212,6 +222,7 @@ impl App {
             },
             sandbox_guard: sandbox,
             deliverer,
+            hands_over,
         })
     }
 
@@ -234,7 +245,8 @@ impl App {
     }
 
     /// Serves until `shutdown` completes, then stops accepting, interrupts
-    /// the sessions (pending ones are stored as `failed`/`interrupted`),
+    /// the sessions (pending ones are handed over to the next process when
+    /// the store is shared, else stored as `failed`/`interrupted`),
     /// lets in-flight requests finish, and returns within the grace period.
     pub async fn serve(
         self,
@@ -256,6 +268,11 @@ impl App {
         let warm_stop = stop_rx.clone();
         let warm_pool = tokio::spawn(async move { linker.keep_warm(warm_stop).await });
 
+        let resumer = self.hands_over.then(|| {
+            let sessions = Arc::clone(&self.sessions);
+            let stop = stop_rx.clone();
+            tokio::spawn(async move { sessions.resume_handed_over_for(stop).await })
+        });
         let sessions = Arc::clone(&self.sessions);
         let session_grace = self.grace.mul_f64(SESSION_SHARE_OF_GRACE);
         let mut sessions_stop = stop_rx.clone();
@@ -288,6 +305,9 @@ impl App {
                 let _ = sessions_done.await;
                 let _ = sweeper.await;
                 let _ = warm_pool.await;
+                if let Some(resumer) = resumer {
+                    let _ = resumer.await;
+                }
                 if let Some(webhooks) = webhooks {
                     let _ = webhooks.await;
                 }

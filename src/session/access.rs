@@ -49,9 +49,20 @@ impl Owner {
         }
     }
 
+    /// The owner of a session resumed from the store (another process
+    /// started it), known only by the `tag` stored with it: the caller
+    /// whose tag it is may touch it, as they could in the process that
+    /// started it.
+    pub fn tagged(tag: &str) -> Self {
+        Self(format!("tag:{tag}").into())
+    }
+
     /// A one-way tag of this owner for the stored state: equal owners get
     /// equal tags, and the tag does not give the user id back.
     pub fn tag(&self) -> String {
+        if let Some(tag) = self.0.strip_prefix("tag:") {
+            return tag.to_owned();
+        }
         let owner = match self.0.starts_with("ip:") {
             true => "anonymous",
             false => &self.0,
@@ -72,6 +83,7 @@ impl fmt::Debug for Owner {
         // stays out of debug output of whole states.
         match self.0.split_once(':') {
             Some(("user", _)) => f.write_str("Owner(user)"),
+            Some(("tag", _)) => f.write_str("Owner(tag)"),
             Some(("ip", _)) => f.write_str("Owner(ip)"),
             _ => write!(f, "Owner({})", self.0),
         }
@@ -124,7 +136,12 @@ impl Actor {
 
     /// Whether this actor may read or act on a session `owner` started.
     pub fn may_touch(&self, owner: &Owner) -> bool {
-        self.sees_all || self.owner == *owner
+        self.sees_all
+            || self.owner == *owner
+            || owner
+                .0
+                .strip_prefix("tag:")
+                .is_some_and(|tag| tag == self.owner.tag())
     }
 
     /// Whether this actor may read or act on a stored session whose owner
@@ -167,6 +184,17 @@ mod tests {
         assert!(!alice.may_touch_tagged(Some(&Owner::user("bob").tag())));
         assert!(!alice.may_touch_tagged(None));
         assert!(Actor::trusted(Owner::anonymous()).may_touch_tagged(None));
+    }
+
+    #[test]
+    fn a_resumed_session_is_touched_by_the_caller_whose_tag_it_carries() {
+        let alice = Actor::restricted(Owner::user("alice"), 5);
+        let bob = Actor::restricted(Owner::user("bob"), 5);
+        let resumed = Owner::tagged(&Owner::user("alice").tag());
+
+        assert!(alice.may_touch(&resumed));
+        assert!(!bob.may_touch(&resumed));
+        assert_eq!(resumed.tag(), Owner::user("alice").tag());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! starting|pending -> cancelled  (DELETE)
 //! starting|pending -> action_required  (WhatsApp asks for the passkey; see
 //!                                       `task/passkey.rs` for that path)
+//! starting|pending|action_required -> starting(handed_over)
+//!                                (the process stopped; the next one resumes it)
 //! ```
 //!
 //! A code is replaced at `min(PAIR_REFRESH_SECS, WhatsApp's validity - 15 s)`
@@ -37,10 +39,12 @@
 //! - [`task`]: one session's task ([`Session`]), with ONE `select!` in
 //!   [`Session::step`]; its files: `transitions.rs` (what each outcome does
 //!   to the state), `writer.rs` (the store writes and the code budget),
-//!   `passkey.rs` (the passkey path) and `lease.rs` (the phone's lease,
-//!   when processes share the store).
+//!   `passkey.rs` (the passkey path), `lease.rs` (the phone's lease,
+//!   when processes share the store) and `handover.rs` (handing over on
+//!   shutdown, resuming what another process handed over).
 //! - [`registry`]: all sessions of the process ([`Sessions`]): start or join,
-//!   commands, shutdown.
+//!   commands, shutdown; `registry/resume.rs` finds sessions handed over
+//!   (or left behind) and resumes them.
 //! - [`access`]: who started a session ([`Owner`]) and who may touch it
 //!   ([`Actor`]).
 
@@ -56,8 +60,8 @@ mod testing;
 
 pub use access::{Actor, Owner};
 pub use registry::{
-    COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, PREVIOUS_SESSION_WAIT, RegistryCounts,
-    STORE_READ_TIMEOUT, Sessions, StateFeed,
+    COMMAND_REPLY_TIMEOUT, Joined, MAX_OPEN_SESSIONS, PREVIOUS_SESSION_WAIT, RESUME_LOOK_EVERY,
+    RESUME_LOOKS_FOR, RegistryCounts, Resumed, STORE_READ_TIMEOUT, Sessions, StateFeed,
 };
 pub use schedule::{
     CODE_BUDGET_WINDOW, MANUAL_REFRESH_DEBOUNCE, MIN_EVENT_REFRESH_GAP, MIN_REFRESH_INTERVAL,

@@ -78,6 +78,12 @@ impl SessionSettings {
         format!("{}lease:{}", self.key_prefix, phone.as_str())
     }
 
+    /// The store key of the index of sessions handed over by a process that
+    /// stopped, for the next process to resume (a sorted set by deadline).
+    pub fn handed_over_key(&self) -> String {
+        format!("{}handed_over", self.key_prefix)
+    }
+
     /// The store key counting `phone`'s codes.
     pub fn budget_key(&self, phone: &PhoneNumber) -> String {
         format!("{}budget:{}", self.key_prefix, phone.as_str())

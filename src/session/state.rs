@@ -93,6 +93,10 @@ pub enum Reason {
     PasskeyConfirmed,
     /// The passkey link broke off. Final.
     PasskeyFailed,
+    /// The process that ran the session stopped (a deploy) and handed it
+    /// over: another process resumes it with a new connection and a new
+    /// code, without anyone asking (`status: starting`).
+    HandedOver,
 }
 
 impl Reason {
@@ -114,6 +118,7 @@ impl Reason {
             Self::PasskeyConfirmation => "passkey_confirmation",
             Self::PasskeyConfirmed => "passkey_confirmed",
             Self::PasskeyFailed => "passkey_failed",
+            Self::HandedOver => "handed_over",
         }
     }
 }
@@ -161,6 +166,15 @@ pub struct PairState {
     /// replaces a newer state.
     #[serde(default)]
     pub seq: u64,
+    /// When the session ends `expired` if the phone has not linked (its
+    /// maximum lifetime, counted from its start); a session handed over to
+    /// another process keeps it.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        with = "time::serde::rfc3339::option"
+    )]
+    pub deadline: Option<OffsetDateTime>,
     /// Why the session ended (or is waiting).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<Reason>,
@@ -251,6 +265,7 @@ impl PairState {
             attempt: 0,
             updated_at: OffsetDateTime::now_utc(),
             seq: 0,
+            deadline: None,
             reason: None,
             message: None,
             retry_at: None,

@@ -14,7 +14,9 @@ use crate::link::passkey::PasskeyAssertion;
 use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, Linker, OpenedLink, PairingCode};
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
-use crate::store::{Counted, HeldLease, LeaseStep, MemoryStore, PairingStore, StoreError, Written};
+use crate::store::{
+    Counted, HandOver, HeldLease, LeaseStep, MemoryStore, PairingStore, StoreError, Written,
+};
 
 /// WhatsApp's own code validity.
 pub(super) const VALIDITY: Duration = Duration::from_secs(180);
@@ -188,6 +190,18 @@ impl PairingStore for FlakyStore {
             return Err(StoreError::Timeout);
         }
         self.inner.lease(key, step, ttl).await
+    }
+    async fn hand_over(&self, handover: HandOver<'_>) -> Result<Written, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Timeout);
+        }
+        self.inner.hand_over(handover).await
+    }
+    async fn handed_over(&self, index: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.handed_over(index).await
+    }
+    async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError> {
+        self.inner.unlist(index, phone).await
     }
     fn kind(&self) -> &'static str {
         "flaky"

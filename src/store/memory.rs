@@ -8,8 +8,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    Counted, HeldLease, LEASE_EPOCH_TTL_MS, LeaseStep, PairingStore, StoreError, Written,
-    lease_epoch_key, lease_value, stored_seq, ttl_seconds,
+    Counted, HANDED_OVER_LISTED, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LeaseStep, PairingStore,
+    StoreError, Written, handed_over_floor_ms, lease_epoch_key, lease_value, stored_seq,
+    ttl_seconds,
 };
 
 /// Number of stored entries below which [`MemoryStore`] never prunes.
@@ -33,6 +34,9 @@ struct MemoryInner {
     entries: HashMap<String, MemoryEntry>,
     /// Entry count at which the next write prunes expired entries.
     prune_at: usize,
+    /// Indexes of handed-over sessions: phone → deadline (milliseconds since
+    /// 1970), by index key. Pruned when listed.
+    indexes: HashMap<String, HashMap<String, u64>>,
 }
 
 #[derive(Debug)]
@@ -49,6 +53,34 @@ impl MemoryEntry {
 }
 
 impl MemoryInner {
+    /// What a state write numbered `seq` under `key`, fenced by `lease`,
+    /// must stop at (renewing the lease when it holds): `None` to write.
+    fn refusal(
+        &mut self,
+        key: &str,
+        seq: u64,
+        lease: Option<HeldLease<'_>>,
+        now: Instant,
+    ) -> Option<Written> {
+        if let Some(lease) = lease {
+            let value = lease.value();
+            let Some(held) = self
+                .entries
+                .get_mut(lease.key)
+                .filter(|entry| !entry.is_expired(now) && entry.value == value)
+            else {
+                return Some(Written::LeaseLost);
+            };
+            held.expires_at = now.checked_add(lease.ttl);
+        }
+        self.entries
+            .get(key)
+            .filter(|entry| !entry.is_expired(now))
+            .and_then(|entry| stored_seq(&entry.value))
+            .filter(|current| *current > seq)
+            .map(|current| Written::Stale { current })
+    }
+
     fn prune_if_due(&mut self, now: Instant) {
         if self.entries.len() < self.prune_at {
             return;
@@ -126,28 +158,8 @@ impl PairingStore for MemoryStore {
         lease: Option<HeldLease<'_>>,
     ) -> Result<Written, StoreError> {
         let now = Instant::now();
-        {
-            let mut inner = self.lock();
-            if let Some(lease) = lease {
-                let value = lease.value();
-                let Some(held) = inner
-                    .entries
-                    .get_mut(lease.key)
-                    .filter(|entry| !entry.is_expired(now) && entry.value == value)
-                else {
-                    return Ok(Written::LeaseLost);
-                };
-                held.expires_at = now.checked_add(lease.ttl);
-            }
-            if let Some(current) = inner
-                .entries
-                .get(key)
-                .filter(|entry| !entry.is_expired(now))
-                .and_then(|entry| stored_seq(&entry.value))
-                .filter(|current| *current > seq)
-            {
-                return Ok(Written::Stale { current });
-            }
+        if let Some(refused) = self.lock().refusal(key, seq, lease, now) {
+            return Ok(refused);
         }
         // Nothing awaits between the check and the write, and sessions of
         // one phone in one process write one after another.
@@ -273,6 +285,60 @@ impl PairingStore for MemoryStore {
             count,
             window_left: expires_at.map_or(Duration::MAX, |at| at.saturating_duration_since(now)),
         })
+    }
+
+    async fn hand_over(&self, handover: HandOver<'_>) -> Result<Written, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if let Some(refused) = inner.refusal(handover.key, handover.seq, handover.lease, now) {
+            return Ok(refused);
+        }
+        inner.entries.insert(
+            handover.key.to_owned(),
+            MemoryEntry {
+                value: handover.value.to_owned(),
+                expires_at: now.checked_add(Duration::from_secs(ttl_seconds(handover.ttl))),
+            },
+        );
+        inner
+            .indexes
+            .entry(handover.index.to_owned())
+            .or_default()
+            .insert(handover.phone.to_owned(), handover.deadline_ms);
+        if let Some(lease) = handover.lease {
+            inner.entries.remove(lease.key);
+        }
+        Ok(Written::Stored)
+    }
+
+    async fn handed_over(&self, index: &str) -> Result<Vec<String>, StoreError> {
+        let floor = handed_over_floor_ms();
+        let mut inner = self.lock();
+        let Some(listed) = inner.indexes.get_mut(index) else {
+            return Ok(Vec::new());
+        };
+        listed.retain(|_, deadline| *deadline >= floor);
+        let mut phones: Vec<(u64, String)> = listed
+            .iter()
+            .map(|(phone, deadline)| (*deadline, phone.clone()))
+            .collect();
+        phones.sort_unstable();
+        Ok(phones
+            .into_iter()
+            .take(HANDED_OVER_LISTED)
+            .map(|(_, phone)| phone)
+            .collect())
+    }
+
+    async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(listed) = inner.indexes.get_mut(index) {
+            listed.remove(phone);
+            if listed.is_empty() {
+                inner.indexes.remove(index);
+            }
+        }
+        Ok(())
     }
 
     fn kind(&self) -> &'static str {

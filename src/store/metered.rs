@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Counted, HeldLease, LeaseStep, PairingStore, StoreError, Written};
+use super::{Counted, HandOver, HeldLease, LeaseStep, PairingStore, StoreError, Written};
 use crate::metrics::{Metrics, StoreOutcome};
 
 /// Wraps a store so every command's latency, and every failure, reaches
@@ -112,6 +112,21 @@ impl PairingStore for Metered {
         timing.finish(self.inner.lease(key, step, ttl).await)
     }
 
+    async fn hand_over(&self, handover: HandOver<'_>) -> Result<Written, StoreError> {
+        let timing = Timing::start(&self.metrics, "hand_over");
+        timing.finish(self.inner.hand_over(handover).await)
+    }
+
+    async fn handed_over(&self, index: &str) -> Result<Vec<String>, StoreError> {
+        let timing = Timing::start(&self.metrics, "handed_over");
+        timing.finish(self.inner.handed_over(index).await)
+    }
+
+    async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError> {
+        let timing = Timing::start(&self.metrics, "unlist");
+        timing.finish(self.inner.unlist(index, phone).await)
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
@@ -158,6 +173,15 @@ mod tests {
             _: LeaseStep<'_>,
             _: Duration,
         ) -> Result<Option<u64>, StoreError> {
+            std::future::pending().await
+        }
+        async fn hand_over(&self, _: HandOver<'_>) -> Result<Written, StoreError> {
+            std::future::pending().await
+        }
+        async fn handed_over(&self, _: &str) -> Result<Vec<String>, StoreError> {
+            std::future::pending().await
+        }
+        async fn unlist(&self, _: &str, _: &str) -> Result<(), StoreError> {
             std::future::pending().await
         }
         fn kind(&self) -> &'static str {

@@ -143,8 +143,92 @@ pub trait PairingStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<Option<u64>, StoreError>;
 
+    /// Writes the state of a session this process hands over as it stops,
+    /// lists the phone in the index of handed-over sessions and gives the
+    /// writer's lease up: all or nothing, in one store command (a script
+    /// where the store is Redis). The same rules as
+    /// [`set_state`](Self::set_state): a newer state is not replaced, and a
+    /// lost lease writes nothing.
+    async fn hand_over(&self, handover: HandOver<'_>) -> Result<Written, StoreError>;
+
+    /// The phones listed in the index `index` (handed over, not resumed
+    /// yet), the soonest deadline first, at most [`HANDED_OVER_LISTED`].
+    /// Entries whose deadline passed a day ago are dropped on the way. One
+    /// store command.
+    async fn handed_over(&self, index: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Takes `phone` off the index `index` (resumed, or nothing left to
+    /// resume). One store command.
+    async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError>;
+
     /// Short name for logs and /readyz ("memory", "upstash").
     fn kind(&self) -> &'static str;
+}
+
+/// A session's last state in a process that stops, for
+/// [`PairingStore::hand_over`].
+#[derive(Debug, Clone, Copy)]
+pub struct HandOver<'a> {
+    /// The state's key.
+    pub key: &'a str,
+    /// The state (JSON).
+    pub value: &'a str,
+    /// Its `seq`.
+    pub seq: u64,
+    /// How long it is kept.
+    pub ttl: Duration,
+    /// The writer's lease, given up by the write; `None` for a session that
+    /// started without one.
+    pub lease: Option<HeldLease<'a>>,
+    /// The index of handed-over sessions.
+    pub index: &'a str,
+    /// The phone, as listed in the index.
+    pub phone: &'a str,
+    /// The session's deadline (milliseconds since 1970): the index's order.
+    pub deadline_ms: u64,
+}
+
+/// Most phones one look at the index of handed-over sessions returns: a
+/// process resumes at most its session cap anyway, and the next look finds
+/// the rest.
+pub const HANDED_OVER_LISTED: usize = 1000;
+
+/// How long the index of handed-over sessions outlives its last entry, and
+/// how long past its deadline an entry nobody resumed is kept: a day.
+pub(crate) const HANDED_OVER_INDEX_TTL_MS: u64 = 86_400_000;
+
+/// Hands a session over in one step: `KEYS[1]` the state, `KEYS[2]` the
+/// index of handed-over sessions, `KEYS[3]` (optional) the writer's lease;
+/// `ARGV[1]` the JSON, `ARGV[2]` its `seq`, `ARGV[3]` its TTL in seconds,
+/// `ARGV[4]` the phone, `ARGV[5]` its deadline in milliseconds (the score),
+/// `ARGV[6]` the index's TTL in milliseconds, `ARGV[7]` the lease's value
+/// while the writer holds it. Returns what [`SET_STATE_SCRIPT`] returns;
+/// only a written state is listed and its lease deleted.
+pub(crate) const HAND_OVER_SCRIPT: &str = "if KEYS[3] then \
+if redis.call('GET', KEYS[3]) ~= ARGV[7] then return -2 end end \
+local current = redis.call('GET', KEYS[1]) \
+if current then \
+local stored = tonumber(string.match(current, '\"seq\":(%d+)')) \
+if stored and stored > tonumber(ARGV[2]) then return stored end end \
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3]) \
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4]) \
+redis.call('PEXPIRE', KEYS[2], ARGV[6]) \
+if KEYS[3] then redis.call('DEL', KEYS[3]) end \
+return -1";
+
+/// Lists the index of handed-over sessions: `KEYS[1]` the index; `ARGV[1]`
+/// the score below which entries are dropped, `ARGV[2]` the last rank
+/// returned.
+pub(crate) const HANDED_OVER_SCRIPT: &str = "\
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1]) \
+return redis.call('ZRANGE', KEYS[1], 0, ARGV[2])";
+
+/// The score below which [`HANDED_OVER_SCRIPT`] drops an entry: a day ago.
+pub(crate) fn handed_over_floor_ms() -> u64 {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    u64::try_from(now)
+        .unwrap_or(0)
+        .saturating_sub(HANDED_OVER_INDEX_TTL_MS)
 }
 
 /// A lease a writer holds, checked and renewed by its writes.

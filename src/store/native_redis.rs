@@ -10,8 +10,10 @@ use redis::aio::ConnectionManager;
 use redis::{ErrorKind, RedisError};
 
 use super::{
-    COUNT_SCRIPT, Counted, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep, PairingStore,
-    SET_STATE_SCRIPT, StoreError, Written, lease_epoch_key, ttl_millis, ttl_seconds,
+    COUNT_SCRIPT, Counted, HAND_OVER_SCRIPT, HANDED_OVER_INDEX_TTL_MS, HANDED_OVER_LISTED,
+    HANDED_OVER_SCRIPT, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep,
+    PairingStore, SET_STATE_SCRIPT, StoreError, Written, handed_over_floor_ms, lease_epoch_key,
+    ttl_millis, ttl_seconds,
 };
 
 /// Bound on one command (connect included): a store that does not answer
@@ -35,6 +37,8 @@ pub struct RedisStore {
     count: redis::Script,
     set_state: redis::Script,
     lease: redis::Script,
+    hand_over: redis::Script,
+    handed_over: redis::Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -58,6 +62,8 @@ impl RedisStore {
             count: redis::Script::new(COUNT_SCRIPT),
             set_state: redis::Script::new(SET_STATE_SCRIPT),
             lease: redis::Script::new(LEASE_SCRIPT),
+            hand_over: redis::Script::new(HAND_OVER_SCRIPT),
+            handed_over: redis::Script::new(HANDED_OVER_SCRIPT),
         })
     }
 
@@ -189,6 +195,42 @@ impl PairingStore for RedisStore {
             )
             .await?;
         Ok((reply > 0).then_some(reply))
+    }
+
+    async fn hand_over(&self, handover: HandOver<'_>) -> Result<Written, StoreError> {
+        let mut invocation = self.hand_over.key(handover.key);
+        invocation.key(handover.index);
+        if let Some(lease) = &handover.lease {
+            invocation.key(lease.key);
+        }
+        invocation
+            .arg(handover.value)
+            .arg(handover.seq)
+            .arg(ttl_seconds(handover.ttl))
+            .arg(handover.phone)
+            .arg(handover.deadline_ms)
+            .arg(HANDED_OVER_INDEX_TTL_MS);
+        if let Some(lease) = &handover.lease {
+            invocation.arg(lease.value());
+        }
+        let reply: i64 = self.invoke(&invocation).await?;
+        Ok(Written::from_script(reply))
+    }
+
+    async fn handed_over(&self, index: &str) -> Result<Vec<String>, StoreError> {
+        self.invoke(
+            self.handed_over
+                .key(index)
+                .arg(handed_over_floor_ms())
+                .arg(HANDED_OVER_LISTED - 1),
+        )
+        .await
+    }
+
+    async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError> {
+        self.run::<u64>(redis::cmd("ZREM").arg(index).arg(phone))
+            .await
+            .map(drop)
     }
 
     fn kind(&self) -> &'static str {

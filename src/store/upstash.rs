@@ -6,8 +6,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{
-    COUNT_SCRIPT, Counted, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep, PairingStore,
-    SET_STATE_SCRIPT, StoreError, Written, lease_epoch_key, ttl_millis, ttl_seconds,
+    COUNT_SCRIPT, Counted, HAND_OVER_SCRIPT, HANDED_OVER_INDEX_TTL_MS, HANDED_OVER_LISTED,
+    HANDED_OVER_SCRIPT, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep,
+    PairingStore, SET_STATE_SCRIPT, StoreError, Written, handed_over_floor_ms, lease_epoch_key,
+    ttl_millis, ttl_seconds,
 };
 use crate::phone::mask_phone;
 use crate::retry::Backoff;
@@ -397,6 +399,83 @@ impl PairingStore for UpstashStore {
                 .map(|epoch| (epoch > 0).then_some(epoch))
                 .ok_or_else(|| unexpected("EVAL", "an epoch", &Value::Number(n))),
             other => Err(unexpected("EVAL", "an epoch", &other)),
+        }
+    }
+
+    async fn hand_over(&self, handover: HandOver<'_>) -> Result<Written, StoreError> {
+        let seq = handover.seq.to_string();
+        let seconds = ttl_seconds(handover.ttl).to_string();
+        let deadline = handover.deadline_ms.to_string();
+        let index_millis = HANDED_OVER_INDEX_TTL_MS.to_string();
+        let held = handover.lease.map(|lease| lease.value());
+        let mut command = vec!["EVAL", HAND_OVER_SCRIPT];
+        command.push(if held.is_some() { "3" } else { "2" });
+        command.extend([handover.key, handover.index]);
+        if let Some(lease) = &handover.lease {
+            command.push(lease.key);
+        }
+        command.extend([
+            handover.value,
+            seq.as_str(),
+            seconds.as_str(),
+            handover.phone,
+            deadline.as_str(),
+            index_millis.as_str(),
+        ]);
+        if let Some(held) = &held {
+            command.push(held.as_str());
+        }
+        // Retried like a state write: the same hand-over twice is one (a
+        // retry after the lease went with the first finds it gone, and the
+        // state stays written).
+        match self
+            .run("EVAL", Some(handover.key), &command, self.max_retries)
+            .await?
+        {
+            Value::Number(n) => n
+                .as_i64()
+                .map(Written::from_script)
+                .ok_or_else(|| unexpected("EVAL", "a number", &Value::Number(n))),
+            other => Err(unexpected("EVAL", "a number", &other)),
+        }
+    }
+
+    async fn handed_over(&self, index: &str) -> Result<Vec<String>, StoreError> {
+        let floor = handed_over_floor_ms().to_string();
+        let last = (HANDED_OVER_LISTED - 1).to_string();
+        let command = [
+            "EVAL",
+            HANDED_OVER_SCRIPT,
+            "1",
+            index,
+            floor.as_str(),
+            last.as_str(),
+        ];
+        let reply = self
+            .run("EVAL", Some(index), &command, self.max_retries)
+            .await?;
+        let phones = match &reply {
+            Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().map(str::to_owned))
+                .collect::<Option<Vec<String>>>(),
+            _ => None,
+        };
+        phones.ok_or_else(|| unexpected("EVAL", "a list of phones", &reply))
+    }
+
+    async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError> {
+        match self
+            .run(
+                "ZREM",
+                Some(index),
+                &["ZREM", index, phone],
+                self.max_retries,
+            )
+            .await?
+        {
+            Value::Number(_) => Ok(()),
+            other => Err(unexpected("ZREM", "a count", &other)),
         }
     }
 

@@ -398,6 +398,12 @@ async fn an_upstash_backed_pair_reads_once_takes_its_lease_writes_one_command_pe
         .mount(&upstash)
         .await;
     Mock::given(method("POST"))
+        .and(body_string_contains("ZRANGE"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": []})))
+        .with_priority(1)
+        .mount(&upstash)
+        .await;
+    Mock::given(method("POST"))
         .and(body_string_contains("ARGV[3]"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"result": -1})))
         .with_priority(2)
@@ -419,13 +425,18 @@ async fn an_upstash_backed_pair_reads_once_takes_its_lease_writes_one_command_pe
     // else. Each state goes out as the set-state script, numbered above
     // the one before, checking and renewing the lease in the same command.
     let requests = upstash.received_requests().await.unwrap();
-    let commands: Vec<Vec<String>> = requests
+    let all: Vec<Vec<String>> = requests
         .iter()
         .map(|r| {
             assert_eq!(r.headers["authorization"], "Bearer token");
             serde_json::from_slice(&r.body).unwrap()
         })
         .collect();
+    // The process's own look for sessions handed over to it, at its start.
+    let (looks, commands): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|command| command.iter().any(|arg| arg == "wa:pair:handed_over"));
+    assert_eq!(looks.len(), 1, "{looks:?}");
     assert_eq!(commands.len(), 5, "{commands:?}");
     assert_eq!(
         commands[0],

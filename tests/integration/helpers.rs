@@ -154,7 +154,8 @@ impl TestApp {
         store: std::sync::Arc<dyn wa_pair::store::PairingStore>,
     ) -> Self {
         let fake = std::sync::Arc::clone(self.fake.as_ref().expect("a test-owned fake"));
-        Self::spawn_on(store, fake, |_| {}).await
+        let prefix = self.config.key_prefix.clone();
+        Self::spawn_on(store, fake, |config| config.key_prefix = prefix).await
     }
 
     async fn spawn_on(
@@ -432,6 +433,21 @@ pub fn decode_qr_png(png: &[u8]) -> String {
     grids[0].decode().expect("the QR decodes").1
 }
 
+/// A store on the test Redis server, checked to answer (a test that needs
+/// one fails without it); and a key prefix of its own, so tests running at
+/// once never share a key.
+pub async fn redis_store() -> (wa_pair::store::RedisStore, String) {
+    use wa_pair::store::PairingStore as _;
+    let store = wa_pair::store::RedisStore::new(&redis_test_url()).expect("a Redis URL");
+    if let Err(e) = store.ping().await {
+        panic!(
+            "no Redis server at {} ({e}): start one (apt-get install redis-server) or set REDIS_TEST_URL",
+            redis_test_url()
+        );
+    }
+    (store, format!("test:{}:", uuid::Uuid::new_v4().simple()))
+}
+
 /// The Redis server the store tests use: `REDIS_TEST_URL`, else the local
 /// one.
 pub fn redis_test_url() -> String {
@@ -593,6 +609,120 @@ pub async fn assert_a_lost_lease_fences_writes(
     store.delete(key).await.unwrap();
     store.delete(lease_key).await.unwrap();
     store.delete(&format!("{lease_key}:epoch")).await.unwrap();
+}
+
+/// The hand-over contract every store keeps: one command writes the
+/// state, lists the phone in the index and gives the lease up; a lost
+/// lease or a newer state stops all three; the index lists by deadline and
+/// forgets what is unlisted. `prefix` names the keys.
+pub async fn assert_a_hand_over_writes_lists_and_releases_at_once(
+    store: &dyn wa_pair::store::PairingStore,
+    prefix: &str,
+) {
+    use wa_pair::store::LeaseStep::Take;
+    use wa_pair::store::{HandOver, HeldLease, Written};
+    let ttl = Duration::from_secs(60);
+    let index = format!("{prefix}handed_over");
+    let (first, second) = ("628123456789", "628123456780");
+    let key = |phone: &str| format!("{prefix}{phone}");
+    let lease_key = |phone: &str| format!("{prefix}lease:{phone}");
+    let now_ms = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp() * 1000).unwrap();
+    let mut results = Vec::new();
+    for (phone, deadline_ms) in [(first, now_ms + 200_000), (second, now_ms + 100_000)] {
+        let lease = lease_key(phone);
+        let epoch = store
+            .lease(&lease, Take { holder: "old" }, ttl)
+            .await
+            .unwrap()
+            .expect("a free lease");
+        let state_key = key(phone);
+        let handover = HandOver {
+            key: &state_key,
+            value: r#"{"seq":1700000000000005,"status":"starting","reason":"handed_over"}"#,
+            seq: 1_700_000_000_000_005,
+            ttl,
+            lease: Some(HeldLease {
+                key: &lease,
+                holder: "old",
+                epoch,
+                ttl,
+            }),
+            index: &index,
+            phone,
+            deadline_ms,
+        };
+        results.push(store.hand_over(handover).await.unwrap());
+        // Again, as a retry after a lost answer: the lease is gone now.
+        results.push(store.hand_over(handover).await.unwrap());
+    }
+    let listed = store.handed_over(&index).await.unwrap();
+    let lease_after = store.get(&lease_key(first)).await.unwrap();
+    let retaken = store
+        .lease(&lease_key(first), Take { holder: "new" }, ttl)
+        .await
+        .unwrap();
+    // A stale hand-over (a newer state is stored) changes nothing.
+    let stale_key = key("628123456781");
+    store
+        .set(&stale_key, r#"{"seq":1700000000000009}"#, ttl)
+        .await
+        .unwrap();
+    let stale = store
+        .hand_over(HandOver {
+            key: &stale_key,
+            value: r#"{"seq":1700000000000008}"#,
+            seq: 1_700_000_000_000_008,
+            ttl,
+            lease: None,
+            index: &index,
+            phone: "628123456781",
+            deadline_ms: now_ms,
+        })
+        .await
+        .unwrap();
+    store.unlist(&index, second).await.unwrap();
+    let after_unlist = store.handed_over(&index).await.unwrap();
+
+    assert_eq!(results[0], Written::Stored);
+    assert_eq!(
+        results[1],
+        Written::LeaseLost,
+        "a retry finds the lease given up and writes nothing more"
+    );
+    assert_eq!(
+        listed,
+        vec![second.to_owned(), first.to_owned()],
+        "the soonest deadline first"
+    );
+    assert_eq!(lease_after, None, "the lease was given up");
+    assert!(retaken.is_some(), "the next process can take it");
+    assert_eq!(
+        stale,
+        Written::Stale {
+            current: 1_700_000_000_000_009
+        }
+    );
+    assert_eq!(
+        after_unlist,
+        vec![first.to_owned()],
+        "the stale one is not listed"
+    );
+    assert!(
+        store
+            .get(&key(first))
+            .await
+            .unwrap()
+            .is_some_and(|state| state.contains("handed_over"))
+    );
+    for phone in [first, second, "628123456781"] {
+        store.delete(&key(phone)).await.unwrap();
+        store.delete(&lease_key(phone)).await.unwrap();
+        store
+            .delete(&format!("{}:epoch", lease_key(phone)))
+            .await
+            .unwrap();
+    }
+    store.delete(&index).await.unwrap();
 }
 
 /// One POST the webhook receiver got.

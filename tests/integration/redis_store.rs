@@ -9,21 +9,14 @@ use std::time::Duration;
 use wa_pair::store::{PairingStore, RedisStore, StoreError, Written};
 
 use crate::helpers::{
-    TestApp, as_shown, assert_a_lost_lease_fences_writes, assert_leases_go_to_one_holder_at_a_time,
-    assert_refuses_a_late_state, redis_test_url,
+    TestApp, as_shown, assert_a_hand_over_writes_lists_and_releases_at_once,
+    assert_a_lost_lease_fences_writes, assert_leases_go_to_one_holder_at_a_time,
+    assert_refuses_a_late_state, redis_store, redis_test_url,
 };
 
-/// A store on the test server, checked to answer; and a key prefix of its
-/// own, so tests running at once never share a key.
+/// A store on the test server, with a key prefix of its own.
 async fn store() -> (RedisStore, String) {
-    let store = RedisStore::new(&redis_test_url()).expect("a Redis URL");
-    if let Err(e) = store.ping().await {
-        panic!(
-            "no Redis server at {} ({e}): start one (apt-get install redis-server) or set REDIS_TEST_URL",
-            redis_test_url()
-        );
-    }
-    (store, format!("test:{}:", uuid::Uuid::new_v4().simple()))
+    redis_store().await
 }
 
 /// The key's TTL in seconds as the server has it.
@@ -176,6 +169,20 @@ async fn a_write_after_the_lease_was_taken_over_is_refused_on_redis() {
         &format!("{prefix}lease:628123456789"),
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_hand_over_writes_lists_and_gives_the_lease_up_in_one_script_on_redis() {
+    let (store, prefix) = store().await;
+
+    assert_a_hand_over_writes_lists_and_releases_at_once(&store, &prefix).await;
+}
+
+#[tokio::test]
+async fn the_memory_store_hands_over_as_redis_does() {
+    let store = wa_pair::store::MemoryStore::new();
+
+    assert_a_hand_over_writes_lists_and_releases_at_once(&store, "wa:pair:").await;
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use wa_pair::store::{MemoryStore, PairingStore};
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, redis_store};
 
 const PHONE: &str = "628123456789";
 
@@ -90,4 +90,58 @@ async fn a_start_while_another_process_holds_the_lease_is_not_answered_with_an_e
         0,
         "this process does not pair the phone"
     );
+}
+
+#[tokio::test]
+async fn a_stopping_replica_hands_its_session_over_and_the_other_stores_a_new_code_unasked() {
+    // Arrange: two processes on one Redis; the first runs the phone's
+    // session and shows a code.
+    let (store, prefix) = redis_store().await;
+    let store: Arc<dyn PairingStore> = Arc::new(store);
+    let mut old = TestApp::spawn_with(Arc::clone(&store), |config| {
+        config.key_prefix = prefix.clone();
+    })
+    .await;
+    let new = old.spawn_replica(Arc::clone(&store)).await;
+    let first: serde_json::Value = old.post_pair(PHONE).await.json().await.unwrap();
+    let key = format!("{prefix}{PHONE}");
+
+    // Act: the first process stops (a deploy); nobody asks the second.
+    let stopped_at = std::time::Instant::now();
+    old.shutdown().await;
+    let handed: serde_json::Value =
+        serde_json::from_str(&store.get(&key).await.unwrap().expect("stored")).unwrap();
+    let resumed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let stored: serde_json::Value =
+                serde_json::from_str(&store.get(&key).await.unwrap().expect("stored")).unwrap();
+            if stored["status"] == "pending" {
+                return stored;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a new code stored");
+    let took = stopped_at.elapsed();
+    eprintln!("SIGTERM of the owner to a new code in the store: {took:?}");
+
+    // Assert
+    assert_eq!(first["status"], "pending");
+    assert_eq!(handed["status"], "starting", "{handed}");
+    assert_eq!(handed["reason"], "handed_over");
+    assert!(
+        handed["code"].is_null(),
+        "the old connection's code is gone"
+    );
+    assert_eq!(resumed["attempt"], 2, "the same session goes on");
+    assert_eq!(resumed["deadline"], first["deadline"]);
+    assert_ne!(resumed["code"], first["code"]);
+    assert!(
+        took < wa_pair::session::RESUME_LOOK_EVERY + std::time::Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!(new.sessions.counts().live, 1, "the other process runs it");
+    let shown = new.get_json(&format!("/pair/{PHONE}")).await;
+    assert_eq!(shown["code"], resumed["code"]);
 }

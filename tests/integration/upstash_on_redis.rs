@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore};
 
 use crate::helpers::{
-    assert_a_lost_lease_fences_writes, assert_leases_go_to_one_holder_at_a_time,
-    assert_refuses_a_late_state, redis_test_url,
+    assert_a_hand_over_writes_lists_and_releases_at_once, assert_a_lost_lease_fences_writes,
+    assert_leases_go_to_one_holder_at_a_time, assert_refuses_a_late_state, redis_test_url,
 };
 
 const TOKEN: &str = "upstash-front-token";
@@ -154,6 +154,13 @@ async fn a_write_after_the_lease_was_taken_over_is_refused_through_upstash_eval(
 
     assert_a_lost_lease_fences_writes(&store, &key("628123456789"), &key("lease:628123456789"))
         .await;
+}
+
+#[tokio::test]
+async fn a_hand_over_writes_lists_and_gives_the_lease_up_through_upstash_eval() {
+    let store = UpstashStore::new(UpstashSettings::new(upstash_front().await, TOKEN)).unwrap();
+
+    assert_a_hand_over_writes_lists_and_releases_at_once(&store, &key("")).await;
 }
 
 #[tokio::test]

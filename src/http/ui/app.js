@@ -155,6 +155,7 @@ function render(state) {
   if (state.status === "starting") status = state.retry_at ? T.status_retrying : T.status_starting;
   if (state.reason === "code_unavailable") status = T.reason_code_unavailable;
   else if (state.reason === "code_budget") status = T.reason_code_budget;
+  else if (state.reason === "handed_over") status = T.reason_handed_over;
   // An account that links with its passkey: no code or QR code links it.
   const passkey = (state.reason || "").startsWith("passkey_");
   if (passkey) status = reasonText(state);

@@ -233,6 +233,11 @@ pub const STRINGS: &[Text] = &[
         "The passkey check did not complete; start again.",
         "Pemeriksaan kunci sandi tidak selesai; mulai lagi.",
     ),
+    t(
+        "reason_handed_over",
+        "The service is restarting; a new code follows in a few seconds.",
+        "Layanan sedang dimulai ulang; kode baru menyusul dalam beberapa detik.",
+    ),
     t("passkey_heading", "Passkey", "Kunci sandi"),
     t("confirm_passkey", "The codes match", "Kodenya sama"),
     t(
@@ -327,6 +332,7 @@ mod tests {
             Reason::PasskeyConfirmation,
             Reason::PasskeyConfirmed,
             Reason::PasskeyFailed,
+            Reason::HandedOver,
         ] {
             assert!(has(&format!("reason_{}", reason.as_str())), "{reason:?}");
         }

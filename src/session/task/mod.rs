@@ -7,6 +7,7 @@
 //! in flight, the timers). [`transitions`] is what each outcome does to the
 //! state; [`writer`] stores it.
 
+mod handover;
 mod lease;
 mod passkey;
 mod transitions;
@@ -101,6 +102,9 @@ pub enum StepOutcome {
     /// Another process took over the phone's lease: this session stopped
     /// without writing anything more.
     LeaseLost,
+    /// The service stopped and the session was handed over to the next
+    /// process (stored as `starting`/`handed_over`, lease given up).
+    HandedOver,
     /// Nothing visible changed (an informational event, a store heal).
     Idle,
     /// The session ended with this status.
@@ -110,7 +114,7 @@ pub enum StepOutcome {
 impl StepOutcome {
     /// Whether the session is over.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Ended(_) | Self::LeaseLost)
+        matches!(self, Self::Ended(_) | Self::LeaseLost | Self::HandedOver)
     }
 }
 
@@ -197,6 +201,9 @@ pub struct Session {
     lease: Option<lease::Lease>,
     /// Another process took the phone's lease: this session has stopped.
     taken_over: bool,
+    /// When the service stops, hand the session over to the next process
+    /// instead of ending it (see `handover.rs`).
+    hand_over: bool,
 }
 
 impl Session {
@@ -210,7 +217,10 @@ impl Session {
         store: Arc<dyn PairingStore>,
         stopping: watch::Receiver<bool>,
     ) -> (Self, mpsc::Sender<Command>, watch::Receiver<PairState>) {
-        let state = PairState::starting(phone.clone());
+        let state = PairState {
+            deadline: Some(OffsetDateTime::now_utc() + settings.session_max),
+            ..PairState::starting(phone.clone())
+        };
         let (published, state_rx) = watch::channel(state.clone());
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let now = Instant::now();
@@ -242,6 +252,7 @@ impl Session {
             passkey_link: false,
             lease: None,
             taken_over: false,
+            hand_over: false,
         };
         (session, commands_tx, state_rx)
     }
@@ -280,11 +291,11 @@ impl Session {
             }
         };
         // Queued, never awaited: the receiver cannot hold the session up.
-        // A session taken over has no outcome of its own to announce.
+        // A session taken over or handed over has no outcome to announce.
         if let Some(webhooks) = self
             .webhooks
             .as_ref()
-            .filter(|_| last != StepOutcome::LeaseLost)
+            .filter(|_| matches!(last, StepOutcome::Ended(_)))
         {
             webhooks.notify(&self.state);
         }
@@ -306,6 +317,9 @@ impl Session {
         self.commands.close();
         let answer = if self.state.status.is_terminal() {
             outcome_error(&self.state)
+        } else if self.state.reason == Some(Reason::HandedOver) {
+            // The next process has it: the caller asks again there.
+            SessionError::ShuttingDown
         } else {
             // Taken over: the other process has the session now.
             SessionError::Busy
@@ -510,7 +524,11 @@ impl Session {
     /// session ends `failed`/`interrupted`.
     async fn stop_now(&mut self) -> StepOutcome {
         let waiting = self.drop_in_flight();
-        let outcome = self.interrupted().await;
+        let outcome = if self.hand_over {
+            self.hand_over_now().await
+        } else {
+            self.interrupted().await
+        };
         self.answer(waiting, &outcome);
         outcome
     }

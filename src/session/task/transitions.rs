@@ -43,6 +43,7 @@ impl Session {
                     retry_after: self.budget_wait().unwrap_or(Duration::from_secs(1)),
                 }),
                 StepOutcome::PasskeyRefused => Err(SessionError::PasskeyRefused),
+                StepOutcome::HandedOver => Err(SessionError::ShuttingDown),
                 _ => Ok(self.state.clone()),
             };
             let _ = reply.send(answer);

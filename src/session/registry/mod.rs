@@ -6,6 +6,10 @@
 //! keeps it for `PAIR_OUTCOME_TTL_SECS`), so memory follows the open
 //! sessions, not the traffic of the last day.
 
+mod resume;
+
+pub use resume::{RESUME_LOOK_EVERY, RESUME_LOOKS_FOR, Resumed};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +18,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use self::resume::Adoption;
 use super::SessionError;
 use super::access::{Actor, Owner};
 use super::schedule::SessionSettings;
@@ -119,15 +124,23 @@ struct Departure {
     registry: Arc<std::sync::Mutex<Registry>>,
     phone: PhoneNumber,
     id: u64,
-    state: watch::Receiver<PairState>,
     owner: Owner,
+    /// Set once the session's run returned (ended, handed over or taken
+    /// over); still unset when the task unwound.
+    finished: bool,
     /// Dropped last: closes every [`Live::released`].
     _released: watch::Sender<()>,
 }
 
+impl Departure {
+    /// The session's run returned: its task did not unwind.
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
 impl Drop for Departure {
     fn drop(&mut self) {
-        let ended = self.state.borrow().status.is_terminal();
         let mut registry = lock(&self.registry);
         if registry
             .live
@@ -143,7 +156,7 @@ impl Drop for Departure {
         {
             registry.live.shrink_to_fit();
         }
-        if !ended {
+        if !self.finished {
             // The task unwound (a bug): forget it so the next POST starts
             // afresh rather than serve its frozen state.
             tracing::error!(phone = %self.phone, "session task died; its session is forgotten");
@@ -181,6 +194,10 @@ pub struct Sessions {
     /// This process, as the holder of phones' leases: random, so two
     /// processes (or two runs of one) never share it.
     holder: String,
+    /// On shutdown, open sessions are handed over to the next process
+    /// (stored as `starting`/`handed_over`) instead of ending
+    /// `failed`/`interrupted`: set when the store outlives the process.
+    hands_over: bool,
 }
 
 /// Who has a phone's lease, as a start finds it.
@@ -192,6 +209,17 @@ enum Leased {
     /// The store did not say; a start goes ahead (a store outage must not
     /// stop pairing), without a lease.
     Unknown,
+}
+
+/// What a start does, after a look at the store.
+enum Before {
+    /// Answer with this stored outcome.
+    Answer(PairState),
+    /// A session not final is stored: resume it, or join it where another
+    /// process runs it.
+    Resume(ReadState),
+    /// Start a session.
+    Start,
 }
 
 /// How many entries the registry holds, for soak tests and diagnostics.
@@ -221,7 +249,17 @@ impl Sessions {
             metrics,
             webhooks: None,
             holder: uuid::Uuid::new_v4().simple().to_string(),
+            hands_over: false,
         }
+    }
+
+    /// The same registry, handing its open sessions over to the next
+    /// process when it stops (for a store other processes share or the
+    /// next run reads).
+    #[must_use]
+    pub fn handing_over_on_stop(mut self) -> Self {
+        self.hands_over = true;
+        self
     }
 
     /// The same registry, announcing every session's outcome to `webhooks`.
@@ -280,14 +318,15 @@ impl Sessions {
         }
     }
 
-    /// `phone`'s ended session as the store has it, if `actor` may see it.
-    /// A state that is not final was left by a process that is gone: it is
-    /// answered as that process's end.
-    async fn stored_outcome(
+    /// `phone`'s session as the store has it, if `actor` may see it: an
+    /// outcome; a session another process runs, as it stored it; a session
+    /// handed over (or left by a process that is gone) resumed here, live;
+    /// and one that cannot be resumed as its process's end.
+    async fn stored_feed(
         &self,
         phone: &PhoneNumber,
         actor: &Actor,
-    ) -> Result<Option<PairState>, SessionError> {
+    ) -> Result<Option<StateFeed>, SessionError> {
         let Some(read) = self.stored(phone).await? else {
             return Ok(None);
         };
@@ -301,13 +340,17 @@ impl Sessions {
         // The registry was looked at first; a session that started since
         // has its own, newer state.
         if let Some(live) = lock(&self.registry).live.get(phone) {
-            return Ok(Some(live.state.borrow().clone()));
+            return Ok(Some(StateFeed::Live(live.state.clone())));
         }
-        if !read.state.status.is_terminal() && self.leased_elsewhere(phone).await {
-            // Running in another process: as that process stored it.
-            return Ok(Some(read.state));
+        if !read.state.status.is_terminal() {
+            match self.adopt(phone, &read).await {
+                Adoption::Live(states) => return Ok(Some(StateFeed::Live(states))),
+                // Running in another process: as that process stored it.
+                Adoption::Elsewhere => return Ok(Some(StateFeed::Stored(Box::new(read.state)))),
+                Adoption::Not => {}
+            }
         }
-        Ok(Some(read.state.orphaned()))
+        Ok(Some(StateFeed::Stored(Box::new(read.state.orphaned()))))
     }
 
     /// Joins `phone`'s live (or linked) session, or starts a new one.
@@ -347,9 +390,24 @@ impl Sessions {
             let mut released = match look {
                 Look::Session(joined, state) => return Ok((joined, state)),
                 Look::NotRunning => {
-                    if let Some(state) = self.ended_to_join(phone, actor, relink).await? {
-                        let (_, state) = watch::channel(state);
-                        return Ok((Joined::Existing, state));
+                    match self.before_start(phone, actor, relink).await? {
+                        Before::Answer(state) => {
+                            let (_, state) = watch::channel(state);
+                            return Ok((Joined::Existing, state));
+                        }
+                        Before::Resume(read) => match self.adopt(phone, &read).await {
+                            Adoption::Live(states) => return Ok((Joined::Existing, states)),
+                            Adoption::Elsewhere => {
+                                let (_, state) = watch::channel(read.state);
+                                return Ok((Joined::Existing, state));
+                            }
+                            Adoption::Not => {
+                                if !relink && self.linker.has_linked_device(phone).await {
+                                    return Err(SessionError::AlreadyLinked);
+                                }
+                            }
+                        },
+                        Before::Start => {}
                     }
                     match self.take_lease(phone).await {
                         Leased::Here(epoch) => lease = Some(epoch),
@@ -440,32 +498,37 @@ impl Sessions {
         }
     }
 
-    /// With no running session for `phone`: the stored outcome to answer
-    /// with instead of starting one (a link, or a refusal retrying cannot
-    /// fix), or `AlreadyLinked` for a device kept from before. `None`: start
-    /// a session. A store that does not answer does not stop a start.
-    async fn ended_to_join(
+    /// With no running session for `phone`: what the store says to do. The
+    /// stored outcome to answer with instead of starting (a link, or a
+    /// refusal retrying cannot fix), or `AlreadyLinked` for a device kept
+    /// from before; a session another process runs, handed over or left
+    /// behind, to resume or join; else start one. A store that does not
+    /// answer does not stop a start.
+    async fn before_start(
         &self,
         phone: &PhoneNumber,
         actor: &Actor,
         relink: bool,
-    ) -> Result<Option<PairState>, SessionError> {
-        let outcome = match self.stored(phone).await {
-            Ok(read) => read.filter(|read| read.state.status.is_terminal()),
-            Err(_) => None,
-        };
-        if let Some(read) = outcome
-            && ((read.state.status == Status::Linked && !relink) || self.holds_failure(&read.state))
-        {
-            if !actor.may_touch_tagged(read.owner.as_deref()) {
-                return Err(SessionError::Forbidden);
+    ) -> Result<Before, SessionError> {
+        if let Ok(Some(read)) = self.stored(phone).await {
+            let ended = read.state.status.is_terminal();
+            let answer = ended
+                && ((read.state.status == Status::Linked && !relink)
+                    || self.holds_failure(&read.state));
+            if answer || !ended {
+                if !actor.may_touch_tagged(read.owner.as_deref()) {
+                    return Err(SessionError::Forbidden);
+                }
+                return Ok(match answer {
+                    true => Before::Answer(read.state),
+                    false => Before::Resume(read),
+                });
             }
-            return Ok(Some(read.state));
         }
         if !relink && self.linker.has_linked_device(phone).await {
             return Err(SessionError::AlreadyLinked);
         }
-        Ok(None)
+        Ok(Before::Start)
     }
 
     /// One look under the lock. `looked_at_store`: the store was consulted
@@ -513,6 +576,21 @@ impl Sessions {
                 return Err(SessionError::TooManySessions { limit });
             }
         }
+        let state = self.spawn(&mut registry, phone, actor.owner.clone(), lease, None);
+        Ok(Look::Session(Joined::Created, state))
+    }
+
+    /// Starts `phone`'s session task for `owner`, holding the lease taken
+    /// at `lease`; `resume`: the stored state of a session another process
+    /// handed over (or left), which this one goes on with.
+    fn spawn(
+        &self,
+        registry: &mut Registry,
+        phone: &PhoneNumber,
+        owner: Owner,
+        lease: Option<u64>,
+        resume: Option<&PairState>,
+    ) -> watch::Receiver<PairState> {
         registry.next_id += 1;
         let id = registry.next_id;
         let (session, commands, state) = Session::new(
@@ -522,33 +600,40 @@ impl Sessions {
             Arc::clone(&self.store),
             self.stopping.subscribe(),
         );
-        let session = session
-            .owned_by(actor.owner.tag())
+        let mut session = session
+            .owned_by(owner.tag())
             .metered(Arc::clone(&self.metrics));
-        let session = match lease {
-            Some(epoch) => {
-                session.leased(self.settings.lease_key(phone), self.holder.clone(), epoch)
-            }
-            None => session,
-        };
-        let session = match &self.webhooks {
-            Some(webhooks) => session.announcing_to(webhooks.clone()),
-            None => session,
-        };
+        if let Some(epoch) = lease {
+            session = session.leased(self.settings.lease_key(phone), self.holder.clone(), epoch);
+        }
+        if let Some(webhooks) = &self.webhooks {
+            session = session.announcing_to(webhooks.clone());
+        }
+        if self.hands_over {
+            session = session.handing_over();
+        }
+        if let Some(stored) = resume {
+            session = session.resuming(stored);
+        }
         let (released_tx, released) = watch::channel(());
-        let departure = Departure {
+        let mut departure = Departure {
             registry: Arc::clone(&self.registry),
             phone: phone.clone(),
             id,
-            state: state.clone(),
-            owner: actor.owner.clone(),
+            owner: owner.clone(),
+            finished: false,
             _released: released_tx,
         };
         self.metrics.session_started();
-        tracing::info!(phone = %phone, event = "session_started", "pairing session started");
+        let event = if resume.is_some() {
+            "session_resumed"
+        } else {
+            "session_started"
+        };
+        tracing::info!(phone = %phone, event, "pairing session started");
         let task = tokio::spawn(async move {
-            let _departure = departure;
             session.run().await;
+            departure.finish();
         });
         registry.live.insert(
             phone.clone(),
@@ -558,11 +643,11 @@ impl Sessions {
                 state: state.clone(),
                 task: Some(task),
                 released,
-                owner: actor.owner.clone(),
+                owner: owner.clone(),
             },
         );
-        registry.opened_by(&actor.owner);
-        Ok(Look::Session(Joined::Created, state))
+        registry.opened_by(&owner);
+        state
     }
 
     /// Whether a failed session's outcome should be served again instead of
@@ -590,7 +675,13 @@ impl Sessions {
         if let Some(running) = self.running(phone, actor)? {
             return Ok(Some(running));
         }
-        self.stored_outcome(phone, actor).await
+        Ok(self
+            .stored_feed(phone, actor)
+            .await?
+            .map(|feed| match feed {
+                StateFeed::Live(states) => states.borrow().clone(),
+                StateFeed::Stored(state) => *state,
+            }))
     }
 
     /// `phone`'s state as it changes: the running session's states, or
@@ -610,10 +701,9 @@ impl Sessions {
                 return Ok(StateFeed::Live(live.state.clone()));
             }
         }
-        match self.stored_outcome(phone, actor).await? {
-            Some(state) => Ok(StateFeed::Stored(Box::new(state))),
-            None => Err(SessionError::NotFound),
-        }
+        self.stored_feed(phone, actor)
+            .await?
+            .ok_or(SessionError::NotFound)
     }
 
     /// The state of `phone`'s running session, if any.
@@ -677,7 +767,7 @@ impl Sessions {
         actor: &Actor,
         make: impl FnOnce(Reply) -> Command,
     ) -> Result<PairState, SessionError> {
-        let found = {
+        let find = || {
             let registry = lock(&self.registry);
             registry.live.get(phone).map(|live| {
                 (
@@ -688,12 +778,19 @@ impl Sessions {
                 )
             })
         };
-        let Some((allowed, status, commands, states)) = found else {
-            return Err(match self.stored_outcome(phone, actor).await? {
-                Some(outcome) if outcome.status.is_terminal() => ended(outcome.status),
-                _ => SessionError::NotFound,
-            });
+        let found = match find() {
+            Some(found) => found,
+            // Not running here: ended, run elsewhere, or left to resume
+            // (then it runs here now).
+            None => match self.stored_feed(phone, actor).await? {
+                Some(StateFeed::Live(_)) => find().ok_or(SessionError::NotFound)?,
+                Some(StateFeed::Stored(outcome)) if outcome.status.is_terminal() => {
+                    return Err(ended(outcome.status));
+                }
+                _ => return Err(SessionError::NotFound),
+            },
         };
+        let (allowed, status, commands, states) = found;
         if !allowed {
             return Err(SessionError::Forbidden);
         }
@@ -849,7 +946,8 @@ mod tests {
             .await
             .unwrap();
 
-        assert_eq!(joined, Joined::Created);
+        // The dead task's stored `starting` is resumed by a new task.
+        assert_eq!(joined, Joined::Existing);
         states
             .wait_for(|s| s.status == Status::Pending)
             .await
