@@ -425,9 +425,9 @@ impl PairingStore for UpstashStore {
         if let Some(held) = &held {
             command.push(held.as_str());
         }
-        // Retried like a state write: the same hand-over twice is one (a
-        // retry after the lease went with the first finds it gone, and the
-        // state stays written).
+        // Retried like a state write. A retry after the first went through
+        // finds the lease gone and answers `LeaseLost`; the session then
+        // checks whether its state is the one stored.
         match self
             .run("EVAL", Some(handover.key), &command, self.max_retries)
             .await?

@@ -157,9 +157,9 @@ impl Drop for Departure {
             registry.live.shrink_to_fit();
         }
         if !self.finished {
-            // The task unwound (a bug): forget it so the next POST starts
-            // afresh rather than serve its frozen state.
-            tracing::error!(phone = %self.phone, "session task died; its session is forgotten");
+            // The task unwound (a bug): forget it so the next request
+            // resumes it from the store rather than serve its frozen state.
+            tracing::error!(phone = %self.phone, "session task died; the next request resumes it");
         }
     }
 }
@@ -344,7 +344,11 @@ impl Sessions {
         }
         if !read.state.status.is_terminal() {
             match self.adopt(phone, &read).await {
-                Adoption::Live(states) => return Ok(Some(StateFeed::Live(states))),
+                Adoption::Here => {
+                    if let Some(states) = self.live_states(phone, actor)? {
+                        return Ok(Some(StateFeed::Live(states)));
+                    }
+                }
                 // Running in another process: as that process stored it.
                 Adoption::Elsewhere => return Ok(Some(StateFeed::Stored(Box::new(read.state)))),
                 Adoption::Not => {}
@@ -396,8 +400,12 @@ impl Sessions {
                             return Ok((Joined::Existing, state));
                         }
                         Before::Resume(read) => match self.adopt(phone, &read).await {
-                            Adoption::Live(states) => return Ok((Joined::Existing, states)),
+                            // Runs here now: join it, with the caller's rights.
+                            Adoption::Here => continue,
                             Adoption::Elsewhere => {
+                                if !actor.may_touch_tagged(read.owner.as_deref()) {
+                                    return Err(SessionError::Forbidden);
+                                }
                                 let (_, state) = watch::channel(read.state);
                                 return Ok((Joined::Existing, state));
                             }
@@ -512,17 +520,15 @@ impl Sessions {
     ) -> Result<Before, SessionError> {
         if let Ok(Some(read)) = self.stored(phone).await {
             let ended = read.state.status.is_terminal();
-            let answer = ended
-                && ((read.state.status == Status::Linked && !relink)
-                    || self.holds_failure(&read.state));
-            if answer || !ended {
+            if !ended {
+                // Whose it is is checked once it is known where it runs.
+                return Ok(Before::Resume(read));
+            }
+            if (read.state.status == Status::Linked && !relink) || self.holds_failure(&read.state) {
                 if !actor.may_touch_tagged(read.owner.as_deref()) {
                     return Err(SessionError::Forbidden);
                 }
-                return Ok(match answer {
-                    true => Before::Answer(read.state),
-                    false => Before::Resume(read),
-                });
+                return Ok(Before::Answer(read.state));
             }
         }
         if !relink && self.linker.has_linked_device(phone).await {
@@ -567,8 +573,18 @@ impl Sessions {
             return Err(SessionError::AtCapacity);
         }
         if let Some(limit) = actor.open_limit {
-            let mine = registry.open_by_owner.get(&actor.owner).copied();
-            if mine.unwrap_or(0) >= limit {
+            let mut mine = registry
+                .open_by_owner
+                .get(&actor.owner)
+                .copied()
+                .unwrap_or(0);
+            if !actor.sees_all {
+                // A signed-in user's sessions resumed from another process
+                // are counted under their tag.
+                let resumed = Owner::tagged(&actor.owner.tag());
+                mine += registry.open_by_owner.get(&resumed).copied().unwrap_or(0);
+            }
+            if mine >= limit {
                 tracing::warn!(
                     limit,
                     "caller's session limit reached; refusing a new session"
@@ -603,9 +619,12 @@ impl Sessions {
         let mut session = session
             .owned_by(owner.tag())
             .metered(Arc::clone(&self.metrics));
-        if let Some(epoch) = lease {
-            session = session.leased(self.settings.lease_key(phone), self.holder.clone(), epoch);
-        }
+        session = match lease {
+            Some(epoch) => {
+                session.leased(self.settings.lease_key(phone), self.holder.clone(), epoch)
+            }
+            None => session.leasing_later(self.settings.lease_key(phone), self.holder.clone()),
+        };
         if let Some(webhooks) = &self.webhooks {
             session = session.announcing_to(webhooks.clone());
         }
@@ -720,6 +739,23 @@ impl Sessions {
             return Err(SessionError::Forbidden);
         }
         Ok(Some(live.state.borrow().clone()))
+    }
+
+    /// The states of `phone`'s session running here, if any, and if
+    /// `actor` may see it.
+    fn live_states(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<Option<watch::Receiver<PairState>>, SessionError> {
+        let registry = lock(&self.registry);
+        let Some(live) = registry.live.get(phone) else {
+            return Ok(None);
+        };
+        if !actor.may_touch(&live.owner) {
+            return Err(SessionError::Forbidden);
+        }
+        Ok(Some(live.state.clone()))
     }
 
     /// A new code now for `phone`'s session.

@@ -4,6 +4,7 @@
 //! the adoption of a stored session that any read, start or command of this
 //! process comes across.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -11,17 +12,68 @@ use tokio::sync::watch;
 use super::{Leased, MAX_OPEN_SESSIONS, STORE_READ_TIMEOUT, Sessions, lock};
 use crate::phone::PhoneNumber;
 use crate::session::access::Owner;
-use crate::session::state::{PairState, ReadState};
+use crate::session::state::ReadState;
+use crate::session::task::LEASE_TTL;
+use crate::store::LeaseStep;
 
 /// What [`Sessions::adopt`] did with a session left in the store.
 pub(super) enum Adoption {
-    /// Resumed here (or found running here): its states.
-    Live(watch::Receiver<PairState>),
+    /// Resumed here, or found running here.
+    Here,
     /// Another process runs it.
     Elsewhere,
     /// Not resumed (an older build's state, the store did not answer, this
     /// process is stopping or full, or it ended meanwhile).
     Not,
+}
+
+/// A lease [`Sessions::adopt`] took: given up when dropped, unless kept
+/// (a resumed session holds it) or a session of this process runs the
+/// phone and has not ended (the lease is that session's then).
+struct TakenLease<'a> {
+    sessions: &'a Sessions,
+    phone: &'a PhoneNumber,
+    epoch: u64,
+    kept: bool,
+}
+
+impl TakenLease<'_> {
+    /// A resumed session holds the lease now.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for TakenLease<'_> {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let held_here = lock(&self.sessions.registry)
+            .live
+            .get(self.phone)
+            .is_some_and(|live| !live.state.borrow().status.is_terminal());
+        if held_here {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = Arc::clone(&self.sessions.store);
+        let key = self.sessions.settings.lease_key(self.phone);
+        let holder = self.sessions.holder.clone();
+        let epoch = self.epoch;
+        // Best effort, beside whatever dropped this: an unreleased lease
+        // expires after its TTL anyway.
+        runtime.spawn(async move {
+            let step = LeaseStep::Release {
+                holder: &holder,
+                epoch,
+            };
+            let _ =
+                tokio::time::timeout(STORE_READ_TIMEOUT, store.lease(&key, step, LEASE_TTL)).await;
+        });
+    }
 }
 
 /// What one [`Sessions::resume_handed_over`] found.
@@ -49,7 +101,9 @@ impl Sessions {
     /// Resumes `phone`'s session from its stored state `read` (not final):
     /// handed over by a process that stopped, or left by one that died and
     /// whose lease has expired. Takes the lease first, so of several
-    /// processes that see it at once one resumes it.
+    /// processes that see it at once one resumes it. `Here`: the session
+    /// runs in this process now (resumed, or started meanwhile); look it up
+    /// in the registry, with the caller's rights.
     pub(super) async fn adopt(&self, phone: &PhoneNumber, read: &ReadState) -> Adoption {
         // A state without a deadline was written by an older build, which
         // cannot hand over; nor does a stopping process take sessions on.
@@ -64,6 +118,14 @@ impl Sessions {
             Leased::Elsewhere => return Adoption::Elsewhere,
             Leased::Unknown => return Adoption::Not,
         };
+        // Given up again unless a session ends up holding it, however this
+        // returns (the request that asked may also be dropped mid-way).
+        let taken = TakenLease {
+            sessions: self,
+            phone,
+            epoch,
+            kept: false,
+        };
         // Read again with the lease held: another process may have
         // resumed and ended it meanwhile.
         let current = match self.stored(phone).await {
@@ -72,56 +134,45 @@ impl Sessions {
             {
                 current
             }
-            _ => {
-                self.release_unless_running(phone, epoch).await;
-                return Adoption::Not;
-            }
+            _ => return Adoption::Not,
         };
-        let spawned = {
+        {
             let mut registry = lock(&self.registry);
-            if let Some(live) = registry.live.get(phone) {
+            if registry.live.contains_key(phone) {
                 // Started here meanwhile: that session holds the lease.
-                return Adoption::Live(live.state.clone());
+                return Adoption::Here;
             }
             if *self.stopping.borrow() || registry.live.len() >= MAX_OPEN_SESSIONS {
-                None
-            } else {
-                let owner = current
-                    .owner
-                    .as_deref()
-                    .map_or_else(Owner::anonymous, Owner::tagged);
-                Some(self.spawn(
-                    &mut registry,
-                    phone,
-                    owner,
-                    Some(epoch),
-                    Some(&current.state),
-                ))
+                return Adoption::Not;
             }
-        };
-        let Some(states) = spawned else {
-            self.release_lease(phone, epoch).await;
-            return Adoption::Not;
-        };
-        let index = self.settings.handed_over_key();
-        let unlisted = tokio::time::timeout(
-            STORE_READ_TIMEOUT,
-            self.store.unlist(&index, phone.as_str()),
-        )
-        .await;
-        if !matches!(unlisted, Ok(Ok(()))) {
+            let owner = current
+                .owner
+                .as_deref()
+                .map_or_else(Owner::anonymous, Owner::tagged);
+            self.spawn(
+                &mut registry,
+                phone,
+                owner,
+                Some(epoch),
+                Some(&current.state),
+            );
+        }
+        taken.keep();
+        if !self.unlist(phone.as_str()).await {
             // The next look at the index finds it running: harmless.
             tracing::warn!(phone = %phone, "resumed session not taken off the index");
         }
-        Adoption::Live(states)
+        Adoption::Here
     }
 
-    /// Gives up a lease taken at `epoch`, unless a session of this process
-    /// runs the phone (the lease is that session's then).
-    async fn release_unless_running(&self, phone: &PhoneNumber, epoch: u64) {
-        if !lock(&self.registry).live.contains_key(phone) {
-            self.release_lease(phone, epoch).await;
-        }
+    /// Takes `phone` off the index of handed-over sessions (bounded in
+    /// time); whether the store did.
+    async fn unlist(&self, phone: &str) -> bool {
+        let index = self.settings.handed_over_key();
+        matches!(
+            tokio::time::timeout(STORE_READ_TIMEOUT, self.store.unlist(&index, phone)).await,
+            Ok(Ok(()))
+        )
     }
 
     /// One look at the index of sessions handed over by processes that
@@ -146,8 +197,11 @@ impl Sessions {
             ..Resumed::default()
         };
         for listed in listed {
+            if *self.stopping.borrow() {
+                break;
+            }
             let Ok(phone) = PhoneNumber::parse(&listed) else {
-                let _ = self.store.unlist(&index, &listed).await;
+                self.unlist(&listed).await;
                 continue;
             };
             if lock(&self.registry).live.contains_key(&phone) {
@@ -157,16 +211,16 @@ impl Sessions {
                 Ok(Some(read)) if !read.state.status.is_terminal() => read,
                 // Ended meanwhile, or gone: nothing left to resume.
                 Ok(_) => {
-                    let _ = self.store.unlist(&index, phone.as_str()).await;
+                    self.unlist(phone.as_str()).await;
                     continue;
                 }
                 Err(_) => continue,
             };
             match self.adopt(&phone, &read).await {
-                Adoption::Live(_) => resumed.resumed += 1,
+                Adoption::Here => resumed.resumed += 1,
                 // Another process resumed it and did not unlist it.
                 Adoption::Elsewhere => {
-                    let _ = self.store.unlist(&index, phone.as_str()).await;
+                    self.unlist(phone.as_str()).await;
                 }
                 Adoption::Not => {}
             }
@@ -210,8 +264,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::session::SessionError;
     use crate::session::access::Actor;
-    use crate::session::state::{Reason, Status};
+    use crate::session::state::{PairState, Reason, Status};
     use crate::session::testing::{Script, ScriptedLinker, settings};
     use crate::store::{LeaseStep, MemoryStore, PairingStore};
 
@@ -421,5 +476,37 @@ mod tests {
                 .is_empty(),
             "the other process runs it: off the index"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_resumed_session_counts_towards_their_limit_and_stays_theirs() {
+        // Arrange: Alice (limit 1) paired on a process that stopped.
+        let store = Arc::new(MemoryStore::new());
+        let alice = Actor::restricted(Owner::user("alice"), 1);
+        let bob = Actor::restricted(Owner::user("bob"), 1);
+        let (old, _) = process(&store);
+        let (_, mut states) = old.start_or_join(&phone(), &alice, false).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+        old.shutdown(Duration::from_secs(5)).await;
+        let (new, _) = process(&store);
+        new.resume_handed_over().await;
+
+        // Act
+        let hers = new.get(&phone(), &alice).await;
+        let his = new.get(&phone(), &bob).await;
+        let another = PhoneNumber::parse("628123456780").unwrap();
+        let second = new.start_or_join(&another, &alice, false).await;
+
+        // Assert
+        assert!(matches!(hers, Ok(Some(_))), "{hers:?}");
+        assert_eq!(his, Err(SessionError::Forbidden));
+        assert_eq!(
+            second.map(|(joined, _)| joined),
+            Err(SessionError::TooManySessions { limit: 1 })
+        );
+        new.shutdown(Duration::from_secs(5)).await;
     }
 }

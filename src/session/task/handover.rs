@@ -49,6 +49,16 @@ impl Session {
         self
     }
 
+    /// Whether the store holds this phone's state numbered `seq`.
+    // `&mut self`: a session is not `Sync` (see `writer.rs`).
+    async fn stored_is(&mut self, seq: u64) -> bool {
+        let read = tokio::time::timeout(STORE_WRITE_BUDGET, self.store.get(&self.key)).await;
+        let Ok(Ok(Some(json))) = read else {
+            return false;
+        };
+        serde_json::from_str::<PairState>(&json).is_ok_and(|stored| stored.seq == seq)
+    }
+
     /// The service stops: stores this session as handed over, lists it for
     /// the next process and gives the lease up (one command). A store that
     /// does not take it ends the session `failed`/`interrupted` as before.
@@ -87,8 +97,13 @@ impl Session {
             phone: self.phone.as_str(),
             deadline_ms,
         };
-        let written =
+        let mut written =
             tokio::time::timeout(STORE_WRITE_BUDGET, self.store.hand_over(handover)).await;
+        if matches!(written, Ok(Ok(Written::LeaseLost))) && self.stored_is(state.seq).await {
+            // A retry of a hand-over whose first answer was lost: the first
+            // wrote it and gave the lease up.
+            written = Ok(Ok(Written::Stored));
+        }
         match written {
             Ok(Ok(Written::Stored)) => {
                 // The write gave the lease up.

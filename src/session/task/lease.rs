@@ -44,7 +44,70 @@ pub(super) struct Lease {
     pub renewed_at: Instant,
 }
 
+/// A lease a session started without (the store did not answer when it
+/// started) and keeps trying to take: until it has it, another process may
+/// take the phone over, and then this session must stop.
+pub(super) struct MissingLease {
+    /// The lease's store key.
+    pub key: String,
+    /// This process.
+    pub holder: String,
+    /// When to try again.
+    pub retry_at: Instant,
+}
+
 impl Session {
+    /// The same session, started without the lease `key` (the store did not
+    /// answer): it takes it as soon as the store answers, and stops if
+    /// another process has it by then.
+    #[must_use]
+    pub fn leasing_later(mut self, key: String, holder: String) -> Self {
+        self.missing_lease = Some(MissingLease {
+            key,
+            holder,
+            retry_at: Instant::now() + LEASE_RETRY,
+        });
+        self
+    }
+
+    /// Tries to take the lease this session started without: `Some(LeaseLost)`
+    /// when another process has the phone now.
+    pub(super) async fn take_missing_lease(&mut self) -> Option<StepOutcome> {
+        let missing = self.missing_lease.as_ref()?;
+        let step = LeaseStep::Take {
+            holder: &missing.holder,
+        };
+        let sent = Instant::now();
+        let taken = tokio::time::timeout(
+            STORE_WRITE_BUDGET,
+            self.store.lease(&missing.key, step, LEASE_TTL),
+        )
+        .await;
+        match taken {
+            Ok(Ok(Some(epoch))) => {
+                let missing = self.missing_lease.take()?;
+                self.lease = Some(Lease {
+                    key: missing.key,
+                    holder: missing.holder,
+                    epoch,
+                    renew_at: sent + LEASE_RENEW_EVERY,
+                    renewed_at: sent,
+                });
+                None
+            }
+            Ok(Ok(None)) => {
+                self.missing_lease = None;
+                Some(self.lease_lost())
+            }
+            Ok(Err(_)) | Err(_) => {
+                if let Some(missing) = self.missing_lease.as_mut() {
+                    missing.retry_at = Instant::now() + LEASE_RETRY;
+                }
+                None
+            }
+        }
+    }
+
     /// The same session, holding the lease `key` that `holder` took at
     /// `epoch`.
     #[must_use]
@@ -250,5 +313,53 @@ mod tests {
         // Assert
         assert_eq!(answer.await.unwrap().unwrap().status, Status::Cancelled);
         assert_eq!(f.store.get(LEASE).await.unwrap(), None, "given up");
+    }
+
+    /// A session started while the store did not answer the lease: it runs
+    /// without one and shows a code.
+    async fn started_without_lease() -> Fixture {
+        let f = fixture(settings());
+        let mut f = Fixture {
+            session: f.session.leasing_later(LEASE.into(), "here".into()),
+            ..f
+        };
+        f.session.step().await;
+        f
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_started_without_its_lease_takes_it_once_the_store_answers() {
+        // Arrange
+        let mut f = started_without_lease().await;
+
+        // Act: nothing visible happens; meanwhile it takes the lease.
+        let quiet = tokio::time::timeout(LEASE_RETRY * 3, f.session.step()).await;
+        let other = f
+            .store
+            .lease(LEASE, LeaseStep::Take { holder: "there" }, LEASE_TTL)
+            .await
+            .unwrap();
+
+        // Assert
+        assert!(quiet.is_err(), "nothing visible happened");
+        assert_eq!(other, None, "the lease is this session's now");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_started_without_its_lease_stops_when_another_process_has_the_phone() {
+        // Arrange: another process took the phone over meanwhile.
+        let mut f = started_without_lease().await;
+        f.store
+            .lease(LEASE, LeaseStep::Take { holder: "there" }, LEASE_TTL)
+            .await
+            .unwrap();
+        let shown = f.states.borrow().clone();
+
+        // Act
+        let outcome = f.session.step().await;
+
+        // Assert
+        assert_eq!(outcome, StepOutcome::LeaseLost);
+        assert_eq!(*f.states.borrow(), shown, "nothing more shown");
     }
 }

@@ -199,6 +199,8 @@ pub struct Session {
     passkey_link: bool,
     /// The phone's lease, when this process took one (see `lease.rs`).
     lease: Option<lease::Lease>,
+    /// The lease this session started without and still tries to take.
+    missing_lease: Option<lease::MissingLease>,
     /// Another process took the phone's lease: this session has stopped.
     taken_over: bool,
     /// When the service stops, hand the session over to the next process
@@ -251,6 +253,7 @@ impl Session {
             webhooks: None,
             passkey_link: false,
             lease: None,
+            missing_lease: None,
             taken_over: false,
             hand_over: false,
         };
@@ -307,7 +310,12 @@ impl Session {
             self.release_lease().await;
         }
         self.close().await;
-        self.release_lease().await;
+        if self.store_heal_at.is_none() {
+            self.release_lease().await;
+        }
+        // Else the last state never reached the store: the lease is left to
+        // expire rather than given up at once, so another process does not
+        // take the stale state stored before it for a session to resume.
     }
 
     /// Answers the commands still queued with the session's outcome and
@@ -373,7 +381,11 @@ impl Session {
                 .flatten()
                 .min()
                 .unwrap_or(self.deadline);
-            let renew_at = self.lease.as_ref().map(|lease| lease.renew_at);
+            let renew_at = self
+                .lease
+                .as_ref()
+                .map(|lease| lease.renew_at)
+                .or(self.missing_lease.as_ref().map(|missing| missing.retry_at));
             let outcome = tokio::select! {
                 // Link events first: a link that already happened must win
                 // over a cancel or a stop queued behind it.
@@ -400,7 +412,10 @@ impl Session {
                 _ = tokio::time::sleep_until(wake), if !asking => self.timer_fired().await,
                 // The lease is renewed whatever the session waits on.
                 _ = tokio::time::sleep_until(renew_at.unwrap_or(wake)), if renew_at.is_some() => {
-                    self.renew_lease().await
+                    match self.lease.is_some() {
+                        true => self.renew_lease().await,
+                        false => self.take_missing_lease().await,
+                    }
                 }
             };
             if self.taken_over {
