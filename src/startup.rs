@@ -122,8 +122,9 @@ pub struct App {
     sandbox_guard: Sandbox,
     /// Delivers outcomes to `WEBHOOK_URL` while `serve` runs.
     deliverer: Option<Deliverer>,
-    /// Sessions are handed over on shutdown, and this process resumes the
-    /// ones handed over to it (the store is shared).
+    /// The store is shared with other processes: sessions are handed over
+    /// on shutdown, this process resumes the ones handed over to it, and
+    /// listens for commands the others relay.
     hands_over: bool,
 }
 
@@ -273,6 +274,10 @@ impl App {
             let stop = stop_rx.clone();
             tokio::spawn(async move { sessions.resume_handed_over_for(stop).await })
         });
+        // Commands other processes relay to the sessions running here.
+        let relay = self
+            .hands_over
+            .then(|| tokio::spawn(Arc::clone(&self.sessions).relay_commands(stop_rx.clone())));
         let sessions = Arc::clone(&self.sessions);
         let session_grace = self.grace.mul_f64(SESSION_SHARE_OF_GRACE);
         let mut sessions_stop = stop_rx.clone();
@@ -307,6 +312,9 @@ impl App {
                 let _ = warm_pool.await;
                 if let Some(resumer) = resumer {
                     let _ = resumer.await;
+                }
+                if let Some(relay) = relay {
+                    let _ = relay.await;
                 }
                 if let Some(webhooks) = webhooks {
                     let _ = webhooks.await;

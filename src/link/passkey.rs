@@ -110,8 +110,9 @@ pub struct AuthenticatorAssertionResponseJson {
 }
 
 /// A WebAuthn assertion, decoded and checked for shape (WhatsApp checks the
-/// signature).
-#[derive(Clone, PartialEq, Eq)]
+/// signature). Serializable so a process can relay it to the one that runs
+/// the session.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct PasskeyAssertion {
     /// The credential's raw id.
     pub credential_id: Vec<u8>,

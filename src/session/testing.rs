@@ -15,7 +15,8 @@ use crate::link::{IssuedCode, LinkError, LinkEvent, LinkHandle, Linker, OpenedLi
 use crate::phone::PhoneNumber;
 use crate::retry::Backoff;
 use crate::store::{
-    Counted, HandOver, HeldLease, LeaseStep, MemoryStore, PairingStore, StoreError, Written,
+    Counted, HandOver, HeldLease, LeaseStep, MemoryStore, PairingStore, StoreError, Subscription,
+    Written,
 };
 
 /// WhatsApp's own code validity.
@@ -202,6 +203,12 @@ impl PairingStore for FlakyStore {
     }
     async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError> {
         self.inner.unlist(index, phone).await
+    }
+    async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
+        self.inner.publish(channel, message).await
+    }
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError> {
+        self.inner.subscribe(channel).await
     }
     fn kind(&self) -> &'static str {
         "flaky"

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
     Counted, HANDED_OVER_LISTED, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LeaseStep, PairingStore,
-    StoreError, Written, handed_over_floor_ms, lease_epoch_key, lease_value, stored_seq,
-    ttl_seconds,
+    SUBSCRIPTION_BUFFER, StoreError, Subscription, Written, handed_over_floor_ms, lease_epoch_key,
+    lease_value, stored_seq, ttl_seconds,
 };
 
 /// Number of stored entries below which [`MemoryStore`] never prunes.
@@ -37,6 +38,8 @@ struct MemoryInner {
     /// Indexes of handed-over sessions: phone → deadline (milliseconds since
     /// 1970), by index key. Pruned when listed.
     indexes: HashMap<String, HashMap<String, u64>>,
+    /// Subscribers by channel; closed ones are dropped at the next publish.
+    subscribers: HashMap<String, Vec<mpsc::Sender<String>>>,
 }
 
 #[derive(Debug)]
@@ -339,6 +342,30 @@ impl PairingStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let Some(subscribers) = inner.subscribers.get_mut(channel) else {
+            return Ok(0);
+        };
+        // As Redis: a subscriber that cannot keep up loses its
+        // subscription, not the publisher its time.
+        subscribers.retain(|subscriber| subscriber.try_send(message.to_owned()).is_ok());
+        let received = subscribers.len() as u64;
+        if subscribers.is_empty() {
+            inner.subscribers.remove(channel);
+        }
+        Ok(received)
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError> {
+        let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        let mut inner = self.lock();
+        let subscribers = inner.subscribers.entry(channel.to_owned()).or_default();
+        subscribers.retain(|subscriber| !subscriber.is_closed());
+        subscribers.push(sender);
+        Ok(receiver)
     }
 
     fn kind(&self) -> &'static str {

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Counted, HandOver, HeldLease, LeaseStep, PairingStore, StoreError, Written};
+use super::{
+    Counted, HandOver, HeldLease, LeaseStep, PairingStore, StoreError, Subscription, Written,
+};
 use crate::metrics::{Metrics, StoreOutcome};
 
 /// Wraps a store so every command's latency, and every failure, reaches
@@ -127,6 +129,16 @@ impl PairingStore for Metered {
         timing.finish(self.inner.unlist(index, phone).await)
     }
 
+    async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
+        let timing = Timing::start(&self.metrics, "publish");
+        timing.finish(self.inner.publish(channel, message).await)
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError> {
+        let timing = Timing::start(&self.metrics, "subscribe");
+        timing.finish(self.inner.subscribe(channel).await)
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
@@ -182,6 +194,12 @@ mod tests {
             std::future::pending().await
         }
         async fn unlist(&self, _: &str, _: &str) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn publish(&self, _: &str, _: &str) -> Result<u64, StoreError> {
+            std::future::pending().await
+        }
+        async fn subscribe(&self, _: &str) -> Result<Subscription, StoreError> {
             std::future::pending().await
         }
         fn kind(&self) -> &'static str {

@@ -161,9 +161,27 @@ pub trait PairingStore: Send + Sync + 'static {
     /// resume). One store command.
     async fn unlist(&self, index: &str, phone: &str) -> Result<(), StoreError>;
 
+    /// Publishes `message` on `channel` (pub/sub between the processes
+    /// sharing the store); returns how many subscribers received it. One
+    /// store command.
+    async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError>;
+
+    /// Subscribes to `channel`: its messages arrive on the receiver until
+    /// the subscription breaks or is renewed (the receiver then ends:
+    /// subscribe again) or the receiver is dropped (the subscription ends).
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError>;
+
     /// Short name for logs and /readyz ("memory", "upstash").
     fn kind(&self) -> &'static str;
 }
+
+/// The messages of one subscription, in order.
+pub type Subscription = tokio::sync::mpsc::Receiver<String>;
+
+/// Messages a subscription holds that its reader has not taken yet: a
+/// reader that falls this far behind loses the subscription (and
+/// subscribes again) rather than letting it grow.
+pub const SUBSCRIPTION_BUFFER: usize = 256;
 
 /// A session's last state in a process that stops, for
 /// [`PairingStore::hand_over`].

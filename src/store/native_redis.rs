@@ -12,8 +12,8 @@ use redis::{ErrorKind, RedisError};
 use super::{
     COUNT_SCRIPT, Counted, HAND_OVER_SCRIPT, HANDED_OVER_INDEX_TTL_MS, HANDED_OVER_LISTED,
     HANDED_OVER_SCRIPT, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep,
-    PairingStore, SET_STATE_SCRIPT, StoreError, Written, handed_over_floor_ms, lease_epoch_key,
-    ttl_millis, ttl_seconds,
+    PairingStore, SET_STATE_SCRIPT, SUBSCRIPTION_BUFFER, StoreError, Subscription, Written,
+    handed_over_floor_ms, lease_epoch_key, ttl_millis, ttl_seconds,
 };
 
 /// Bound on one command (connect included): a store that does not answer
@@ -231,6 +231,42 @@ impl PairingStore for RedisStore {
         self.run::<u64>(redis::cmd("ZREM").arg(index).arg(phone))
             .await
             .map(drop)
+    }
+
+    async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
+        self.run(redis::cmd("PUBLISH").arg(channel).arg(message))
+            .await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError> {
+        // A connection of its own: a subscribed connection takes no other
+        // commands.
+        let mut pubsub =
+            tokio::time::timeout(REDIS_CONNECT_TIMEOUT, self.client.get_async_pubsub())
+                .await
+                .map_err(|_| StoreError::Timeout)?
+                .map_err(store_error)?;
+        bounded(pubsub.subscribe(channel)).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(SUBSCRIPTION_BUFFER);
+        // Owns the connection: ends (closing it) when the receiver is
+        // dropped, the connection breaks, or the reader falls behind.
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            let mut messages = pubsub.into_on_message();
+            loop {
+                tokio::select! {
+                    () = sender.closed() => return,
+                    message = messages.next() => {
+                        let Some(message) = message else { return };
+                        let Ok(payload) = message.get_payload::<String>() else { continue };
+                        if sender.try_send(payload).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(receiver)
     }
 
     fn kind(&self) -> &'static str {

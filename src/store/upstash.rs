@@ -8,8 +8,8 @@ use serde_json::Value;
 use super::{
     COUNT_SCRIPT, Counted, HAND_OVER_SCRIPT, HANDED_OVER_INDEX_TTL_MS, HANDED_OVER_LISTED,
     HANDED_OVER_SCRIPT, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep,
-    PairingStore, SET_STATE_SCRIPT, StoreError, Written, handed_over_floor_ms, lease_epoch_key,
-    ttl_millis, ttl_seconds,
+    PairingStore, SET_STATE_SCRIPT, SUBSCRIPTION_BUFFER, StoreError, Subscription, Written,
+    handed_over_floor_ms, lease_epoch_key, ttl_millis, ttl_seconds,
 };
 use crate::phone::mask_phone;
 use crate::retry::Backoff;
@@ -20,6 +20,12 @@ use crate::retry::Backoff;
 /// healthy Upstash answers in tens of milliseconds, so 5 s only cuts off
 /// requests that are already broken.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one subscription (a `POST /subscribe/<channel>` event stream)
+/// is kept before it is renewed: a connection that died without a word
+/// would otherwise leave this process deaf until the next message it
+/// missed. One Upstash command per renewal.
+pub const SUBSCRIPTION_RENEW_EVERY: Duration = Duration::from_secs(600);
 
 /// Default number of retries after the first attempt of an Upstash command.
 ///
@@ -477,6 +483,92 @@ impl PairingStore for UpstashStore {
             Value::Number(_) => Ok(()),
             other => Err(unexpected("ZREM", "a count", &other)),
         }
+    }
+
+    async fn publish(&self, channel: &str, message: &str) -> Result<u64, StoreError> {
+        // Not retried: a retry after a lost answer would deliver twice.
+        match self
+            .run("PUBLISH", None, &["PUBLISH", channel, message], 0)
+            .await?
+        {
+            Value::Number(n) => n
+                .as_u64()
+                .ok_or_else(|| unexpected("PUBLISH", "a count", &Value::Number(n))),
+            other => Err(unexpected("PUBLISH", "a count", &other)),
+        }
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StoreError> {
+        // Upstash's REST subscription: an event stream whose events are
+        // `data: subscribe,<channel>,<count>` once, then
+        // `data: message,<channel>,<message>` for each message.
+        let mut url = self.endpoint.clone();
+        url.path_segments_mut()
+            .map_err(|()| StoreError::Config("the Upstash URL cannot take a path".into()))?
+            .pop_if_empty()
+            .extend(["subscribe", channel]);
+        let mut response = self
+            .client
+            .post(url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(SUBSCRIPTION_RENEW_EVERY)
+            .send()
+            .await
+            .map_err(|e| transport_error(e).error)?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            let retry_after = parse_retry_after(response.headers());
+            let body = read_body(response).await.map_err(|f| f.error)?;
+            let mut failure = match classify(status, retry_after, &body) {
+                Err(failure) => failure,
+                Ok(_) => return Err(StoreError::Protocol(format!("subscribe answered {status}"))),
+            };
+            scrub_token(&mut failure.error, &self.token);
+            return Err(failure.error);
+        }
+        let event_stream = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !event_stream {
+            return Err(StoreError::Protocol(
+                "subscribe did not answer with an event stream".into(),
+            ));
+        }
+        let (sender, receiver) = tokio::sync::mpsc::channel(SUBSCRIPTION_BUFFER);
+        let prefix = format!("message,{channel},");
+        // Owns the stream: ends (closing it) when the receiver is dropped,
+        // the stream breaks or is renewed, or the reader falls behind.
+        tokio::spawn(async move {
+            let mut pending = Vec::new();
+            loop {
+                let chunk = tokio::select! {
+                    () = sender.closed() => return,
+                    chunk = response.chunk() => chunk,
+                };
+                let Ok(Some(chunk)) = chunk else { return };
+                pending.extend_from_slice(&chunk);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let Ok(line) = std::str::from_utf8(&line) else {
+                        continue;
+                    };
+                    let line = line.trim_end_matches(['\r', '\n']);
+                    let Some(message) = line
+                        .strip_prefix("data:")
+                        .map(str::trim_start)
+                        .and_then(|data| data.strip_prefix(prefix.as_str()))
+                    else {
+                        continue;
+                    };
+                    if sender.try_send(message.to_owned()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(receiver)
     }
 
     fn kind(&self) -> &'static str {

@@ -425,6 +425,11 @@ async fn an_upstash_backed_pair_reads_once_takes_its_lease_writes_one_command_pe
     // else. Each state goes out as the set-state script, numbered above
     // the one before, checking and renewing the lease in the same command.
     let requests = upstash.received_requests().await.unwrap();
+    // The process's own subscription, for commands other processes relay.
+    let (subscriptions, requests): (Vec<_>, Vec<_>) = requests
+        .into_iter()
+        .partition(|r| r.url.path().starts_with("/subscribe/"));
+    assert!(subscriptions.len() <= 1, "{subscriptions:?}");
     let all: Vec<Vec<String>> = requests
         .iter()
         .map(|r| {

@@ -611,6 +611,60 @@ pub async fn assert_a_lost_lease_fences_writes(
     store.delete(&format!("{lease_key}:epoch")).await.unwrap();
 }
 
+/// The pub/sub contract every store keeps: a subscriber gets what is
+/// published on its channel (commas and quotes intact), in order, and
+/// nothing of another channel; publishing counts the subscribers; a
+/// dropped subscription stops counting. `channel` must be unique.
+pub async fn assert_messages_reach_the_subscribers_of_their_channel(
+    store: &dyn wa_pair::store::PairingStore,
+    channel: &str,
+) {
+    let other = format!("{channel}:other");
+    let nobody = store
+        .publish(channel, "before anyone listens")
+        .await
+        .unwrap();
+    let mut subscription = store.subscribe(channel).await.unwrap();
+    // The subscription may take a moment to be in place on the server.
+    let mut received = 0;
+    for _ in 0..100 {
+        received = store.publish(channel, "ready?").await.unwrap();
+        if received > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elsewhere = store.publish(&other, "not for it").await.unwrap();
+    let json = r#"{"id":"1","body":{"kind":"answer","text":"a, b \"c\""}}"#;
+    store.publish(channel, json).await.unwrap();
+    store.publish(channel, "last").await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(5), subscription.recv())
+            .await
+            .expect("a message in time")
+            .expect("the subscription stays open");
+        if message != "ready?" {
+            got.push(message);
+        }
+    }
+    drop(subscription);
+    let mut after_drop = 1;
+    for _ in 0..100 {
+        after_drop = store.publish(channel, "anyone?").await.unwrap();
+        if after_drop == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    assert_eq!(nobody, 0);
+    assert_eq!(received, 1, "one subscriber");
+    assert_eq!(elsewhere, 0, "another channel has none");
+    assert_eq!(got, vec![json.to_owned(), "last".to_owned()]);
+    assert_eq!(after_drop, 0, "a dropped subscription ends");
+}
+
 /// The hand-over contract every store keeps: one command writes the
 /// state, lists the phone in the index and gives the lease up; a lost
 /// lease or a newer state stops all three; the index lists by deadline and

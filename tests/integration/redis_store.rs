@@ -11,7 +11,8 @@ use wa_pair::store::{PairingStore, RedisStore, StoreError, Written};
 use crate::helpers::{
     TestApp, as_shown, assert_a_hand_over_writes_lists_and_releases_at_once,
     assert_a_lost_lease_fences_writes, assert_leases_go_to_one_holder_at_a_time,
-    assert_refuses_a_late_state, redis_store, redis_test_url,
+    assert_messages_reach_the_subscribers_of_their_channel, assert_refuses_a_late_state,
+    redis_store, redis_test_url,
 };
 
 /// A store on the test server, with a key prefix of its own.
@@ -176,6 +177,21 @@ async fn a_hand_over_writes_lists_and_gives_the_lease_up_in_one_script_on_redis(
     let (store, prefix) = store().await;
 
     assert_a_hand_over_writes_lists_and_releases_at_once(&store, &prefix).await;
+}
+
+#[tokio::test]
+async fn messages_published_on_redis_reach_the_subscribers_of_their_channel() {
+    let (store, prefix) = store().await;
+
+    assert_messages_reach_the_subscribers_of_their_channel(&store, &format!("{prefix}process:a"))
+        .await;
+}
+
+#[tokio::test]
+async fn the_memory_store_relays_messages_as_redis_does() {
+    let store = wa_pair::store::MemoryStore::new();
+
+    assert_messages_reach_the_subscribers_of_their_channel(&store, "wa:pair:process:a").await;
 }
 
 #[tokio::test]

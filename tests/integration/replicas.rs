@@ -145,3 +145,56 @@ async fn a_stopping_replica_hands_its_session_over_and_the_other_stores_a_new_co
     let shown = new.get_json(&format!("/pair/{PHONE}")).await;
     assert_eq!(shown["code"], resumed["code"]);
 }
+
+#[tokio::test]
+async fn refresh_and_cancel_sent_to_the_replica_that_does_not_run_the_session_reach_the_owner() {
+    // Arrange: two processes on one Redis; the first runs the session.
+    let (store, prefix) = redis_store().await;
+    let store: Arc<dyn PairingStore> = Arc::new(store);
+    let owner = TestApp::spawn_with(Arc::clone(&store), |config| {
+        config.key_prefix = prefix.clone();
+    })
+    .await;
+    let other = owner.spawn_replica(Arc::clone(&store)).await;
+    owner.sessions.until_relaying().await;
+    other.sessions.until_relaying().await;
+    let first: serde_json::Value = owner.post_pair(PHONE).await.json().await.unwrap();
+    // A refresh right after a code answers that code.
+    tokio::time::sleep(wa_pair::session::MANUAL_REFRESH_DEBOUNCE * 2).await;
+
+    // Act
+    let refreshed = other
+        .post_json(&format!("/pair/{PHONE}/refresh"), serde_json::json!({}))
+        .await;
+    let refreshed_status = refreshed.status();
+    let refreshed: serde_json::Value = refreshed.json().await.unwrap();
+    let cancelled = other.delete(&format!("/pair/{PHONE}")).await;
+    let cancelled_status = cancelled.status();
+    let cancelled: serde_json::Value = cancelled.json().await.unwrap();
+    let on_owner = owner.get_json(&format!("/pair/{PHONE}")).await;
+
+    // Assert
+    assert!(
+        refreshed_status.is_success(),
+        "{refreshed_status} {refreshed}"
+    );
+    assert_eq!(refreshed["status"], "pending");
+    assert_eq!(refreshed["attempt"], 2, "the owner asked WhatsApp again");
+    assert_ne!(refreshed["code"], first["code"]);
+    assert!(
+        cancelled_status.is_success(),
+        "{cancelled_status} {cancelled}"
+    );
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(on_owner["status"], "cancelled");
+    assert_eq!(
+        other.sessions.counts().live,
+        0,
+        "the other process ran nothing"
+    );
+    assert_eq!(
+        owner.fake().record(PHONE).expect("asked").code_requests,
+        2,
+        "one WhatsApp pairing, two codes"
+    );
+}

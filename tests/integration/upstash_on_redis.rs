@@ -14,7 +14,9 @@ use wa_pair::store::{PairingStore, StoreError, UpstashSettings, UpstashStore};
 
 use crate::helpers::{
     assert_a_hand_over_writes_lists_and_releases_at_once, assert_a_lost_lease_fences_writes,
-    assert_leases_go_to_one_holder_at_a_time, assert_refuses_a_late_state, redis_test_url,
+    assert_leases_go_to_one_holder_at_a_time,
+    assert_messages_reach_the_subscribers_of_their_channel, assert_refuses_a_late_state,
+    redis_test_url,
 };
 
 const TOKEN: &str = "upstash-front-token";
@@ -78,6 +80,40 @@ async fn upstash_front() -> String {
                         ),
                     }
                 }
+            },
+        ),
+    );
+    // Upstash's REST subscription: an event stream, `subscribe,<channel>,1`
+    // first, then `message,<channel>,<message>` per message.
+    let app = app.route(
+        "/subscribe/{channel}",
+        axum::routing::post(
+            |headers: HeaderMap, axum::extract::Path(channel): axum::extract::Path<String>| async move {
+                use axum::response::IntoResponse as _;
+                use futures::StreamExt as _;
+                let bearer = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if bearer != Some(TOKEN) {
+                    return StatusCode::UNAUTHORIZED.into_response();
+                }
+                let client = redis::Client::open(redis_test_url()).unwrap();
+                let mut pubsub = client.get_async_pubsub().await.unwrap();
+                pubsub.subscribe(&channel).await.unwrap();
+                let first = format!("data: subscribe,{channel},1\n\n");
+                let messages = pubsub.into_on_message().map(move |message| {
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    Ok::<_, std::convert::Infallible>(format!(
+                        "data: message,{channel},{payload}\n\n"
+                    ))
+                });
+                let events = futures::stream::once(async move { Ok(first) }).chain(messages);
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+                    axum::body::Body::from_stream(events),
+                )
+                    .into_response()
             },
         ),
     );
@@ -161,6 +197,13 @@ async fn a_hand_over_writes_lists_and_gives_the_lease_up_through_upstash_eval() 
     let store = UpstashStore::new(UpstashSettings::new(upstash_front().await, TOKEN)).unwrap();
 
     assert_a_hand_over_writes_lists_and_releases_at_once(&store, &key("")).await;
+}
+
+#[tokio::test]
+async fn messages_reach_subscribers_through_upstash_publish_and_its_event_stream() {
+    let store = UpstashStore::new(UpstashSettings::new(upstash_front().await, TOKEN)).unwrap();
+
+    assert_messages_reach_the_subscribers_of_their_channel(&store, &key("process:a")).await;
 }
 
 #[tokio::test]

@@ -6,8 +6,11 @@
 //! keeps it for `PAIR_OUTCOME_TTL_SECS`), so memory follows the open
 //! sessions, not the traffic of the last day.
 
+mod commands;
+mod relay;
 mod resume;
 
+pub use relay::{RELAY_REPLY_MARGIN, RELAY_RESUBSCRIBE};
 pub use resume::{RESUME_LOOK_EVERY, RESUME_LOOKS_FOR, Resumed};
 
 use std::collections::HashMap;
@@ -15,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use self::resume::Adoption;
@@ -23,9 +26,8 @@ use super::SessionError;
 use super::access::{Actor, Owner};
 use super::schedule::SessionSettings;
 use super::state::{PairState, ReadState, Reason, Status};
-use super::task::{Command, LEASE_TTL, Reply, Session, ended, outcome_error};
+use super::task::{Command, LEASE_TTL, Session};
 use crate::link::Linker;
-use crate::link::passkey::PasskeyAssertion;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
 use crate::store::LeaseStep;
@@ -198,6 +200,8 @@ pub struct Sessions {
     /// (stored as `starting`/`handed_over`) instead of ending
     /// `failed`/`interrupted`: set when the store outlives the process.
     hands_over: bool,
+    /// Commands relayed to other processes, awaiting their answers.
+    relay: relay::Relay,
 }
 
 /// Who has a phone's lease, as a start finds it.
@@ -250,6 +254,7 @@ impl Sessions {
             webhooks: None,
             holder: uuid::Uuid::new_v4().simple().to_string(),
             hands_over: false,
+            relay: relay::Relay::default(),
         }
     }
 
@@ -756,117 +761,6 @@ impl Sessions {
             return Err(SessionError::Forbidden);
         }
         Ok(Some(live.state.clone()))
-    }
-
-    /// A new code now for `phone`'s session.
-    pub async fn refresh(
-        &self,
-        phone: &PhoneNumber,
-        actor: &Actor,
-    ) -> Result<PairState, SessionError> {
-        self.command(phone, actor, Command::Refresh).await
-    }
-
-    /// Cancels `phone`'s pending session.
-    pub async fn cancel(
-        &self,
-        phone: &PhoneNumber,
-        actor: &Actor,
-    ) -> Result<PairState, SessionError> {
-        self.command(phone, actor, Command::Cancel).await
-    }
-
-    /// Answers WhatsApp's passkey request in `phone`'s session with
-    /// `assertion`; returns the state once WhatsApp took it.
-    pub async fn send_passkey(
-        &self,
-        phone: &PhoneNumber,
-        actor: &Actor,
-        assertion: PasskeyAssertion,
-    ) -> Result<PairState, SessionError> {
-        self.command(phone, actor, |reply| Command::Passkey(assertion, reply))
-            .await
-    }
-
-    /// Confirms the verification code of `phone`'s passkey link.
-    pub async fn confirm_passkey(
-        &self,
-        phone: &PhoneNumber,
-        actor: &Actor,
-    ) -> Result<PairState, SessionError> {
-        self.command(phone, actor, Command::ConfirmPasskey).await
-    }
-
-    async fn command(
-        &self,
-        phone: &PhoneNumber,
-        actor: &Actor,
-        make: impl FnOnce(Reply) -> Command,
-    ) -> Result<PairState, SessionError> {
-        let find = || {
-            let registry = lock(&self.registry);
-            registry.live.get(phone).map(|live| {
-                (
-                    actor.may_touch(&live.owner),
-                    live.state.borrow().status,
-                    live.commands.clone(),
-                    live.state.clone(),
-                )
-            })
-        };
-        let found = match find() {
-            Some(found) => found,
-            // Not running here: ended, run elsewhere, or left to resume
-            // (then it runs here now).
-            None => match self.stored_feed(phone, actor).await? {
-                Some(StateFeed::Live(_)) => find().ok_or(SessionError::NotFound)?,
-                Some(StateFeed::Stored(outcome)) if outcome.status.is_terminal() => {
-                    return Err(ended(outcome.status));
-                }
-                _ => return Err(SessionError::NotFound),
-            },
-        };
-        let (allowed, status, commands, states) = found;
-        if !allowed {
-            return Err(SessionError::Forbidden);
-        }
-        if status.is_terminal() {
-            return Err(ended(status));
-        }
-        let (reply, answer) = oneshot::channel();
-        let command = make(reply);
-        let slow_is_fine = matches!(
-            command,
-            Command::Refresh(_) | Command::Passkey(..) | Command::ConfirmPasskey(_)
-        );
-        commands.try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SessionError::Busy,
-            // The session ended between the look-up and the send.
-            mpsc::error::TrySendError::Closed(_) => self.ended_meanwhile(&states),
-        })?;
-        match tokio::time::timeout(COMMAND_REPLY_TIMEOUT, answer).await {
-            Ok(Ok(answer)) => answer,
-            // The task answers every command it takes, and the ones still
-            // queued when it ends; a dropped reply means it unwound.
-            Ok(Err(_)) => Err(self.ended_meanwhile(&states)),
-            // WhatsApp is still being asked: say where things stand.
-            Err(_) if slow_is_fine => Ok(states.borrow().clone()),
-            Err(_) => Err(SessionError::Busy),
-        }
-    }
-
-    /// What a command that found its session gone is told: the session's
-    /// real outcome, `shutting_down` only when the service is stopping.
-    fn ended_meanwhile(&self, states: &watch::Receiver<PairState>) -> SessionError {
-        let last = states.borrow();
-        if last.status.is_terminal() {
-            outcome_error(&last)
-        } else if *self.stopping.borrow() {
-            SessionError::ShuttingDown
-        } else {
-            // The task unwound without a final state (a bug, logged there).
-            SessionError::Busy
-        }
     }
 
     /// Stops every session: open ones end as `failed`/`interrupted`. Waits
