@@ -136,12 +136,12 @@ impl Actor {
 
     /// Whether this actor may read or act on a session `owner` started.
     pub fn may_touch(&self, owner: &Owner) -> bool {
+        // Either side may be known by its tag only (a session resumed from
+        // another process, a command relayed from one).
         self.sees_all
             || self.owner == *owner
-            || owner
-                .0
-                .strip_prefix("tag:")
-                .is_some_and(|tag| tag == self.owner.tag())
+            || ((self.owner.0.starts_with("tag:") || owner.0.starts_with("tag:"))
+                && self.owner.tag() == owner.tag())
     }
 
     /// Whether this actor may read or act on a stored session whose owner

@@ -178,6 +178,12 @@ pub trait PairingStore: Send + Sync + 'static {
 /// The messages of one subscription, in order.
 pub type Subscription = tokio::sync::mpsc::Receiver<String>;
 
+/// How long one subscription is kept before the store ends it (its reader
+/// subscribes again): a connection that died without a word would
+/// otherwise leave a process deaf for good. On Upstash each renewal is one
+/// command.
+pub const SUBSCRIPTION_RENEW_EVERY: Duration = Duration::from_secs(600);
+
 /// Messages a subscription holds that its reader has not taken yet: a
 /// reader that falls this far behind loses the subscription (and
 /// subscribes again) rather than letting it grow.

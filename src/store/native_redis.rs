@@ -12,8 +12,8 @@ use redis::{ErrorKind, RedisError};
 use super::{
     COUNT_SCRIPT, Counted, HAND_OVER_SCRIPT, HANDED_OVER_INDEX_TTL_MS, HANDED_OVER_LISTED,
     HANDED_OVER_SCRIPT, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep,
-    PairingStore, SET_STATE_SCRIPT, SUBSCRIPTION_BUFFER, StoreError, Subscription, Written,
-    handed_over_floor_ms, lease_epoch_key, ttl_millis, ttl_seconds,
+    PairingStore, SET_STATE_SCRIPT, SUBSCRIPTION_BUFFER, SUBSCRIPTION_RENEW_EVERY, StoreError,
+    Subscription, Written, handed_over_floor_ms, lease_epoch_key, ttl_millis, ttl_seconds,
 };
 
 /// Bound on one command (connect included): a store that does not answer
@@ -249,13 +249,17 @@ impl PairingStore for RedisStore {
         bounded(pubsub.subscribe(channel)).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(SUBSCRIPTION_BUFFER);
         // Owns the connection: ends (closing it) when the receiver is
-        // dropped, the connection breaks, or the reader falls behind.
+        // dropped, the connection breaks, the reader falls behind, or it is
+        // due for renewal.
         tokio::spawn(async move {
             use futures::StreamExt as _;
             let mut messages = pubsub.into_on_message();
+            let renew = tokio::time::sleep(SUBSCRIPTION_RENEW_EVERY);
+            tokio::pin!(renew);
             loop {
                 tokio::select! {
                     () = sender.closed() => return,
+                    () = &mut renew => return,
                     message = messages.next() => {
                         let Some(message) = message else { return };
                         let Ok(payload) = message.get_payload::<String>() else { continue };

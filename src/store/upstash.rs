@@ -8,8 +8,8 @@ use serde_json::Value;
 use super::{
     COUNT_SCRIPT, Counted, HAND_OVER_SCRIPT, HANDED_OVER_INDEX_TTL_MS, HANDED_OVER_LISTED,
     HANDED_OVER_SCRIPT, HandOver, HeldLease, LEASE_EPOCH_TTL_MS, LEASE_SCRIPT, LeaseStep,
-    PairingStore, SET_STATE_SCRIPT, SUBSCRIPTION_BUFFER, StoreError, Subscription, Written,
-    handed_over_floor_ms, lease_epoch_key, ttl_millis, ttl_seconds,
+    PairingStore, SET_STATE_SCRIPT, SUBSCRIPTION_BUFFER, SUBSCRIPTION_RENEW_EVERY, StoreError,
+    Subscription, Written, handed_over_floor_ms, lease_epoch_key, ttl_millis, ttl_seconds,
 };
 use crate::phone::mask_phone;
 use crate::retry::Backoff;
@@ -20,12 +20,6 @@ use crate::retry::Backoff;
 /// healthy Upstash answers in tens of milliseconds, so 5 s only cuts off
 /// requests that are already broken.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long one subscription (a `POST /subscribe/<channel>` event stream)
-/// is kept before it is renewed: a connection that died without a word
-/// would otherwise leave this process deaf until the next message it
-/// missed. One Upstash command per renewal.
-pub const SUBSCRIPTION_RENEW_EVERY: Duration = Duration::from_secs(600);
 
 /// Default number of retries after the first attempt of an Upstash command.
 ///
@@ -507,13 +501,15 @@ impl PairingStore for UpstashStore {
             .map_err(|()| StoreError::Config("the Upstash URL cannot take a path".into()))?
             .pop_if_empty()
             .extend(["subscribe", channel]);
-        let mut response = self
+        let request = self
             .client
             .post(url)
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .timeout(SUBSCRIPTION_RENEW_EVERY)
-            .send()
+            .send();
+        let mut response = tokio::time::timeout(self.request_timeout, request)
             .await
+            .map_err(|_| StoreError::Timeout)?
             .map_err(|e| transport_error(e).error)?;
         let status = response.status().as_u16();
         if status != 200 {
@@ -549,20 +545,12 @@ impl PairingStore for UpstashStore {
                 };
                 let Ok(Some(chunk)) = chunk else { return };
                 pending.extend_from_slice(&chunk);
-                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    let Ok(line) = std::str::from_utf8(&line) else {
-                        continue;
-                    };
-                    let line = line.trim_end_matches(['\r', '\n']);
-                    let Some(message) = line
-                        .strip_prefix("data:")
-                        .map(str::trim_start)
-                        .and_then(|data| data.strip_prefix(prefix.as_str()))
-                    else {
-                        continue;
-                    };
-                    if sender.try_send(message.to_owned()).is_err() {
+                if pending.len() > MAX_RESPONSE_BYTES {
+                    // No line of ours is this long: not our stream.
+                    return;
+                }
+                for message in messages_in(&mut pending, &prefix) {
+                    if sender.try_send(message).is_err() {
                         return;
                     }
                 }
@@ -574,6 +562,29 @@ impl PairingStore for UpstashStore {
     fn kind(&self) -> &'static str {
         "upstash"
     }
+}
+
+/// The messages in the complete lines of an event stream's `pending`
+/// bytes (`data: <prefix><message>`; `prefix` is `message,<channel>,`),
+/// leaving what follows the last line end for the next chunk. Other lines
+/// (the subscription's confirmation, comments, blank lines) are skipped.
+fn messages_in(pending: &mut Vec<u8>, prefix: &str) -> Vec<String> {
+    let mut messages = Vec::new();
+    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = pending.drain(..=end).collect();
+        let Ok(line) = std::str::from_utf8(&line) else {
+            continue;
+        };
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(message) = line
+            .strip_prefix("data:")
+            .map(str::trim_start)
+            .and_then(|data| data.strip_prefix(prefix))
+        {
+            messages.push(message.to_owned());
+        }
+    }
+    messages
 }
 
 /// Maps a reqwest failure; the URL is dropped in case it embeds credentials.
@@ -973,5 +984,24 @@ mod tests {
 
         // Assert
         assert_eq!(masked, "wa:pair:é-config");
+    }
+
+    #[test]
+    fn event_stream_lines_split_across_chunks_or_ending_in_crlf_give_whole_messages() {
+        let prefix = "message,wa:pair:process:a,";
+        let mut pending =
+            b"data: subscribe,wa:pair:process:a,1\r\n\r\ndata: message,wa:pair:process:a,{\"a\":"
+                .to_vec();
+
+        let first = messages_in(&mut pending, prefix);
+        pending.extend_from_slice(b"\"x, y\"}\r\n\ndata:message,wa:pair:process:b,no\n");
+        let second = messages_in(&mut pending, prefix);
+        pending.extend_from_slice(b"data: message,wa:pair:process:a,");
+        let unfinished = messages_in(&mut pending, prefix);
+
+        assert!(first.is_empty(), "{first:?}");
+        assert_eq!(second, vec![r#"{"a":"x, y"}"#.to_owned()]);
+        assert!(unfinished.is_empty());
+        assert_eq!(pending, b"data: message,wa:pair:process:a,");
     }
 }

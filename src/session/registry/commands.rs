@@ -137,8 +137,13 @@ impl Sessions {
                     return Err(ended(outcome.status));
                 }
                 // Not final, not resumed: another process runs it.
-                Some(StateFeed::Stored(_)) if route == Route::AnyProcess => {
-                    return self.forward(phone, wanted).await;
+                Some(StateFeed::Stored(state)) if !state.status.is_terminal() => {
+                    return match route {
+                        Route::AnyProcess => self.forward(phone, actor, wanted).await,
+                        // Relayed here, but it moved on to a third process:
+                        // the caller asks again.
+                        Route::HereOnly => Err(SessionError::Busy),
+                    };
                 }
                 _ => return Err(SessionError::NotFound),
             },

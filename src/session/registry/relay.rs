@@ -7,9 +7,9 @@
 //! `<prefix>process:<holder>` (the holder its leases carry). A process that
 //! gets a command for a phone another process holds reads the phone's lease
 //! (`holder|epoch`), publishes the command there with its own channel to
-//! reply to, and waits for the answer. Messages carry states and passkey
-//! assertions, never more than the store already holds; nothing of them is
-//! logged.
+//! reply to, and waits for the answer. Messages carry states (as the store
+//! holds them) and passkey assertions (which pass through and are never
+//! stored); nothing of them is logged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,19 +41,39 @@ pub const RELAY_RESUBSCRIBE: Backoff =
 /// forgiven.
 const RELAY_SUBSCRIPTION_SOUND: Duration = Duration::from_secs(10);
 
-/// Who a relayed command acts as in the process that runs the session: the
-/// relaying process checked the caller's rights already.
-fn relayed() -> Actor {
-    Actor::trusted(Owner::server("relay"))
+/// Relayed commands a process carries out at once; more are answered
+/// `busy` at once: each can wait on WhatsApp for 20 s.
+pub const RELAY_MAX_IN_FLIGHT: usize = 64;
+
+/// Who a relayed command acts as in the process that runs the session:
+/// the caller's tag when it may touch only its own sessions (checked again
+/// against the session there, which may have changed since the relaying
+/// process looked), else anyone.
+fn relayed(caller: Option<&str>) -> Actor {
+    match caller {
+        Some(tag) => Actor::restricted(Owner::tagged(tag), usize::MAX),
+        None => Actor::trusted(Owner::server("relay")),
+    }
 }
 
 /// What this process waits for from others.
-#[derive(Default)]
 pub(super) struct Relay {
     /// Answers awaited, by message id.
     waiting: std::sync::Mutex<HashMap<String, oneshot::Sender<Result<PairState, SessionError>>>>,
     /// Turns `true` once this process listens on its channel.
     listening: watch::Sender<bool>,
+    /// Bounds the relayed commands carried out at once.
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self {
+            waiting: std::sync::Mutex::default(),
+            listening: watch::Sender::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(RELAY_MAX_IN_FLIGHT)),
+        }
+    }
 }
 
 impl Relay {
@@ -90,9 +110,11 @@ struct Message {
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Body {
     /// Carry `wanted` out in `phone`'s session and answer on `reply_to`.
+    /// `caller`: the tag of a caller that may touch only its own sessions.
     Request {
         reply_to: String,
         phone: String,
+        caller: Option<String>,
         wanted: Wanted,
     },
     /// The answer to a request.
@@ -275,29 +297,36 @@ impl Sessions {
             Body::Request {
                 reply_to,
                 phone,
+                caller,
                 wanted,
             } => {
-                // Beside the listener: a refresh can wait on WhatsApp.
                 let sessions = Arc::clone(self);
+                let permit = Arc::clone(&self.relay.in_flight).try_acquire_owned();
+                // Beside the listener: a refresh can wait on WhatsApp.
                 tokio::spawn(async move {
-                    sessions
-                        .answer_relayed(message.id, &reply_to, &phone, wanted)
-                        .await;
+                    let Ok(_permit) = permit else {
+                        sessions
+                            .answer(message.id, &reply_to, Err(SessionError::Busy))
+                            .await;
+                        return;
+                    };
+                    let actor = relayed(caller.as_deref());
+                    let result = match PhoneNumber::parse(&phone) {
+                        Ok(phone) => {
+                            sessions
+                                .command(&phone, &actor, wanted, Route::HereOnly)
+                                .await
+                        }
+                        Err(_) => Err(SessionError::NotFound),
+                    };
+                    sessions.answer(message.id, &reply_to, result).await;
                 });
             }
         }
     }
 
-    /// Carries out a command another process relayed and publishes the
-    /// answer on `reply_to`.
-    async fn answer_relayed(&self, id: String, reply_to: &str, phone: &str, wanted: Wanted) {
-        let result = match PhoneNumber::parse(phone) {
-            Ok(phone) => {
-                self.command(&phone, &relayed(), wanted, Route::HereOnly)
-                    .await
-            }
-            Err(_) => Err(SessionError::NotFound),
-        };
+    /// Publishes the answer `result` to request `id` on `reply_to`.
+    async fn answer(&self, id: String, reply_to: &str, result: Result<PairState, SessionError>) {
         let answer = match &result {
             Ok(state) => Answer::State(Box::new(state.clone())),
             Err(error) => Answer::Error(error.into()),
@@ -319,8 +348,11 @@ impl Sessions {
     pub(super) async fn forward(
         &self,
         phone: &PhoneNumber,
+        actor: &Actor,
         wanted: Wanted,
     ) -> Result<PairState, SessionError> {
+        // Counted from here, so the store calls on the way fit in too.
+        let answer_by = tokio::time::Instant::now() + COMMAND_REPLY_TIMEOUT + RELAY_REPLY_MARGIN;
         let may_answer_late = wanted.may_answer_late();
         let key = self.settings.lease_key(phone);
         let lease = match tokio::time::timeout(STORE_READ_TIMEOUT, self.store.get(&key)).await {
@@ -347,6 +379,7 @@ impl Sessions {
             body: Body::Request {
                 reply_to: self.channel_of(&self.holder),
                 phone: phone.as_str().to_owned(),
+                caller: (!actor.sees_all).then(|| actor.owner.tag()),
                 wanted,
             },
         };
@@ -364,7 +397,7 @@ impl Sessions {
             Ok(Ok(_)) => {}
             Ok(Err(_)) | Err(_) => return Err(SessionError::StoreUnavailable),
         }
-        match tokio::time::timeout(COMMAND_REPLY_TIMEOUT + RELAY_REPLY_MARGIN, answer).await {
+        match tokio::time::timeout_at(answer_by, answer).await {
             Ok(Ok(answer)) => answer,
             // Still asking WhatsApp over there: where things stand.
             _ if may_answer_late => match self.stored(phone).await {
@@ -500,6 +533,29 @@ mod tests {
         // Assert
         assert_eq!(refreshed, Err(SessionError::Busy));
         owner.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_relayed_command_is_checked_against_the_session_where_it_runs() {
+        // Arrange: Alice's session runs on the owner.
+        let store = Arc::new(MemoryStore::new());
+        let (owner, _stop_owner) = process(&store).await;
+        let (other, _stop_other) = process(&store).await;
+        let alice = Actor::restricted(Owner::user("alice"), 5);
+        let bob = Actor::restricted(Owner::user("bob"), 5);
+        let (_, mut states) = owner.start_or_join(&phone(), &alice, false).await.unwrap();
+        states
+            .wait_for(|s| s.status == Status::Pending)
+            .await
+            .unwrap();
+
+        // Act
+        let bobs = other.cancel(&phone(), &bob).await;
+        let alices = other.cancel(&phone(), &alice).await;
+
+        // Assert
+        assert_eq!(bobs, Err(SessionError::Forbidden));
+        assert_eq!(alices.map(|s| s.status), Ok(Status::Cancelled));
     }
 
     #[test]
