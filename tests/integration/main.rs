@@ -17,6 +17,8 @@ mod metrics;
 mod openapi;
 mod page;
 mod passkey;
+#[cfg(feature = "sandbox")]
+mod processes;
 mod qr;
 mod redis_store;
 mod replicas;
