@@ -20,14 +20,17 @@
 //!   each on a runtime that owns (and at the end, stops) its tasks; the warm
 //!   pool of connected clients; the sweep of devices set aside by a re-link;
 //!   the passkey path's types (`link::passkey`).
-//! - [`store`]: where states are kept: in memory or Upstash Redis (REST),
-//!   timed and counted for the metrics.
+//! - [`store`]: where states are kept: in memory, Upstash Redis (REST) or a
+//!   Redis server, timed and counted for the metrics; leases, hand-overs
+//!   and pub/sub for processes that share it.
+//! - [`devices`]: linked devices saved in PostgreSQL (`DATABASE_URL`).
 //! - [`metrics`]: the Prometheus metrics served at `/metrics`.
 //! - [`retry`]: exponential backoff with full jitter.
 //! - [`webhook`]: session outcomes POSTed to `WEBHOOK_URL`, signed as
 //!   Standard Webhooks do, retried for up to an hour.
 
 pub mod config;
+pub mod devices;
 pub mod http;
 pub mod link;
 pub mod metrics;

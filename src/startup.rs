@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, StoreConfig, webhook_key};
+use crate::devices::DeviceVault;
 use crate::http::auth::Callers;
 use crate::http::auth::supabase::SupabaseTokens;
 use crate::http::limits::{Budgets, CallerLimits};
@@ -54,6 +55,11 @@ pub enum StartupError {
     /// The webhook sender could not be built.
     #[error("webhook: {0}")]
     Webhook(String),
+    /// `DATABASE_URL` is set but its database did not answer or its table
+    /// could not be made: linked devices would not be kept, so the service
+    /// does not start (a deploy that cannot keep them fails its check).
+    #[error("device database (DATABASE_URL): {0}")]
+    Devices(String),
 }
 
 /// The webhook sender and its deliverer, when `WEBHOOK_URL` is set.
@@ -180,6 +186,18 @@ impl App {
             Some(webhooks) => sessions.announcing_to(webhooks),
             None => sessions,
         };
+        let devices = match &config.database_url {
+            Some(url) => Some(Arc::new(
+                DeviceVault::connect(url.expose())
+                    .await
+                    .map_err(|e| StartupError::Devices(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let sessions = match &devices {
+            Some(devices) => sessions.keeping_devices_in(Arc::clone(devices)),
+            None => sessions,
+        };
         // A store that outlives this process (Upstash, Redis) lets the next
         // process go on with its sessions; the memory store dies with it.
         let hands_over = store.kind() != "memory";
@@ -202,6 +220,7 @@ impl App {
                 config.trust_proxy,
             )),
             cors_allowed_origins: config.cors_allowed_origins.clone().into(),
+            devices,
             #[cfg(feature = "sandbox")]
             sandbox: sandbox.0.clone(),
         };

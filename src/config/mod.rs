@@ -155,6 +155,9 @@ pub struct Config {
     pub rust_log: String,
     /// Directory for local state, from `DATA_DIR` (default `./data`).
     pub data_dir: PathBuf,
+    /// PostgreSQL for linked devices, from `DATABASE_URL` (may carry a
+    /// password); `None`: linked devices stay in `data_dir` only.
+    pub database_url: Option<Secret>,
     /// WhatsApp WebSocket endpoint override, from `WA_WS_URL`; a `ws://` or
     /// `wss://` URL. Unset means the library's default endpoint.
     pub wa_ws_url: Option<String>,
@@ -267,6 +270,7 @@ impl Default for Config {
             log_format: DEFAULT_LOG_FORMAT,
             rust_log: DEFAULT_RUST_LOG.to_owned(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            database_url: None,
             wa_ws_url: None,
             wa_version: None,
             wa_sandbox: DEFAULT_WA_SANDBOX,
@@ -376,6 +380,13 @@ impl Config {
             data_dir: vars
                 .get(DATA_DIR)
                 .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
+            database_url: vars
+                .parse_optional(
+                    DATABASE_URL,
+                    "a postgres:// URL, e.g. postgres://postgres:password@db.example.supabase.co:5432/postgres",
+                    |v| url_with_scheme(v, &["postgres", "postgresql"]),
+                )?
+                .map(Secret::new),
             wa_ws_url: vars.parse_optional(
                 WA_WS_URL,
                 "a ws:// or wss:// URL, e.g. wss://web.whatsapp.com/ws/chat",
@@ -1191,6 +1202,10 @@ mod tests {
             (LOG_FORMAT, "Pretty"),
             (RUST_LOG, "wa_pair=debug,info"),
             (DATA_DIR, "/var/lib/wa-pair"),
+            (
+                DATABASE_URL,
+                "postgres://postgres:pw@db.example.test:5432/postgres",
+            ),
             (WA_WS_URL, "wss://example.test/ws/chat"),
             (WA_VERSION, "2.3000.1023456789"),
             (WA_SANDBOX, "YES"),
@@ -1248,6 +1263,9 @@ mod tests {
             log_format: LogFormat::Pretty,
             rust_log: "wa_pair=debug,info".to_owned(),
             data_dir: PathBuf::from("/var/lib/wa-pair"),
+            database_url: Some(Secret::new(
+                "postgres://postgres:pw@db.example.test:5432/postgres".to_owned(),
+            )),
             wa_ws_url: Some("wss://example.test/ws/chat".to_owned()),
             wa_version: Some("2.3000.1023456789".to_owned()),
             wa_sandbox: true,

@@ -17,6 +17,7 @@ pub(super) const WA_SANDBOX: &str = "WA_SANDBOX";
 pub(super) const UPSTASH_URL: &str = "UPSTASH_REDIS_REST_URL";
 pub(super) const UPSTASH_TOKEN: &str = "UPSTASH_REDIS_REST_TOKEN";
 pub(super) const REDIS_URL: &str = "REDIS_URL";
+pub(super) const DATABASE_URL: &str = "DATABASE_URL";
 pub(super) const KEY_PREFIX: &str = "PAIR_KEY_PREFIX";
 pub(super) const CODE_TTL: &str = "PAIR_CODE_TTL_SECS";
 pub(super) const REFRESH: &str = "PAIR_REFRESH_SECS";
@@ -135,6 +136,11 @@ pub const SETTINGS: &[Setting] = &[
         name: REDIS_URL,
         default: SettingDefault::Unset("unset: Upstash REST, or memory"),
         doc: "A Redis server spoken to natively, `redis://[user:password@]host:port[/db]` or `rediss://` for TLS (Railway's Redis, a self-hosted one, or Upstash's TLS endpoint); secret, since it may carry a password. Set, it is the store instead of Upstash REST (setting both is a startup error).",
+    },
+    Setting {
+        name: DATABASE_URL,
+        default: SettingDefault::Unset("unset: linked devices only in DATA_DIR"),
+        doc: "A PostgreSQL server, `postgres://user:password@host:port/db` (e.g. the Supabase project's own); secret. Encrypted as libpq does it: when the server offers TLS (`sslmode=prefer`, the default), always (`sslmode=require`) or never (`disable`), without checking the server's certificate against a CA. Set, every linked device's store is also saved in its `linked_devices` table right after the link (created at startup), a restart with an empty `DATA_DIR` still knows the device, and server callers can fetch it with `GET /devices/{phone}`.",
     },
     Setting {
         name: KEY_PREFIX,

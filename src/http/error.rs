@@ -96,6 +96,15 @@ pub enum ApiError {
     /// The state store does not answer.
     #[error("the state store is not reachable")]
     StoreUnavailable,
+    /// No linked device of this phone is saved (or no device database is
+    /// configured).
+    #[error(
+        "no linked device of this phone is saved here (devices are saved when DATABASE_URL is set)"
+    )]
+    DeviceNotFound,
+    /// The device database does not answer.
+    #[error("the device database is not reachable")]
+    DevicesUnavailable,
     /// The service is stopping.
     #[error("the service is shutting down; try again in a moment")]
     ShuttingDown,
@@ -170,7 +179,9 @@ impl ApiError {
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RouteNotFound | Self::SessionNotFound | Self::NoQr => StatusCode::NOT_FOUND,
+            Self::RouteNotFound | Self::SessionNotFound | Self::NoQr | Self::DeviceNotFound => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::AlreadyLinked
             | Self::SessionEnded(_)
@@ -183,6 +194,7 @@ impl ApiError {
             Self::WhatsAppForbidden => StatusCode::FORBIDDEN,
             Self::WhatsAppUnavailable(_)
             | Self::StoreUnavailable
+            | Self::DevicesUnavailable
             | Self::ShuttingDown
             | Self::Busy
             | Self::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
@@ -202,7 +214,7 @@ impl ApiError {
             Self::TooManySessions(_) => "too_many_sessions",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::RouteNotFound | Self::SessionNotFound => "not_found",
+            Self::RouteNotFound | Self::SessionNotFound | Self::DeviceNotFound => "not_found",
             Self::NoQr => "no_qr",
             Self::UnknownQr => "unknown_qr",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -214,6 +226,7 @@ impl ApiError {
             Self::WhatsAppForbidden => "whatsapp_forbidden",
             Self::WhatsAppUnavailable(_) => "whatsapp_unavailable",
             Self::StoreUnavailable => "store_unavailable",
+            Self::DevicesUnavailable => "devices_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::Busy => "busy",
             Self::AtCapacity => "at_capacity",
@@ -235,7 +248,9 @@ impl ApiError {
             }
             Self::Busy | Self::ShuttingDown => Some(Duration::from_secs(1)),
             Self::AtCapacity | Self::TooManySessions(_) => Some(Duration::from_secs(60)),
-            Self::StoreUnavailable | Self::WhatsAppUnavailable(_) => Some(Duration::from_secs(5)),
+            Self::StoreUnavailable | Self::DevicesUnavailable | Self::WhatsAppUnavailable(_) => {
+                Some(Duration::from_secs(5))
+            }
             _ => None,
         }
     }

@@ -5,6 +5,7 @@
 pub mod auth;
 mod cors;
 mod deadline;
+mod devices;
 mod error;
 mod events;
 mod extract;
@@ -65,6 +66,9 @@ pub struct AppState {
     pub sessions_per_user: usize,
     /// Browser origins allowed to call the API (CORS).
     pub cors_allowed_origins: Arc<[String]>,
+    /// Linked devices saved in PostgreSQL, when `DATABASE_URL` is set
+    /// (`GET /devices/{phone}`).
+    pub devices: Option<Arc<crate::devices::DeviceVault>>,
     /// The in-process fake WhatsApp, in sandbox mode.
     #[cfg(feature = "sandbox")]
     pub sandbox: Option<Arc<fake_wa::FakeWhatsApp>>,
@@ -84,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .merge(passkey::routes())
         .merge(events::routes())
         .merge(metrics::routes())
+        .merge(devices::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.limits),
             limits::enforce,

@@ -346,6 +346,11 @@ pub trait Linker: Send + Sync + 'static {
     /// ends, so a device file means a link, or a crash mid-pairing.
     async fn has_linked_device(&self, phone: &PhoneNumber) -> bool;
 
+    /// The store of `phone`'s linked device as saved (a SQLite database
+    /// file), once its link client has closed; `None` when none is kept
+    /// here.
+    async fn linked_device(&self, phone: &PhoneNumber) -> Result<Option<Vec<u8>>, LinkError>;
+
     /// How many connected clients are ready for new sessions (the warm
     /// pool); 0 when the linker keeps none.
     fn warm_clients(&self) -> usize {

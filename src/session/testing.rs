@@ -62,6 +62,13 @@ pub(super) struct ScriptedLinker(pub(super) Arc<Script>);
 
 #[async_trait]
 impl Linker for ScriptedLinker {
+    async fn linked_device(&self, _phone: &PhoneNumber) -> Result<Option<Vec<u8>>, LinkError> {
+        Ok(self
+            .0
+            .linked_device
+            .load(Ordering::SeqCst)
+            .then(|| b"SQLite format 3\0scripted".to_vec()))
+    }
     async fn has_linked_device(&self, _phone: &PhoneNumber) -> bool {
         self.0.linked_device.load(Ordering::SeqCst)
     }

@@ -7,6 +7,7 @@ mod auth;
 mod browser;
 mod chaos;
 mod code_budget;
+mod devices;
 mod events;
 mod fake_strictness;
 mod flow_logs;

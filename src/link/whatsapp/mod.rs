@@ -241,6 +241,15 @@ impl Linker for WhatsAppLinker {
             .unwrap_or(false)
     }
 
+    async fn linked_device(&self, phone: &PhoneNumber) -> Result<Option<Vec<u8>>, LinkError> {
+        let path = Self::store_path(&self.factory.settings.data_dir, phone);
+        match tokio::fs::read(&path).await {
+            Ok(device) => Ok(Some(device)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LinkError::Storage(format!("reading the device store: {e}"))),
+        }
+    }
+
     async fn open(&self, phone: &PhoneNumber) -> Result<OpenedLink, LinkError> {
         match self.warm.as_ref().and_then(WarmPool::take) {
             Some(warm) => self.open_warm(phone, warm).await,

@@ -27,6 +27,7 @@ use super::access::{Actor, Owner};
 use super::schedule::SessionSettings;
 use super::state::{PairState, ReadState, Reason, Status};
 use super::task::{Command, LEASE_TTL, Session};
+use crate::devices::DeviceVault;
 use crate::link::Linker;
 use crate::metrics::Metrics;
 use crate::phone::PhoneNumber;
@@ -166,6 +167,49 @@ impl Drop for Departure {
     }
 }
 
+/// How often saving a linked device in the database is tried before it is
+/// left on disk only (logged).
+const DEVICE_SAVE_ATTEMPTS: u32 = 3;
+/// Backoff between those attempts.
+const DEVICE_SAVE_BACKOFF: crate::retry::Backoff =
+    crate::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
+
+/// Saves the device `linked` names in `devices`, from the linker's store.
+async fn keep_linked_device(devices: &DeviceVault, linker: &dyn Linker, linked: &PairState) {
+    let phone = &linked.phone;
+    let Some(jid) = linked.jid.as_deref() else {
+        return;
+    };
+    let device = match linker.linked_device(phone).await {
+        Ok(Some(device)) => device,
+        Ok(None) => {
+            tracing::error!(phone = %phone, "linked device has no store to save");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(phone = %phone, error = %e, "linked device's store not read; not saved");
+            return;
+        }
+    };
+    for attempt in 0..DEVICE_SAVE_ATTEMPTS {
+        match devices.save(phone, jid, &device).await {
+            Ok(()) => {
+                tracing::info!(phone = %phone, event = "device_saved", "linked device saved in PostgreSQL");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(phone = %phone, error = %e, attempt, "linked device not saved yet");
+                tokio::time::sleep(DEVICE_SAVE_BACKOFF.ceiling(attempt)).await;
+            }
+        }
+    }
+    tracing::error!(
+        phone = %phone,
+        event = "device_not_saved",
+        "linked device not saved in PostgreSQL; it stays in DATA_DIR only"
+    );
+}
+
 fn lock(registry: &std::sync::Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
     // The registry stays consistent even if a holder panicked: every
     // mutation is a single insert or remove.
@@ -202,6 +246,8 @@ pub struct Sessions {
     hands_over: bool,
     /// Commands relayed to other processes, awaiting their answers.
     relay: relay::Relay,
+    /// Where linked devices are saved beside `DATA_DIR` (`DATABASE_URL`).
+    devices: Option<Arc<DeviceVault>>,
 }
 
 /// Who has a phone's lease, as a start finds it.
@@ -255,6 +301,34 @@ impl Sessions {
             holder: uuid::Uuid::new_v4().simple().to_string(),
             hands_over: false,
             relay: relay::Relay::default(),
+            devices: None,
+        }
+    }
+
+    /// The same registry, saving every linked device in `devices` right
+    /// after its link, and counting a device saved there as linked.
+    #[must_use]
+    pub fn keeping_devices_in(mut self, devices: Arc<DeviceVault>) -> Self {
+        self.devices = Some(devices);
+        self
+    }
+
+    /// Whether `phone` has a linked device: on this process's disk, or
+    /// saved in the device database (bounded; a database that does not
+    /// answer does not stop a start).
+    async fn has_linked_device(&self, phone: &PhoneNumber) -> bool {
+        if self.linker.has_linked_device(phone).await {
+            return true;
+        }
+        let Some(devices) = &self.devices else {
+            return false;
+        };
+        match devices.has(phone).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(phone = %phone, error = %e, "device database not asked; starting");
+                false
+            }
         }
     }
 
@@ -415,7 +489,7 @@ impl Sessions {
                                 return Ok((Joined::Existing, state));
                             }
                             Adoption::Not => {
-                                if !relink && self.linker.has_linked_device(phone).await {
+                                if !relink && self.has_linked_device(phone).await {
                                     return Err(SessionError::AlreadyLinked);
                                 }
                             }
@@ -536,7 +610,7 @@ impl Sessions {
                 return Ok(Before::Answer(read.state));
             }
         }
-        if !relink && self.linker.has_linked_device(phone).await {
+        if !relink && self.has_linked_device(phone).await {
             return Err(SessionError::AlreadyLinked);
         }
         Ok(Before::Start)
@@ -655,8 +729,20 @@ impl Sessions {
             "session_started"
         };
         tracing::info!(phone = %phone, event, "pairing session started");
+        let devices = self
+            .devices
+            .clone()
+            .map(|devices| (devices, Arc::clone(&self.linker)));
+        let last = state.clone();
         let task = tokio::spawn(async move {
             session.run().await;
+            // The link client has closed: its store is complete on disk.
+            let linked = last.borrow().clone();
+            if let Some((devices, linker)) = devices
+                && linked.status == Status::Linked
+            {
+                keep_linked_device(&devices, linker.as_ref(), &linked).await;
+            }
             departure.finish();
         });
         registry.live.insert(
