@@ -1,14 +1,14 @@
 //! Three service processes, as a deploy or a replicated service runs them:
 //! the binary itself (the sandbox build, as `WA_SANDBOX=1` starts it), each
 //! with its own port and data directory, all on one Redis and one fake
-//! WhatsApp (in this test process, on loopback), behaving as one service.
-//! Processes are stopped with real signals: SIGTERM (a deploy) and SIGKILL
-//! (a crash).
+//! WhatsApp, itself a process of its own (`crates/fake-wa`'s binary, on
+//! loopback, asked through its stdin/stdout protocol), behaving as one
+//! service. Processes are stopped with real signals: SIGTERM (a deploy) and
+//! SIGKILL (a crash).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fake_wa::FakeWhatsApp;
 use futures::future::join_all;
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -19,6 +19,73 @@ use crate::helpers::{redis_store, redis_test_url};
 const PHONE: &str = "628123456789";
 /// How long a process may take to answer `/healthz` after its start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The fake WhatsApp as its own process; killed when dropped.
+struct FakeProcess {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    answers: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    ws_url: String,
+}
+
+impl FakeProcess {
+    /// Starts `fake-wa` (built beside the service binary by the workspace
+    /// test command) and reads the address it listens on.
+    async fn start() -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let binary = std::path::Path::new(env!("CARGO_BIN_EXE_wa-pair")).with_file_name("fake-wa");
+        assert!(
+            binary.exists(),
+            "{} is missing: run the tests with --workspace, which builds it",
+            binary.display()
+        );
+        let mut child = tokio::process::Command::new(binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the fake starts");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut answers = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = answers.next_line().await.unwrap().expect("its address");
+        let ws_url = serde_json::from_str::<Value>(&first).unwrap()["ws_url"]
+            .as_str()
+            .expect("ws_url")
+            .to_owned();
+        Self {
+            _child: child,
+            stdin,
+            answers,
+            ws_url,
+        }
+    }
+
+    /// One command of its control protocol, and its answer.
+    async fn ask(&mut self, command: Value) -> Value {
+        use tokio::io::AsyncWriteExt as _;
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .unwrap();
+        let line = self.answers.next_line().await.unwrap().expect("an answer");
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+        answer
+    }
+
+    /// Codes the fake handed out for `PHONE`.
+    async fn code_requests(&mut self) -> u64 {
+        let answer = self.ask(json!({ "cmd": "record", "phone": PHONE })).await;
+        answer["record"]["code_requests"].as_u64().unwrap_or(0)
+    }
+
+    /// Client connections the fake accepted.
+    async fn accepted_connections(&mut self) -> u64 {
+        let answer = self.ask(json!({ "cmd": "connections" })).await;
+        answer["accepted"].as_u64().expect("accepted")
+    }
+}
 
 /// One service process; killed when dropped.
 struct Process {
@@ -37,7 +104,7 @@ impl Drop for Process {
 impl Process {
     /// Starts the service binary against `fake` and the test Redis, its keys
     /// under `prefix`, and waits until it answers.
-    async fn start(fake: &FakeWhatsApp, prefix: &str) -> Self {
+    async fn start(fake_ws_url: &str, prefix: &str) -> Self {
         let data = tempfile::tempdir().expect("temp dir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
@@ -49,7 +116,7 @@ impl Process {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .current_dir(data.path())
             .env("WA_SANDBOX", "1")
-            .env("WA_WS_URL", fake.ws_url())
+            .env("WA_WS_URL", fake_ws_url)
             .env("REDIS_URL", redis_test_url())
             .env("PAIR_KEY_PREFIX", prefix)
             .env("HOST", "127.0.0.1")
@@ -128,14 +195,14 @@ impl Process {
 /// Three processes on one Redis (keys under a prefix of their own) and one
 /// fake WhatsApp.
 async fn three_processes() -> (
-    FakeWhatsApp,
+    FakeProcess,
     Vec<Process>,
     wa_pair::store::RedisStore,
     String,
 ) {
-    let fake = FakeWhatsApp::start().await.expect("fake binds");
+    let fake = FakeProcess::start().await;
     let (store, prefix) = redis_store().await;
-    let processes = join_all((0..3).map(|_| Process::start(&fake, &prefix))).await;
+    let processes = join_all((0..3).map(|_| Process::start(&fake.ws_url, &prefix))).await;
     (fake, processes, store, prefix)
 }
 
@@ -163,7 +230,7 @@ async fn stored_once(
 #[tokio::test]
 async fn fifty_concurrent_starts_spread_over_three_processes_open_one_whatsapp_connection() {
     // Arrange
-    let (fake, processes, _store, _prefix) = three_processes().await;
+    let (mut fake, processes, _store, _prefix) = three_processes().await;
 
     // Act
     let answers = join_all((0..50).map(|n| processes[n % 3].post_pair())).await;
@@ -185,8 +252,12 @@ async fn fifty_concurrent_starts_spread_over_three_processes_open_one_whatsapp_c
     for answer in &answers {
         assert!(answer.status().is_success(), "{}", answer.status());
     }
-    assert_eq!(fake.accepted_connections(), 1, "one WhatsApp connection");
-    assert_eq!(fake.record(PHONE).expect("asked").code_requests, 1);
+    assert_eq!(
+        fake.accepted_connections().await,
+        1,
+        "one WhatsApp connection"
+    );
+    assert_eq!(fake.code_requests().await, 1);
     assert!(
         shown.iter().all(|state| state["code"] == shown[0]["code"]),
         "every process shows the owner's code"
@@ -196,7 +267,7 @@ async fn fifty_concurrent_starts_spread_over_three_processes_open_one_whatsapp_c
 #[tokio::test]
 async fn a_sigterm_of_the_owner_hands_its_session_to_another_process_which_stores_a_new_code() {
     // Arrange: the first process runs the phone's session.
-    let (fake, mut processes, store, prefix) = three_processes().await;
+    let (mut fake, mut processes, store, prefix) = three_processes().await;
     let first: Value = processes[0].post_pair().await.json().await.unwrap();
     let key = format!("{prefix}{PHONE}");
 
@@ -241,14 +312,14 @@ async fn a_sigterm_of_the_owner_hands_its_session_to_another_process_which_store
     assert_eq!(refreshed["attempt"], 3);
     assert!(cancel_status.is_success(), "{cancel_status} {cancelled}");
     assert_eq!(cancelled["status"], "cancelled");
-    assert_eq!(fake.record(PHONE).expect("asked").code_requests, 3);
+    assert_eq!(fake.code_requests().await, 3);
 }
 
 #[tokio::test]
 async fn a_killed_owner_s_session_is_taken_over_once_its_lease_expires() {
     // Arrange: the first process runs the phone's session, then dies
     // without a word (SIGKILL: no hand-over, its lease left to expire).
-    let (fake, mut processes, _store, _prefix) = three_processes().await;
+    let (mut fake, mut processes, _store, _prefix) = three_processes().await;
     let first: Value = processes[0].post_pair().await.json().await.unwrap();
     processes[0].signal("KILL");
     assert!(processes[0].exited_within(Duration::from_secs(5)).await);
@@ -280,5 +351,5 @@ async fn a_killed_owner_s_session_is_taken_over_once_its_lease_expires() {
         took > wa_pair::session::LEASE_TTL / 2,
         "not before the lease could expire: {took:?}"
     );
-    assert_eq!(fake.record(PHONE).expect("asked").code_requests, 2);
+    assert_eq!(fake.code_requests().await, 2);
 }

@@ -13,6 +13,8 @@
 //!   phone `phone` scans a companion's QR; answered like `enter_code`.
 //! - `{"cmd": "record", "phone": "<digits>"}`: what the fake saw for that
 //!   phone, `{"ok": true, "record": {...} | null}`.
+//! - `{"cmd": "connections"}`: client connections accepted since the start
+//!   and open now, `{"ok": true, "accepted": n, "open": n}`.
 //!
 //! It listens on 127.0.0.1 only and exits when stdin closes.
 
@@ -28,6 +30,7 @@ enum Control {
     EnterCode { phone: String, code: String },
     ScanQr { phone: String, qr: String },
     Record { phone: String },
+    Connections,
 }
 
 #[tokio::main]
@@ -61,6 +64,11 @@ async fn run(fake: &FakeWhatsApp, command: Control) -> serde_json::Value {
             Err(e) => json!({ "ok": false, "error": e.to_string() }),
         },
         Control::Record { phone } => json!({ "ok": true, "record": fake.record(&phone) }),
+        Control::Connections => json!({
+            "ok": true,
+            "accepted": fake.accepted_connections(),
+            "open": fake.open_connections(),
+        }),
     }
 }
 
