@@ -247,6 +247,21 @@ impl UpstashStore {
     }
 
     /// One HTTP round trip; returns the reply's `result`.
+    /// Runs a state-writing script (`command`, about `key`), retried, and
+    /// reads its answer as [`Written`].
+    async fn eval_written(&self, key: &str, command: &[&str]) -> Result<Written, StoreError> {
+        match self
+            .run("EVAL", Some(key), command, self.max_retries)
+            .await?
+        {
+            Value::Number(n) => n
+                .as_i64()
+                .map(Written::from_script)
+                .ok_or_else(|| unexpected("EVAL", "a number", &Value::Number(n))),
+            other => Err(unexpected("EVAL", "a number", &other)),
+        }
+    }
+
     async fn send_once(&self, command: &[&str]) -> Result<Value, Failure> {
         let response = self
             .client
@@ -305,16 +320,7 @@ impl PairingStore for UpstashStore {
             _ => command.extend(["1", key, value, seq.as_str(), seconds.as_str()]),
         }
         // Retried like SET: the same state written twice is one state.
-        match self
-            .run("EVAL", Some(key), &command, self.max_retries)
-            .await?
-        {
-            Value::Number(n) => n
-                .as_i64()
-                .map(Written::from_script)
-                .ok_or_else(|| unexpected("EVAL", "a number", &Value::Number(n))),
-            other => Err(unexpected("EVAL", "a number", &other)),
-        }
+        self.eval_written(key, &command).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -428,16 +434,7 @@ impl PairingStore for UpstashStore {
         // Retried like a state write. A retry after the first went through
         // finds the lease gone and answers `LeaseLost`; the session then
         // checks whether its state is the one stored.
-        match self
-            .run("EVAL", Some(handover.key), &command, self.max_retries)
-            .await?
-        {
-            Value::Number(n) => n
-                .as_i64()
-                .map(Written::from_script)
-                .ok_or_else(|| unexpected("EVAL", "a number", &Value::Number(n))),
-            other => Err(unexpected("EVAL", "a number", &other)),
-        }
+        self.eval_written(handover.key, &command).await
     }
 
     async fn handed_over(&self, index: &str) -> Result<Vec<String>, StoreError> {

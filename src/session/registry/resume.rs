@@ -292,6 +292,18 @@ mod tests {
         PhoneNumber::parse(PHONE).unwrap()
     }
 
+    /// `PHONE`'s lease taken by `holder` (a process we see only through it).
+    async fn held_by(store: &MemoryStore, holder: &str) {
+        store
+            .lease(
+                &format!("wa:pair:lease:{PHONE}"),
+                LeaseStep::Take { holder },
+                crate::session::task::LEASE_TTL,
+            )
+            .await
+            .unwrap();
+    }
+
     async fn stored(store: &MemoryStore) -> PairState {
         let json = store
             .get(&format!("wa:pair:{PHONE}"))
@@ -399,14 +411,7 @@ mod tests {
             )
             .await
             .unwrap();
-        store
-            .lease(
-                &format!("wa:pair:lease:{PHONE}"),
-                LeaseStep::Take { holder: "dead" },
-                crate::session::task::LEASE_TTL,
-            )
-            .await
-            .unwrap();
+        held_by(&store, "dead").await;
         let (other, script) = process(&store);
 
         // Act
@@ -452,14 +457,7 @@ mod tests {
         // through its lease.
         let store = Arc::new(MemoryStore::new());
         handed_over_by_a_stopped_process(&store).await;
-        store
-            .lease(
-                &format!("wa:pair:lease:{PHONE}"),
-                LeaseStep::Take { holder: "another" },
-                crate::session::task::LEASE_TTL,
-            )
-            .await
-            .unwrap();
+        held_by(&store, "another").await;
         let (new, script) = process(&store);
 
         // Act
