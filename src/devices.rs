@@ -22,6 +22,9 @@ use crate::phone::PhoneNumber;
 pub const DEVICES_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on one query.
 pub const DEVICES_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on connecting and migrating at startup (a migration waits for
+/// another process's under a lock).
+pub const DEVICES_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The migrations, in order: (version, SQL). Each runs once per database,
 /// recorded in `wa_pair_migrations`.
@@ -43,6 +46,9 @@ pub enum DevicesError {
     /// No answer within [`DEVICES_QUERY_TIMEOUT`].
     #[error("PostgreSQL did not answer in time")]
     Timeout,
+    /// The connection is gone.
+    #[error("PostgreSQL connection closed: {0}")]
+    Closed(String),
 }
 
 /// A device saved in the table.
@@ -75,9 +81,10 @@ pub struct DeviceVault {
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
-/// How the connection is made: over TLS when the URL asks for it
-/// (`sslmode=require`, or `prefer`, the default, when the server offers it),
-/// as libpq makes it (see [`rustls`]).
+/// How the connection is made: over TLS, the server's certificate checked
+/// (see [`rustls`]), unless the URL says `sslmode=disable`; with
+/// `sslmode=prefer` (the default) a server that offers no TLS is spoken to
+/// in the clear, as libpq does.
 #[derive(Clone)]
 enum Tls {
     Rustls(MakeRustlsConnect),
@@ -92,7 +99,15 @@ impl std::fmt::Debug for DeviceVault {
 }
 
 fn database(error: tokio_postgres::Error) -> DevicesError {
-    DevicesError::Database(error.to_string())
+    if error.is_closed() {
+        return DevicesError::Closed(error.to_string());
+    }
+    // The server's own words (code and message) say more than the
+    // driver's "db error"; its detail, which can quote values, is left out.
+    match error.as_db_error() {
+        Some(db) => DevicesError::Database(format!("{} ({})", db.message(), db.code().code())),
+        None => DevicesError::Database(error.to_string()),
+    }
 }
 
 /// `query`, within [`DEVICES_QUERY_TIMEOUT`].
@@ -105,89 +120,77 @@ async fn bounded<T>(
         .map_err(database)
 }
 
-/// rustls as libpq's `sslmode=prefer` and `require` are: the connection
-/// is encrypted, the server's certificate is not checked against a CA
-/// (managed PostgreSQL services such as Supabase sign theirs with a CA of
-/// their own, which no public root store holds). The handshake's signature
-/// is still verified against the certificate the server shows.
-fn rustls() -> Result<MakeRustlsConnect, DevicesError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| DevicesError::Database(format!("TLS: {e}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-        .with_no_client_auth();
+/// rustls checking the server's certificate against `ca` (PEM: the CA
+/// that signs it, e.g. Supabase's), or the web's public roots without one.
+fn rustls(ca: Option<&str>) -> Result<MakeRustlsConnect, DevicesError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(pem) => {
+            let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| DevicesError::Database("DATABASE_CA_CERT is not PEM".into()))?;
+            let (added, _) = roots.add_parsable_certificates(certificates);
+            if added == 0 {
+                return Err(DevicesError::Database(
+                    "DATABASE_CA_CERT holds no usable certificate".into(),
+                ));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| DevicesError::Database(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// libpq's `sslmode=require`: any certificate, a verified handshake.
-#[derive(Debug)]
-struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 impl DeviceVault {
-    /// Connects to `url` and creates or updates the table.
-    pub async fn connect(url: &str) -> Result<Self, DevicesError> {
-        let config: Config = url
-            .parse()
-            .map_err(|_| DevicesError::Database("DATABASE_URL is not a PostgreSQL URL".into()))?;
+    /// Connects to `url` (TLS checked against `ca`, PEM, when given) and
+    /// creates or updates the table, within [`DEVICES_STARTUP_TIMEOUT`].
+    pub async fn connect(url: &str, ca: Option<&str>) -> Result<Self, DevicesError> {
+        let mut config: Config = url.parse().map_err(|_| {
+            DevicesError::Database(
+                "DATABASE_URL is not a PostgreSQL URL tokio-postgres reads (sslmode may be \
+                 disable, prefer or require)"
+                    .into(),
+            )
+        })?;
+        // A connection that died without a word is noticed in about a
+        // minute, not the kernel's two hours.
+        config
+            .keepalives_idle(Duration::from_secs(30))
+            .tcp_user_timeout(DEVICES_QUERY_TIMEOUT * 6);
         let tls = match config.get_ssl_mode() {
             tokio_postgres::config::SslMode::Disable => Tls::Off,
-            _ => Tls::Rustls(rustls()?),
+            _ => Tls::Rustls(rustls(ca)?),
         };
         let vault = Self {
             config,
             tls,
             client: tokio::sync::Mutex::new(None),
         };
-        let mut migrating = vault.open().await?;
-        migrate(&mut migrating).await?;
+        tokio::time::timeout(DEVICES_STARTUP_TIMEOUT, async {
+            let mut migrating = vault.open().await?;
+            migrate(&mut migrating).await
+        })
+        .await
+        .map_err(|_| DevicesError::Timeout)??;
         Ok(vault)
+    }
+
+    /// Forgets the shared connection after `error`, when it says the
+    /// connection is no good (timed out, closed): the next call makes a new
+    /// one.
+    async fn forget_after(&self, error: &DevicesError) {
+        if matches!(error, DevicesError::Timeout | DevicesError::Closed(_)) {
+            self.client.lock().await.take();
+        }
     }
 
     /// A new connection; its driver runs beside it until the client is
@@ -224,24 +227,29 @@ impl DeviceVault {
         Ok(client)
     }
 
-    /// Saves `phone`'s linked device `jid` with its store `device`,
-    /// replacing an earlier one of the phone.
+    /// Saves `phone`'s device `jid`, linked at `linked_at`, with its store
+    /// `device`, replacing an earlier link of the phone (never a later one).
     pub async fn save(
         &self,
         phone: &PhoneNumber,
         jid: &str,
         device: &[u8],
+        linked_at: OffsetDateTime,
     ) -> Result<(), DevicesError> {
         let client = self.client().await?;
-        bounded(client.execute(
+        let saved = bounded(client.execute(
             "INSERT INTO linked_devices (phone, jid, device, linked_at) \
-             VALUES ($1, $2, $3, now()) \
+             VALUES ($1, $2, $3, $4) \
              ON CONFLICT (phone) DO UPDATE \
-             SET jid = EXCLUDED.jid, device = EXCLUDED.device, linked_at = EXCLUDED.linked_at",
-            &[&phone.as_str(), &jid, &device],
+             SET jid = EXCLUDED.jid, device = EXCLUDED.device, linked_at = EXCLUDED.linked_at \
+             WHERE linked_devices.linked_at <= EXCLUDED.linked_at",
+            &[&phone.as_str(), &jid, &device, &linked_at],
         ))
-        .await
-        .map(drop)
+        .await;
+        if let Err(e) = &saved {
+            self.forget_after(e).await;
+        }
+        saved.map(drop)
     }
 
     /// `phone`'s saved device, if any.
@@ -251,7 +259,11 @@ impl DeviceVault {
             "SELECT phone, jid, device, linked_at FROM linked_devices WHERE phone = $1",
             &[&phone.as_str()],
         ))
-        .await?;
+        .await;
+        if let Err(e) = &row {
+            self.forget_after(e).await;
+        }
+        let row = row?;
         Ok(row.map(|row| SavedDevice {
             phone: row.get(0),
             jid: row.get(1),
@@ -267,8 +279,11 @@ impl DeviceVault {
             "SELECT EXISTS (SELECT 1 FROM linked_devices WHERE phone = $1)",
             &[&phone.as_str()],
         ))
-        .await?;
-        Ok(row.get(0))
+        .await;
+        if let Err(e) = &row {
+            self.forget_after(e).await;
+        }
+        Ok(row?.get(0))
     }
 }
 
@@ -286,16 +301,19 @@ where
 /// Runs the migrations not yet recorded, in one transaction that holds an
 /// advisory lock (processes starting at once migrate one after the other).
 async fn migrate(client: &mut Client) -> Result<(), DevicesError> {
-    let failed = |e: tokio_postgres::Error| DevicesError::Migrations(e.to_string());
+    let failed = |e: tokio_postgres::Error| DevicesError::Migrations(database(e).to_string());
     let transaction = client.transaction().await.map_err(failed)?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(failed)?;
+    // Row Level Security with no policy, as for the devices: where the
+    // database serves an API of its own, nobody can mark a migration done.
     transaction
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS wa_pair_migrations (\
-             version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+             version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now()); \
+             ALTER TABLE wa_pair_migrations ENABLE ROW LEVEL SECURITY",
         )
         .await
         .map_err(failed)?;

@@ -62,6 +62,20 @@ pub enum StartupError {
     Devices(String),
 }
 
+/// `DATABASE_CA_CERT` as PEM: the text itself, or the file it names.
+async fn database_ca(setting: Option<&str>) -> Result<Option<String>, StartupError> {
+    let Some(setting) = setting else {
+        return Ok(None);
+    };
+    if setting.trim_start().starts_with("-----BEGIN") {
+        return Ok(Some(setting.to_owned()));
+    }
+    tokio::fs::read_to_string(setting)
+        .await
+        .map(Some)
+        .map_err(|e| StartupError::Devices(format!("DATABASE_CA_CERT names {setting:?}: {e}")))
+}
+
 /// The webhook sender and its deliverer, when `WEBHOOK_URL` is set.
 fn webhooks(config: &Config) -> Result<Option<(Webhooks, Deliverer)>, StartupError> {
     let Some(webhook) = &config.webhook else {
@@ -187,11 +201,14 @@ impl App {
             None => sessions,
         };
         let devices = match &config.database_url {
-            Some(url) => Some(Arc::new(
-                DeviceVault::connect(url.expose())
-                    .await
-                    .map_err(|e| StartupError::Devices(e.to_string()))?,
-            )),
+            Some(url) => {
+                let ca = database_ca(config.database_ca_cert.as_deref()).await?;
+                Some(Arc::new(
+                    DeviceVault::connect(url.expose(), ca.as_deref())
+                        .await
+                        .map_err(|e| StartupError::Devices(e.to_string()))?,
+                ))
+            }
             None => None,
         };
         let sessions = match &devices {

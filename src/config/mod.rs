@@ -158,6 +158,9 @@ pub struct Config {
     /// PostgreSQL for linked devices, from `DATABASE_URL` (may carry a
     /// password); `None`: linked devices stay in `data_dir` only.
     pub database_url: Option<Secret>,
+    /// The CA that signs the database's certificate, from
+    /// `DATABASE_CA_CERT`: PEM text, or the path of a PEM file.
+    pub database_ca_cert: Option<String>,
     /// WhatsApp WebSocket endpoint override, from `WA_WS_URL`; a `ws://` or
     /// `wss://` URL. Unset means the library's default endpoint.
     pub wa_ws_url: Option<String>,
@@ -271,6 +274,7 @@ impl Default for Config {
             rust_log: DEFAULT_RUST_LOG.to_owned(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             database_url: None,
+            database_ca_cert: None,
             wa_ws_url: None,
             wa_version: None,
             wa_sandbox: DEFAULT_WA_SANDBOX,
@@ -381,12 +385,13 @@ impl Config {
                 .get(DATA_DIR)
                 .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from),
             database_url: vars
-                .parse_optional(
+                .parse_optional_secret(
                     DATABASE_URL,
                     "a postgres:// URL, e.g. postgres://postgres:password@db.example.supabase.co:5432/postgres",
                     |v| url_with_scheme(v, &["postgres", "postgresql"]),
                 )?
                 .map(Secret::new),
+            database_ca_cert: vars.get(DATABASE_CA_CERT).map(str::to_owned),
             wa_ws_url: vars.parse_optional(
                 WA_WS_URL,
                 "a ws:// or wss:// URL, e.g. wss://web.whatsapp.com/ws/chat",
@@ -771,6 +776,25 @@ impl Vars {
             got: value.to_owned(),
         })
     }
+
+    /// [`parse_optional`](Self::parse_optional) for a secret: an invalid
+    /// value is not repeated in the error (it may hold a password).
+    fn parse_optional_secret<T>(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.parse_optional(name, expected, parse)
+            .map_err(|error| match error {
+                ConfigError::Invalid { var, expected, .. } => ConfigError::Invalid {
+                    var,
+                    expected,
+                    got: "[redacted]".to_owned(),
+                },
+                other => other,
+            })
+    }
 }
 
 /// `API_KEYS`: comma-separated, blanks around keys ignored. A key too short
@@ -858,7 +882,7 @@ pub fn webhook_key(secret: &str) -> Option<Vec<u8>> {
 }
 
 fn store_config(vars: &Vars) -> Result<StoreConfig, ConfigError> {
-    let redis = vars.parse_optional(
+    let redis = vars.parse_optional_secret(
         REDIS_URL,
         "a redis:// or rediss:// URL, e.g. redis://default:password@redis.railway.internal:6379",
         |v| url_with_scheme(v, &["redis", "rediss"]),
@@ -1206,6 +1230,7 @@ mod tests {
                 DATABASE_URL,
                 "postgres://postgres:pw@db.example.test:5432/postgres",
             ),
+            (DATABASE_CA_CERT, "/etc/ssl/supabase-ca.crt"),
             (WA_WS_URL, "wss://example.test/ws/chat"),
             (WA_VERSION, "2.3000.1023456789"),
             (WA_SANDBOX, "YES"),
@@ -1266,6 +1291,7 @@ mod tests {
             database_url: Some(Secret::new(
                 "postgres://postgres:pw@db.example.test:5432/postgres".to_owned(),
             )),
+            database_ca_cert: Some("/etc/ssl/supabase-ca.crt".to_owned()),
             wa_ws_url: Some("wss://example.test/ws/chat".to_owned()),
             wa_version: Some("2.3000.1023456789".to_owned()),
             wa_sandbox: true,

@@ -18,6 +18,7 @@ pub(super) const UPSTASH_URL: &str = "UPSTASH_REDIS_REST_URL";
 pub(super) const UPSTASH_TOKEN: &str = "UPSTASH_REDIS_REST_TOKEN";
 pub(super) const REDIS_URL: &str = "REDIS_URL";
 pub(super) const DATABASE_URL: &str = "DATABASE_URL";
+pub(super) const DATABASE_CA_CERT: &str = "DATABASE_CA_CERT";
 pub(super) const KEY_PREFIX: &str = "PAIR_KEY_PREFIX";
 pub(super) const CODE_TTL: &str = "PAIR_CODE_TTL_SECS";
 pub(super) const REFRESH: &str = "PAIR_REFRESH_SECS";
@@ -140,7 +141,12 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: DATABASE_URL,
         default: SettingDefault::Unset("unset: linked devices only in DATA_DIR"),
-        doc: "A PostgreSQL server, `postgres://user:password@host:port/db` (e.g. the Supabase project's own); secret. Encrypted as libpq does it: when the server offers TLS (`sslmode=prefer`, the default), always (`sslmode=require`) or never (`disable`), without checking the server's certificate against a CA. Set, every linked device's store is also saved in its `linked_devices` table right after the link (created at startup), a restart with an empty `DATA_DIR` still knows the device, and server callers can fetch it with `GET /devices/{phone}`.",
+        doc: "A PostgreSQL server, `postgres://user:password@host:port/db` (e.g. the Supabase project's own); secret. Over TLS with the server's certificate checked (against `DATABASE_CA_CERT`, else the public web roots); `sslmode=disable` speaks in the clear (a private network), and with `prefer`, the default, a server that offers no TLS is spoken to in the clear too. Set, every linked device's store is also saved in its `linked_devices` table right after the link (created at startup), a restart with an empty `DATA_DIR` still knows the device, and server callers can fetch it with `GET /devices/{phone}`.",
+    },
+    Setting {
+        name: DATABASE_CA_CERT,
+        default: SettingDefault::Unset("unset: the public web roots"),
+        doc: "The CA that signs the database's TLS certificate, as PEM text or the path of a PEM file: for Supabase, the certificate from Project Settings → Database → SSL Configuration (Supabase signs with a CA of its own).",
     },
     Setting {
         name: KEY_PREFIX,

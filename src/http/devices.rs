@@ -5,6 +5,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::header;
 use base64::Engine as _;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -46,6 +47,7 @@ pub struct DeviceAnswer {
     params(PhoneParam),
     responses(
         (status = 200, description = "The saved device, its store in base64", body = DeviceAnswer),
+        (status = 401, description = "`unauthorized`: no API key (even where no callers are configured)", body = ErrorBody),
         (status = 403, description = "`forbidden`: only server callers (an API key) may read devices", body = ErrorBody),
         (status = 404, description = "`not_found`: no device saved for this phone, or no DATABASE_URL", body = ErrorBody),
         (status = 422, description = "`invalid_phone`", body = ErrorBody),
@@ -57,10 +59,12 @@ async fn fetch(
     State(app): State<AppState>,
     caller: Caller,
     PhonePath(phone): PhonePath,
-) -> Result<Json<DeviceAnswer>, ApiError> {
+) -> Result<([(header::HeaderName, &'static str); 1], Json<DeviceAnswer>), ApiError> {
     // Not even an anonymous caller on loopback: the keys are the account.
-    if !matches!(caller, Caller::Server { .. }) {
-        return Err(ApiError::ServerCallersOnly);
+    match caller {
+        Caller::Server { .. } => {}
+        Caller::User { .. } => return Err(ApiError::ServerCallersOnly),
+        Caller::Anonymous => return Err(ApiError::Unauthorized),
     }
     let devices = app.devices.as_ref().ok_or(ApiError::DeviceNotFound)?;
     let saved = devices.load(&phone).await.map_err(|e| {
@@ -68,11 +72,17 @@ async fn fetch(
         ApiError::DevicesUnavailable
     })?;
     let saved = saved.ok_or(ApiError::DeviceNotFound)?;
-    tracing::info!(phone = %phone, event = "device_fetched", "saved device handed to a server caller");
-    Ok(Json(DeviceAnswer {
+    let key_id = match &caller {
+        Caller::Server { key_id } => key_id.as_str(),
+        _ => "",
+    };
+    tracing::info!(phone = %phone, key_id, event = "device_fetched", "saved device handed to a server caller");
+    let answer = Json(DeviceAnswer {
         phone: saved.phone,
         jid: saved.jid,
         linked_at: saved.linked_at,
         device: base64::engine::general_purpose::STANDARD.encode(&saved.device),
-    }))
+    });
+    // The account's keys: no cache keeps a copy.
+    Ok(([(header::CACHE_CONTROL, "no-store")], answer))
 }

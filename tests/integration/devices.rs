@@ -1,5 +1,6 @@
 //! Linked devices in PostgreSQL (`DATABASE_URL`) against a real server
-//! (`DATABASE_TEST_URL`, else `postgres://postgres@127.0.0.1:5432/test`):
+//! (`DATABASE_TEST_URL`, else
+//! `postgres://postgres@127.0.0.1:5432/test?sslmode=disable`):
 //! a link saves the device's store, a process with an empty `DATA_DIR`
 //! still knows it, and server callers fetch it. A test that cannot reach
 //! the server fails; it never passes without one.
@@ -21,7 +22,7 @@ const KEY: &str = "devices-test-key-0123456789abcdef";
 /// The test database's URL.
 fn database_url() -> String {
     std::env::var("DATABASE_TEST_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test?sslmode=disable".to_owned())
 }
 
 /// A phone no other test uses (rows outlive the test).
@@ -34,7 +35,7 @@ fn fresh_phone() -> String {
 /// server key.
 async fn app_with_devices(store: Arc<dyn PairingStore>) -> TestApp {
     let url = database_url();
-    if let Err(e) = DeviceVault::connect(&url).await {
+    if let Err(e) = DeviceVault::connect(&url, None).await {
         panic!(
             "no PostgreSQL at {url} ({e}): start one (apt-get install postgresql) or set DATABASE_TEST_URL"
         );
@@ -66,7 +67,7 @@ async fn link(app: &TestApp, phone: &str) -> Value {
 
 /// Waits until the device of `phone` is saved; returns its row as JSON.
 async fn wait_for_saved(phone: &str) -> Value {
-    let vault = DeviceVault::connect(&database_url()).await.unwrap();
+    let vault = DeviceVault::connect(&database_url(), None).await.unwrap();
     let phone = PhoneNumber::parse(phone).unwrap();
     for _ in 0..200 {
         if let Some(saved) = vault.load(&phone).await.unwrap() {
@@ -151,6 +152,7 @@ async fn a_server_caller_fetches_the_saved_device_and_no_one_else_does() {
     // Act
     let fetched = app.http.get(&url).bearer_auth(KEY).send().await.unwrap();
     let fetched_status = fetched.status();
+    let cache_control = fetched.headers()["cache-control"].to_owned();
     let body: Value = fetched.json().await.unwrap();
     let without_key = app.http.get(&url).send().await.unwrap().status();
     let unknown = app
@@ -169,6 +171,7 @@ async fn a_server_caller_fetches_the_saved_device_and_no_one_else_does() {
         .unwrap();
     let on_disk = std::fs::read(app.data_dir().join(format!("{phone}.db"))).unwrap();
     assert_eq!(device, on_disk, "the store, byte for byte");
+    assert_eq!(cache_control, "no-store");
     assert_eq!(without_key, StatusCode::UNAUTHORIZED);
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 }

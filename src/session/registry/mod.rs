@@ -174,32 +174,39 @@ const DEVICE_SAVE_ATTEMPTS: u32 = 3;
 const DEVICE_SAVE_BACKOFF: crate::retry::Backoff =
     crate::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
 
-/// Saves the device `linked` names in `devices`, from the linker's store.
-async fn keep_linked_device(devices: &DeviceVault, linker: &dyn Linker, linked: &PairState) {
+/// The store of the device `linked` names, as the linker kept it.
+async fn read_linked_device(linker: &dyn Linker, linked: &PairState) -> Option<Vec<u8>> {
+    let phone = &linked.phone;
+    match linker.linked_device(phone).await {
+        Ok(Some(device)) => Some(device),
+        Ok(None) => {
+            tracing::error!(phone = %phone, "linked device has no store to save");
+            None
+        }
+        Err(e) => {
+            tracing::error!(phone = %phone, error = %e, "linked device's store not read; not saved");
+            None
+        }
+    }
+}
+
+/// Saves `device`, the store of the device `linked` names, in `devices`.
+async fn keep_linked_device(devices: &DeviceVault, linked: &PairState, device: &[u8]) {
     let phone = &linked.phone;
     let Some(jid) = linked.jid.as_deref() else {
         return;
     };
-    let device = match linker.linked_device(phone).await {
-        Ok(Some(device)) => device,
-        Ok(None) => {
-            tracing::error!(phone = %phone, "linked device has no store to save");
-            return;
-        }
-        Err(e) => {
-            tracing::error!(phone = %phone, error = %e, "linked device's store not read; not saved");
-            return;
-        }
-    };
     for attempt in 0..DEVICE_SAVE_ATTEMPTS {
-        match devices.save(phone, jid, &device).await {
+        if attempt > 0 {
+            tokio::time::sleep(DEVICE_SAVE_BACKOFF.ceiling(attempt - 1)).await;
+        }
+        match devices.save(phone, jid, device, linked.updated_at).await {
             Ok(()) => {
                 tracing::info!(phone = %phone, event = "device_saved", "linked device saved in PostgreSQL");
                 return;
             }
             Err(e) => {
                 tracing::warn!(phone = %phone, error = %e, attempt, "linked device not saved yet");
-                tokio::time::sleep(DEVICE_SAVE_BACKOFF.ceiling(attempt)).await;
             }
         }
     }
@@ -323,10 +330,14 @@ impl Sessions {
         let Some(devices) = &self.devices else {
             return false;
         };
-        match devices.has(phone).await {
-            Ok(saved) => saved,
-            Err(e) => {
+        match tokio::time::timeout(STORE_READ_TIMEOUT, devices.has(phone)).await {
+            Ok(Ok(saved)) => saved,
+            Ok(Err(e)) => {
                 tracing::warn!(phone = %phone, error = %e, "device database not asked; starting");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(phone = %phone, "device database did not answer in time; starting");
                 false
             }
         }
@@ -736,14 +747,23 @@ impl Sessions {
         let last = state.clone();
         let task = tokio::spawn(async move {
             session.run().await;
-            // The link client has closed: its store is complete on disk.
+            // The link client has closed: its store is complete on disk. It
+            // is read before the phone is let go (a relink may replace it
+            // after), and saved after (a relink need not wait for that).
             let linked = last.borrow().clone();
-            if let Some((devices, linker)) = devices
-                && linked.status == Status::Linked
-            {
-                keep_linked_device(&devices, linker.as_ref(), &linked).await;
-            }
+            let to_save = match devices {
+                Some((devices, linker)) if linked.status == Status::Linked => {
+                    read_linked_device(linker.as_ref(), &linked)
+                        .await
+                        .map(|device| (devices, device))
+                }
+                _ => None,
+            };
             departure.finish();
+            drop(departure);
+            if let Some((devices, device)) = to_save {
+                keep_linked_device(&devices, &linked, &device).await;
+            }
         });
         registry.live.insert(
             phone.clone(),
