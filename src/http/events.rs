@@ -13,6 +13,7 @@
 //! also takes the caller's token as `?access_token=` (see `auth`).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue};
@@ -29,7 +30,8 @@ use super::error::ErrorBody;
 use super::extract::{PhoneParam, PhonePath};
 use super::pair::actor;
 use super::{ApiError, AppState};
-use crate::session::{PairState, StateFeed};
+use crate::phone::PhoneNumber;
+use crate::session::{Actor, PairState, Sessions, StateFeed};
 
 /// The SSE event name of a state.
 pub const STATE_EVENT: &str = "state";
@@ -37,6 +39,12 @@ pub const STATE_EVENT: &str = "state";
 /// by itself whenever a stream ends, and after the outcome there is nothing
 /// more to hear (a page should `close()` it; this is for one that does not).
 pub const AFTER_FINAL_RETRY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// How often an event stream on a process that does not run the session
+/// reads the session's state from the store: about what a client that
+/// reconnected after every event would cost (a read and a look at the
+/// lease), without the reconnects.
+pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The event stream route.
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -66,12 +74,14 @@ async fn events(
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Response, ApiError> {
-    let feed = app
-        .sessions
-        .watch(&phone, &actor(&app, &caller, None))
-        .await?;
+    let actor = actor(&app, &caller, None);
+    let feed = app.sessions.watch(&phone, &actor).await?;
     let states = match feed {
         StateFeed::Live(states) => live(states).boxed(),
+        // Another process runs it: followed through the store.
+        StateFeed::Stored(state) if !state.status.is_terminal() => {
+            followed(Arc::clone(&app.sessions), phone, actor, *state).boxed()
+        }
         StateFeed::Stored(state) => stream::once(async move { *state }).boxed(),
     };
     let events = states.map(|state| Ok::<_, Infallible>(state_event(&state)));
@@ -102,6 +112,38 @@ fn live(states: watch::Receiver<PairState>) -> impl Stream<Item = PairState> {
             let state = states.borrow_and_update().clone();
             let ended = state.status.is_terminal();
             Some((state, (states, false, ended)))
+        },
+    )
+}
+
+/// The states of a session another process runs, as the store has them:
+/// `first`, then a look every [`FOLLOW_EVERY`], one event per new state,
+/// ending after a final one (or when the session can no longer be read).
+/// Should it come to run here meanwhile (its process stopped), the looks
+/// read it here.
+fn followed(
+    sessions: Arc<Sessions>,
+    phone: PhoneNumber,
+    actor: Actor,
+    first: PairState,
+) -> impl Stream<Item = PairState> {
+    stream::unfold(
+        (sessions, phone, actor, Some(first), None::<u64>, false),
+        |(sessions, phone, actor, mut pending, last, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(state) = pending.take()
+                    && last != Some(state.seq)
+                {
+                    let seq = Some(state.seq);
+                    let ended = state.status.is_terminal();
+                    return Some((state, (sessions, phone, actor, None, seq, ended)));
+                }
+                tokio::time::sleep(FOLLOW_EVERY).await;
+                pending = Some(sessions.get(&phone, &actor).await.ok().flatten()?);
+            }
         },
     )
 }

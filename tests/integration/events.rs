@@ -27,13 +27,13 @@ enum Sse {
 }
 
 /// Reads an event stream block by block (blocks end with a blank line).
-struct SseReader {
+pub(crate) struct SseReader {
     body: reqwest::Response,
     buffer: String,
 }
 
 impl SseReader {
-    fn new(response: reqwest::Response) -> Self {
+    pub(crate) fn new(response: reqwest::Response) -> Self {
         Self {
             body: response,
             buffer: String::new(),
@@ -58,7 +58,7 @@ impl SseReader {
     }
 
     /// The next state, skipping keep-alives; `None` when the stream ended.
-    async fn next_state(&mut self) -> Option<Value> {
+    pub(crate) async fn next_state(&mut self) -> Option<Value> {
         loop {
             match self.next().await {
                 Sse::State(state) => return Some(state),

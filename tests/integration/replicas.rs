@@ -198,3 +198,45 @@ async fn refresh_and_cancel_sent_to_the_replica_that_does_not_run_the_session_re
         "one WhatsApp pairing, two codes"
     );
 }
+
+#[tokio::test]
+async fn the_event_stream_on_the_replica_that_does_not_run_the_session_follows_the_owner() {
+    // Arrange: two processes on one Redis; the first runs the session; a
+    // page watches it through the second.
+    let (store, prefix) = redis_store().await;
+    let store: Arc<dyn PairingStore> = Arc::new(store);
+    let owner = TestApp::spawn_with(Arc::clone(&store), |config| {
+        config.key_prefix = prefix.clone();
+    })
+    .await;
+    let other = owner.spawn_replica(Arc::clone(&store)).await;
+    let first: serde_json::Value = owner.post_pair(PHONE).await.json().await.unwrap();
+    let mut events =
+        crate::events::SseReader::new(other.get(&format!("/pair/{PHONE}/events")).await);
+    let shown_first = events.next_state().await.expect("the current state");
+    tokio::time::sleep(wa_pair::session::MANUAL_REFRESH_DEBOUNCE * 2).await;
+
+    // Act: the owner gets a new code, then the session is cancelled.
+    let refreshed = owner.refresh_json(PHONE).await;
+    let shown_refreshed = loop {
+        let state = events.next_state().await.expect("a change");
+        if state["code"] == refreshed["code"] {
+            break state;
+        }
+    };
+    owner.delete(&format!("/pair/{PHONE}")).await;
+    let shown_last = loop {
+        let state = events.next_state().await.expect("the outcome");
+        if state["status"] != "pending" {
+            break state;
+        }
+    };
+    let after = events.next_state().await;
+
+    // Assert
+    assert_eq!(shown_first["code"], first["code"]);
+    assert_eq!(shown_refreshed["attempt"], 2);
+    assert_eq!(shown_last["status"], "cancelled");
+    assert!(after.is_none(), "the stream ends after the outcome");
+    assert_eq!(other.sessions.counts().live, 0, "followed, not run");
+}
