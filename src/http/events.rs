@@ -31,7 +31,7 @@ use super::extract::{PhoneParam, PhonePath};
 use super::pair::actor;
 use super::{ApiError, AppState};
 use crate::phone::PhoneNumber;
-use crate::session::{Actor, PairState, Sessions, StateFeed};
+use crate::session::{Actor, PairState, SessionError, Sessions, StateFeed};
 
 /// The SSE event name of a state.
 pub const STATE_EVENT: &str = "state";
@@ -41,9 +41,9 @@ pub const STATE_EVENT: &str = "state";
 pub const AFTER_FINAL_RETRY: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 /// How often an event stream on a process that does not run the session
-/// reads the session's state from the store: about what a client that
-/// reconnected after every event would cost (a read and a look at the
-/// lease), without the reconnects.
+/// reads the session's state from the store (a `GET` and an attempt at the
+/// lease: about what a client that reconnected after every event would
+/// cost, without the reconnects).
 pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The event stream route.
@@ -118,18 +118,29 @@ fn live(states: watch::Receiver<PairState>) -> impl Stream<Item = PairState> {
 
 /// The states of a session another process runs, as the store has them:
 /// `first`, then a look every [`FOLLOW_EVERY`], one event per new state,
-/// ending after a final one (or when the session can no longer be read).
-/// Should it come to run here meanwhile (its process stopped), the looks
-/// read it here.
+/// ending after a final one, when the session is gone from the store, or
+/// (without a final event: the page reconnects elsewhere) when this process
+/// stops. A look the store does not answer is tried again at the next.
+/// Should the session come to run here meanwhile (its process stopped),
+/// the looks read it here.
 fn followed(
     sessions: Arc<Sessions>,
     phone: PhoneNumber,
     actor: Actor,
     first: PairState,
 ) -> impl Stream<Item = PairState> {
+    let stopping = sessions.stopping();
     stream::unfold(
-        (sessions, phone, actor, Some(first), None::<u64>, false),
-        |(sessions, phone, actor, mut pending, last, done)| async move {
+        (
+            sessions,
+            phone,
+            actor,
+            stopping,
+            Some(first),
+            None::<u64>,
+            false,
+        ),
+        |(sessions, phone, actor, mut stopping, mut pending, last, done)| async move {
             if done {
                 return None;
             }
@@ -139,10 +150,21 @@ fn followed(
                 {
                     let seq = Some(state.seq);
                     let ended = state.status.is_terminal();
-                    return Some((state, (sessions, phone, actor, None, seq, ended)));
+                    let next = (sessions, phone, actor, stopping, None, seq, ended);
+                    return Some((state, next));
                 }
-                tokio::time::sleep(FOLLOW_EVERY).await;
-                pending = Some(sessions.get(&phone, &actor).await.ok().flatten()?);
+                tokio::select! {
+                    () = tokio::time::sleep(FOLLOW_EVERY) => {}
+                    _ = stopping.wait_for(|stop| *stop) => return None,
+                }
+                match sessions.follow(&phone, &actor).await {
+                    Ok(Some(state)) => pending = Some(state),
+                    Ok(None) | Err(SessionError::Forbidden | SessionError::NotFound) => {
+                        return None;
+                    }
+                    // The store did not answer: the next look.
+                    Err(_) => {}
+                }
             }
         },
     )

@@ -265,7 +265,8 @@ async fn fifty_concurrent_starts_spread_over_three_processes_open_one_whatsapp_c
 }
 
 #[tokio::test]
-async fn a_sigterm_of_the_owner_hands_its_session_to_another_process_which_stores_a_new_code() {
+async fn a_sigterm_of_the_owner_hands_its_session_to_another_process_which_stores_a_new_code_and_a_late_write_is_refused()
+ {
     // Arrange: the first process runs the phone's session.
     let (mut fake, mut processes, store, prefix) = three_processes().await;
     let first: Value = processes[0].post_pair().await.json().await.unwrap();
@@ -280,6 +281,20 @@ async fn a_sigterm_of_the_owner_hands_its_session_to_another_process_which_store
     .await;
     let took = stopped_at.elapsed();
     eprintln!("SIGTERM of the owner process to a new code in the store: {took:?}");
+    // The old owner's first state, written again late (a retry that was
+    // still on its way): refused, the new code stays.
+    let replayed = store
+        .set_state(
+            &key,
+            &first.to_string(),
+            first["seq"].as_u64().expect("seq"),
+            Duration::from_secs(600),
+            None,
+        )
+        .await
+        .unwrap();
+    let after_replay: Value =
+        serde_json::from_str(&store.get(&key).await.unwrap().expect("stored")).unwrap();
     let exited = processes[0].exited_within(Duration::from_secs(15)).await;
     // Then commands sent to both others work: one runs it, one relays.
     tokio::time::sleep(wa_pair::session::MANUAL_REFRESH_DEBOUNCE * 2).await;
@@ -304,7 +319,15 @@ async fn a_sigterm_of_the_owner_hands_its_session_to_another_process_which_store
     assert_ne!(resumed["code"], first["code"]);
     assert_eq!(resumed["deadline"], first["deadline"]);
     assert!(
-        took < wa_pair::session::RESUME_LOOK_EVERY + Duration::from_secs(5),
+        matches!(replayed, wa_pair::store::Written::Stale { .. }),
+        "{replayed:?}"
+    );
+    assert_eq!(
+        after_replay["code"], resumed["code"],
+        "the late write changed nothing"
+    );
+    assert!(
+        took < wa_pair::session::RESUME_LOOK_EVERY + Duration::from_secs(15),
         "{took:?}"
     );
     assert!(exited, "the old process exits within its grace");

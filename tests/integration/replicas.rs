@@ -92,18 +92,34 @@ async fn a_start_while_another_process_holds_the_lease_is_not_answered_with_an_e
     );
 }
 
+/// Two processes on one Redis (keys under a prefix of their own), both
+/// listening for relayed commands; the first runs `PHONE`'s session and
+/// answered `POST /pair` with the returned state.
+async fn owner_and_replica_on_redis() -> (
+    TestApp,
+    TestApp,
+    Arc<dyn PairingStore>,
+    String,
+    serde_json::Value,
+) {
+    let (store, prefix) = redis_store().await;
+    let store: Arc<dyn PairingStore> = Arc::new(store);
+    let owner = TestApp::spawn_with(Arc::clone(&store), |config| {
+        config.key_prefix = prefix.clone();
+    })
+    .await;
+    let other = owner.spawn_replica(Arc::clone(&store)).await;
+    owner.sessions.until_relaying().await;
+    other.sessions.until_relaying().await;
+    let first: serde_json::Value = owner.post_pair(PHONE).await.json().await.unwrap();
+    (owner, other, store, prefix, first)
+}
+
 #[tokio::test]
 async fn a_stopping_replica_hands_its_session_over_and_the_other_stores_a_new_code_unasked() {
     // Arrange: two processes on one Redis; the first runs the phone's
     // session and shows a code.
-    let (store, prefix) = redis_store().await;
-    let store: Arc<dyn PairingStore> = Arc::new(store);
-    let mut old = TestApp::spawn_with(Arc::clone(&store), |config| {
-        config.key_prefix = prefix.clone();
-    })
-    .await;
-    let new = old.spawn_replica(Arc::clone(&store)).await;
-    let first: serde_json::Value = old.post_pair(PHONE).await.json().await.unwrap();
+    let (mut old, new, store, prefix, first) = owner_and_replica_on_redis().await;
     let key = format!("{prefix}{PHONE}");
 
     // Act: the first process stops (a deploy); nobody asks the second.
@@ -138,7 +154,7 @@ async fn a_stopping_replica_hands_its_session_over_and_the_other_stores_a_new_co
     assert_eq!(resumed["deadline"], first["deadline"]);
     assert_ne!(resumed["code"], first["code"]);
     assert!(
-        took < wa_pair::session::RESUME_LOOK_EVERY + std::time::Duration::from_secs(5),
+        took < wa_pair::session::RESUME_LOOK_EVERY + std::time::Duration::from_secs(15),
         "{took:?}"
     );
     assert_eq!(new.sessions.counts().live, 1, "the other process runs it");
@@ -149,16 +165,7 @@ async fn a_stopping_replica_hands_its_session_over_and_the_other_stores_a_new_co
 #[tokio::test]
 async fn refresh_and_cancel_sent_to_the_replica_that_does_not_run_the_session_reach_the_owner() {
     // Arrange: two processes on one Redis; the first runs the session.
-    let (store, prefix) = redis_store().await;
-    let store: Arc<dyn PairingStore> = Arc::new(store);
-    let owner = TestApp::spawn_with(Arc::clone(&store), |config| {
-        config.key_prefix = prefix.clone();
-    })
-    .await;
-    let other = owner.spawn_replica(Arc::clone(&store)).await;
-    owner.sessions.until_relaying().await;
-    other.sessions.until_relaying().await;
-    let first: serde_json::Value = owner.post_pair(PHONE).await.json().await.unwrap();
+    let (owner, other, _store, _prefix, first) = owner_and_replica_on_redis().await;
     // A refresh right after a code answers that code.
     tokio::time::sleep(wa_pair::session::MANUAL_REFRESH_DEBOUNCE * 2).await;
 
@@ -203,14 +210,7 @@ async fn refresh_and_cancel_sent_to_the_replica_that_does_not_run_the_session_re
 async fn the_event_stream_on_the_replica_that_does_not_run_the_session_follows_the_owner() {
     // Arrange: two processes on one Redis; the first runs the session; a
     // page watches it through the second.
-    let (store, prefix) = redis_store().await;
-    let store: Arc<dyn PairingStore> = Arc::new(store);
-    let owner = TestApp::spawn_with(Arc::clone(&store), |config| {
-        config.key_prefix = prefix.clone();
-    })
-    .await;
-    let other = owner.spawn_replica(Arc::clone(&store)).await;
-    let first: serde_json::Value = owner.post_pair(PHONE).await.json().await.unwrap();
+    let (owner, other, _store, _prefix, first) = owner_and_replica_on_redis().await;
     let mut events =
         crate::events::SseReader::new(other.get(&format!("/pair/{PHONE}/events")).await);
     let shown_first = events.next_state().await.expect("the current state");
@@ -239,4 +239,26 @@ async fn the_event_stream_on_the_replica_that_does_not_run_the_session_follows_t
     assert_eq!(shown_last["status"], "cancelled");
     assert!(after.is_none(), "the stream ends after the outcome");
     assert_eq!(other.sessions.counts().live, 0, "followed, not run");
+}
+
+#[tokio::test]
+async fn a_followed_event_stream_ends_without_an_outcome_when_its_process_stops() {
+    // Arrange: a page follows the owner's session through the other process.
+    let (owner, mut other, _store, _prefix, _first) = owner_and_replica_on_redis().await;
+    let mut events =
+        crate::events::SseReader::new(other.get(&format!("/pair/{PHONE}/events")).await);
+    events.next_state().await.expect("the current state");
+
+    // Act: the other process stops (a deploy).
+    let took = other.shutdown().await;
+    let after = events.next_state().await;
+    let on_owner = owner.get_json(&format!("/pair/{PHONE}")).await;
+
+    // Assert
+    assert!(after.is_none(), "no made-up outcome: {after:?}");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the stream does not hold the shutdown: {took:?}"
+    );
+    assert_eq!(on_owner["status"], "pending", "the session goes on");
 }

@@ -268,6 +268,16 @@ enum Leased {
     Unknown,
 }
 
+/// What a stored session not final reads as when this process can neither
+/// find it running elsewhere nor resume it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unresumed {
+    /// Its process's end (`failed`/`interrupted`): a single read.
+    AsEnded,
+    /// As stored: a follower that will look again.
+    AsStored,
+}
+
 /// What a start does, after a look at the store.
 enum Before {
     /// Answer with this stored outcome.
@@ -417,6 +427,17 @@ impl Sessions {
         phone: &PhoneNumber,
         actor: &Actor,
     ) -> Result<Option<StateFeed>, SessionError> {
+        self.stored_view(phone, actor, Unresumed::AsEnded).await
+    }
+
+    /// [`stored_feed`](Self::stored_feed), with `unresumed` saying what a
+    /// session that runs nowhere and could not be resumed here reads as.
+    async fn stored_view(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+        unresumed: Unresumed,
+    ) -> Result<Option<StateFeed>, SessionError> {
         let Some(read) = self.stored(phone).await? else {
             return Ok(None);
         };
@@ -441,10 +462,39 @@ impl Sessions {
                 }
                 // Running in another process: as that process stored it.
                 Adoption::Elsewhere => return Ok(Some(StateFeed::Stored(Box::new(read.state)))),
+                Adoption::Not if unresumed == Unresumed::AsStored => {
+                    return Ok(Some(StateFeed::Stored(Box::new(read.state))));
+                }
                 Adoption::Not => {}
             }
         }
         Ok(Some(StateFeed::Stored(Box::new(read.state.orphaned()))))
+    }
+
+    /// `phone`'s state for an event stream that follows a session another
+    /// process runs: as [`get`](Self::get), except that a session this
+    /// process could not resume just now (it is stopping or full, the store
+    /// was slow) reads as stored, not as ended: the stream looks again.
+    pub async fn follow(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+    ) -> Result<Option<PairState>, SessionError> {
+        if let Some(running) = self.running(phone, actor)? {
+            return Ok(Some(running));
+        }
+        Ok(self
+            .stored_view(phone, actor, Unresumed::AsStored)
+            .await?
+            .map(|feed| match feed {
+                StateFeed::Live(states) => states.borrow().clone(),
+                StateFeed::Stored(state) => *state,
+            }))
+    }
+
+    /// Turns `true` when the service starts stopping.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// Joins `phone`'s live (or linked) session, or starts a new one.

@@ -398,6 +398,9 @@ impl Sessions {
             Ok(Err(_)) | Err(_) => return Err(SessionError::StoreUnavailable),
         }
         match tokio::time::timeout_at(answer_by, answer).await {
+            // The owner is stopping (and handing its sessions over); this
+            // process is not: the caller asks again in a moment.
+            Ok(Ok(Err(SessionError::ShuttingDown))) => Err(SessionError::Busy),
             Ok(Ok(answer)) => answer,
             // Still asking WhatsApp over there: where things stand.
             _ if may_answer_late => match self.stored(phone).await {

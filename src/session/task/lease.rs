@@ -218,6 +218,17 @@ mod tests {
 
     const LEASE: &str = "wa:pair:lease:628123456789";
 
+    /// Steps `f`'s session for `wait`, in which nothing visible may happen,
+    /// then has another process try to take the lease: what it got.
+    async fn quiet_then_taken_elsewhere(f: &mut Fixture, wait: Duration) -> Option<u64> {
+        let quiet = tokio::time::timeout(wait, f.session.step()).await;
+        assert!(quiet.is_err(), "nothing visible happened");
+        f.store
+            .lease(LEASE, LeaseStep::Take { holder: "there" }, LEASE_TTL)
+            .await
+            .unwrap()
+    }
+
     /// A session that took the phone's lease (as `here`) and shows a code.
     async fn leased() -> (Fixture, u64) {
         let f = fixture(settings());
@@ -285,15 +296,9 @@ mod tests {
 
         // Act: two TTLs with nothing to write (the code's refresh comes
         // after 165 s).
-        let quiet = tokio::time::timeout(LEASE_TTL * 2, f.session.step()).await;
-        let other = f
-            .store
-            .lease(LEASE, LeaseStep::Take { holder: "there" }, LEASE_TTL)
-            .await
-            .unwrap();
+        let other = quiet_then_taken_elsewhere(&mut f, LEASE_TTL * 2).await;
 
         // Assert
-        assert!(quiet.is_err(), "nothing visible happened");
         assert_eq!(other, None, "the lease is still this session's");
     }
 
@@ -333,15 +338,9 @@ mod tests {
         let mut f = started_without_lease().await;
 
         // Act: nothing visible happens; meanwhile it takes the lease.
-        let quiet = tokio::time::timeout(LEASE_RETRY * 3, f.session.step()).await;
-        let other = f
-            .store
-            .lease(LEASE, LeaseStep::Take { holder: "there" }, LEASE_TTL)
-            .await
-            .unwrap();
+        let other = quiet_then_taken_elsewhere(&mut f, LEASE_RETRY * 3).await;
 
         // Assert
-        assert!(quiet.is_err(), "nothing visible happened");
         assert_eq!(other, None, "the lease is this session's now");
     }
 
