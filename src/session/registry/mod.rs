@@ -217,6 +217,13 @@ async fn keep_linked_device(devices: &DeviceVault, linked: &PairState, device: &
     );
 }
 
+/// Gives up lease `key` that `holder` took at `epoch` (bounded, best
+/// effort: a lease not given up expires after its TTL).
+async fn give_lease_up(store: &dyn PairingStore, key: &str, holder: &str, epoch: u64) {
+    let step = LeaseStep::Release { holder, epoch };
+    let _ = tokio::time::timeout(STORE_READ_TIMEOUT, store.lease(key, step, LEASE_TTL)).await;
+}
+
 fn lock(registry: &std::sync::Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
     // The registry stays consistent even if a holder panicked: every
     // mutation is a single insert or remove.
@@ -608,13 +615,8 @@ impl Sessions {
 
     /// Gives up a lease taken for a session that did not start.
     async fn release_lease(&self, phone: &PhoneNumber, epoch: u64) {
-        let step = LeaseStep::Release {
-            holder: &self.holder,
-            epoch,
-        };
         let key = self.settings.lease_key(phone);
-        let _ =
-            tokio::time::timeout(STORE_READ_TIMEOUT, self.store.lease(&key, step, LEASE_TTL)).await;
+        give_lease_up(self.store.as_ref(), &key, &self.holder, epoch).await;
     }
 
     /// Whether another process holds `phone`'s lease (so its stored state

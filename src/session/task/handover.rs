@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{Session, StepOutcome, writer::STORE_WRITE_BUDGET, writer::next_seq};
-use crate::session::state::{PairState, Reason, Status, StoredState};
-use crate::store::{HandOver, HeldLease, Written};
+use crate::session::state::{PairState, Reason, Status};
+use crate::store::{HandOver, Written};
 
 /// The message of a handed-over state.
 const HANDED_OVER_MESSAGE: &str = "the service is restarting; a new code follows in a few seconds";
@@ -69,11 +69,7 @@ impl Session {
             ..self.state.without_code(Status::Starting).without_qr()
         };
         state.seq = next_seq(self.state.seq);
-        let stored = StoredState {
-            state: &state,
-            owner: self.owner_tag.as_deref(),
-        };
-        let Ok(json) = serde_json::to_string(&stored) else {
+        let Some(json) = self.stored_json(&state) else {
             return self.interrupted().await;
         };
         let left = self.deadline.saturating_duration_since(Instant::now());
@@ -81,12 +77,7 @@ impl Session {
             u64::try_from(deadline.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
         });
         let index = self.settings.handed_over_key();
-        let lease = self.lease.as_ref().map(|lease| HeldLease {
-            key: &lease.key,
-            holder: &lease.holder,
-            epoch: lease.epoch,
-            ttl: super::LEASE_TTL,
-        });
+        let lease = self.held_lease();
         let handover = HandOver {
             key: &self.key,
             value: &json,

@@ -77,20 +77,36 @@ impl Session {
         self.published.send_replace(self.state.clone());
     }
 
+    /// `state` as the store keeps it (with the owner tag); `None`, logged,
+    /// if it does not serialize.
+    pub(super) fn stored_json(&self, state: &PairState) -> Option<String> {
+        let stored = StoredState {
+            state,
+            owner: self.owner_tag.as_deref(),
+        };
+        serde_json::to_string(&stored)
+            .inspect_err(|e| {
+                tracing::error!(phone = %self.phone, error = %e, "state does not serialize");
+            })
+            .ok()
+    }
+
+    /// The lease this session holds, as a write checks and renews it.
+    pub(super) fn held_lease(&self) -> Option<HeldLease<'_>> {
+        self.lease.as_ref().map(|lease| HeldLease {
+            key: &lease.key,
+            holder: &lease.holder,
+            epoch: lease.epoch,
+            ttl: LEASE_TTL,
+        })
+    }
+
     pub(super) async fn write_store(&mut self) {
         if self.taken_over {
             return;
         }
-        let stored = StoredState {
-            state: &self.state,
-            owner: self.owner_tag.as_deref(),
-        };
-        let json = match serde_json::to_string(&stored) {
-            Ok(json) => json,
-            Err(e) => {
-                tracing::error!(phone = %self.phone, error = %e, "state does not serialize");
-                return;
-            }
+        let Some(json) = self.stored_json(&self.state) else {
+            return;
         };
         // A passkey link waits on the person, with nothing scheduled that
         // would write again: its state stays until the session's deadline.
@@ -101,12 +117,7 @@ impl Session {
                 .map(|at| at.saturating_duration_since(Instant::now()))
         };
         let ttl = self.settings.store_ttl(self.state.status, wait);
-        let lease = self.lease.as_ref().map(|lease| HeldLease {
-            key: &lease.key,
-            holder: &lease.holder,
-            epoch: lease.epoch,
-            ttl: LEASE_TTL,
-        });
+        let lease = self.held_lease();
         let sent = Instant::now();
         let result = tokio::time::timeout(
             STORE_WRITE_BUDGET,
