@@ -1,10 +1,14 @@
 //! Startup benchmark: how long from `exec` of the release binary until
 //! `GET /healthz` answers 200, and how much memory the idle service holds.
 //!
-//! Run with `cargo bench --bench startup`. Each run starts the real binary
-//! (`target/release/wa-pair`) with default settings on a free loopback
-//! port, polls `/healthz` every 200 µs, then reads the process's resident
-//! memory after it has sat idle for a second. WhatsApp is unreachable here
+//! Run with `cargo bench --bench startup`. It first builds the binary as it
+//! ships (`cargo build --release --bin wa-pair`: the binary `cargo bench`
+//! itself builds has the tests' whatsapp-rust features unified in, so other
+//! symbol names and none of `release/symbol-order.txt`'s layout; with
+//! `--target` or `--profile`, the bench measures the one it built). Each run
+//! starts that binary with default settings on a free loopback port, polls
+//! `/healthz` every 200 µs, then reads the process's resident memory after
+//! it has sat idle for a second. WhatsApp is unreachable here
 //! (the WebSocket URL points at a closed port), so the warm pool's
 //! connects fail and back off: the idle figure with `PAIR_WARM_CLIENTS=0`
 //! is the service without WhatsApp connections, the default one adds what
@@ -25,6 +29,22 @@ const IDLE: Duration = Duration::from_secs(1);
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn main() {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+            "--bin",
+            "wa-pair",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "cargo build --release --bin wa-pair failed"
+    );
     println!("wa-pair startup benchmark (release binary, {RUNS} runs each, medians)");
     for warm in ["2", "0"] {
         let mut ready = Vec::with_capacity(RUNS);
