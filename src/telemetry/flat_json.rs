@@ -124,21 +124,37 @@ fn level_name(level: &tracing::Level) -> &'static str {
 }
 
 /// Writes `value` as a JSON string, quotes included.
+///
+/// Copies the runs between characters that need escaping in one
+/// `push_str` each: every request's log line goes through here, and pushed
+/// a character at a time it was 6% of the instructions of a `GET
+/// /pair/{phone}` (callgrind; 3.9% this way). Only ASCII bytes are ever
+/// escaped, and an ASCII byte is never inside a multi-byte character, so
+/// every slice below starts and ends on a character boundary.
 fn push_json_str(out: &mut String, value: &str) {
+    out.reserve(value.len() + 2);
     out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
+    let mut copied = 0;
+    for (i, byte) in value.bytes().enumerate() {
+        let short = match byte {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0..=0x1f => None,
+            _ => continue,
+        };
+        out.push_str(&value[copied..i]);
+        match short {
+            Some(escape) => out.push_str(escape),
+            None => {
+                let _ = write!(out, "\\u{byte:04x}");
             }
-            c => out.push(c),
         }
+        copied = i + 1;
     }
+    out.push_str(&value[copied..]);
     out.push('"');
 }
 
@@ -250,6 +266,29 @@ mod tests {
         let output = logs.contents();
         let line = output.lines().next().expect("one line");
         serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_written_as_json_reads_back_unchanged(value in ".*") {
+            // Act
+            let mut out = String::new();
+            push_json_str(&mut out, &value);
+
+            // Assert
+            let read: String = serde_json::from_str(&out).expect("valid JSON");
+            proptest::prop_assert_eq!(read, value);
+        }
+    }
+
+    #[test]
+    fn control_characters_quotes_and_backslashes_are_escaped() {
+        // Act
+        let mut out = String::new();
+        push_json_str(&mut out, "a\"b\\c\nd\u{1}é");
+
+        // Assert
+        assert_eq!(out, r#""a\"b\\c\nd\u0001é""#);
     }
 
     #[test]
