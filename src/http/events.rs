@@ -129,45 +129,56 @@ fn followed(
     actor: Actor,
     first: PairState,
 ) -> impl Stream<Item = PairState> {
-    let stopping = sessions.stopping();
-    stream::unfold(
-        (
-            sessions,
-            phone,
-            actor,
-            stopping,
-            Some(first),
-            None::<u64>,
-            false,
-        ),
-        |(sessions, phone, actor, mut stopping, mut pending, last, done)| async move {
-            if done {
-                return None;
+    let following = Following {
+        stopping: sessions.stopping(),
+        sessions,
+        phone,
+        actor,
+        pending: Some(first),
+        last_seq: None,
+        ended: false,
+    };
+    stream::unfold(following, |mut f| async move {
+        if f.ended {
+            return None;
+        }
+        loop {
+            if let Some(state) = f.pending.take()
+                && f.last_seq != Some(state.seq)
+            {
+                f.last_seq = Some(state.seq);
+                f.ended = state.status.is_terminal();
+                return Some((state, f));
             }
-            loop {
-                if let Some(state) = pending.take()
-                    && last != Some(state.seq)
-                {
-                    let seq = Some(state.seq);
-                    let ended = state.status.is_terminal();
-                    let next = (sessions, phone, actor, stopping, None, seq, ended);
-                    return Some((state, next));
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(FOLLOW_EVERY) => {}
-                    _ = stopping.wait_for(|stop| *stop) => return None,
-                }
-                match sessions.follow(&phone, &actor).await {
-                    Ok(Some(state)) => pending = Some(state),
-                    Ok(None) | Err(SessionError::Forbidden | SessionError::NotFound) => {
-                        return None;
-                    }
-                    // The store did not answer: the next look.
-                    Err(_) => {}
-                }
+            tokio::select! {
+                () = tokio::time::sleep(FOLLOW_EVERY) => {}
+                _ = f.stopping.wait_for(|stop| *stop) => return None,
             }
-        },
-    )
+            match f.sessions.follow(&f.phone, &f.actor).await {
+                Ok(Some(state)) => f.pending = Some(state),
+                Ok(None) | Err(SessionError::Forbidden | SessionError::NotFound) => {
+                    return None;
+                }
+                // The store did not answer: the next look.
+                Err(_) => {}
+            }
+        }
+    })
+}
+
+/// What [`followed`] carries from one look to the next.
+struct Following {
+    sessions: Arc<Sessions>,
+    phone: PhoneNumber,
+    actor: Actor,
+    /// Whether this process is stopping.
+    stopping: watch::Receiver<bool>,
+    /// A state read but not yet sent.
+    pending: Option<PairState>,
+    /// The `seq` of the last state sent: the same state is not sent twice.
+    last_seq: Option<u64>,
+    /// A final state was sent: nothing follows it.
+    ended: bool,
 }
 
 fn state_event(state: &PairState) -> Event {

@@ -487,11 +487,22 @@ impl Sessions {
         phone: &PhoneNumber,
         actor: &Actor,
     ) -> Result<Option<PairState>, SessionError> {
+        self.current(phone, actor, Unresumed::AsStored).await
+    }
+
+    /// The running session's state, else the stored one as
+    /// [`stored_view`](Self::stored_view) reads it.
+    async fn current(
+        &self,
+        phone: &PhoneNumber,
+        actor: &Actor,
+        unresumed: Unresumed,
+    ) -> Result<Option<PairState>, SessionError> {
         if let Some(running) = self.running(phone, actor)? {
             return Ok(Some(running));
         }
         Ok(self
-            .stored_view(phone, actor, Unresumed::AsStored)
+            .stored_view(phone, actor, unresumed)
             .await?
             .map(|feed| match feed {
                 StateFeed::Live(states) => states.borrow().clone(),
@@ -854,16 +865,7 @@ impl Sessions {
         phone: &PhoneNumber,
         actor: &Actor,
     ) -> Result<Option<PairState>, SessionError> {
-        if let Some(running) = self.running(phone, actor)? {
-            return Ok(Some(running));
-        }
-        Ok(self
-            .stored_feed(phone, actor)
-            .await?
-            .map(|feed| match feed {
-                StateFeed::Live(states) => states.borrow().clone(),
-                StateFeed::Stored(state) => *state,
-            }))
+        self.current(phone, actor, Unresumed::AsEnded).await
     }
 
     /// `phone`'s state as it changes: the running session's states, or
