@@ -83,16 +83,17 @@ async fn wait_for_saved(phone: &str) -> Value {
 }
 
 #[tokio::test]
-async fn a_link_saves_the_devices_store_in_postgres_as_it_is_on_disk() {
+async fn a_link_saves_the_whole_device_store_in_postgres() {
     // Arrange
     let app = app_with_devices(Arc::new(MemoryStore::new())).await;
     let phone = fresh_phone();
 
     // Act
     let saved = link(&app, &phone).await;
-    let on_disk = std::fs::read(app.data_dir().join(format!("{phone}.db"))).unwrap();
 
-    // Assert
+    // Assert: a SQLite database holding the linked device, account
+    // included (written at the link, so in SQLite's log at first: a copy of
+    // the main file alone had only its header).
     assert!(
         saved["jid"].as_str().unwrap().starts_with(&phone),
         "{saved}"
@@ -101,7 +102,39 @@ async fn a_link_saves_the_devices_store_in_postgres_as_it_is_on_disk() {
         saved["header"], "SQLite format 3\u{0}",
         "a SQLite database file"
     );
-    assert_eq!(saved["bytes"], on_disk.len(), "the whole store");
+    let devices = devices_in(&saved_device(&phone).await);
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert!(devices[0].pn.starts_with(&phone), "{devices:?}");
+    assert!(devices[0].linked, "the account is saved: {devices:?}");
+}
+
+/// A device row of a saved store.
+#[derive(Debug, diesel::QueryableByName)]
+struct DeviceRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pn: String,
+    /// Whether the account (set when the phone links) is there.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    linked: bool,
+}
+
+/// The devices in the SQLite database `store`.
+fn devices_in(store: &[u8]) -> Vec<DeviceRow> {
+    use diesel::{Connection as _, RunQueryDsl as _};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("saved.db");
+    std::fs::write(&path, store).unwrap();
+    let mut connection = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+    diesel::sql_query("SELECT pn, account IS NOT NULL AS linked FROM device")
+        .load(&mut connection)
+        .unwrap()
+}
+
+/// The saved store of `phone`'s device.
+async fn saved_device(phone: &str) -> Vec<u8> {
+    let vault = DeviceVault::connect(&database_url(), None).await.unwrap();
+    let phone = PhoneNumber::parse(phone).unwrap();
+    vault.load(&phone).await.unwrap().expect("saved").device
 }
 
 #[tokio::test]
@@ -169,8 +202,12 @@ async fn a_server_caller_fetches_the_saved_device_and_no_one_else_does() {
     let device = base64::engine::general_purpose::STANDARD
         .decode(body["device"].as_str().unwrap())
         .unwrap();
-    let on_disk = std::fs::read(app.data_dir().join(format!("{phone}.db"))).unwrap();
-    assert_eq!(device, on_disk, "the store, byte for byte");
+    assert_eq!(
+        device,
+        saved_device(&phone).await,
+        "the saved store, byte for byte"
+    );
+    assert_eq!(devices_in(&device).len(), 1, "a store with its device");
     assert_eq!(cache_control, "no-store");
     assert_eq!(without_key, StatusCode::UNAUTHORIZED);
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);

@@ -13,6 +13,9 @@ use crate::link::LinkError;
 
 /// SQLite's side files of a store, beside the main file.
 const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
+/// Suffix of the copy [`snapshot`] makes of a store, beside it, while it
+/// reads it.
+const SNAPSHOT: &str = "-snapshot";
 /// Suffix of the marker earlier builds gave a warm client's store when its
 /// phone linked: the marker holds the file name the device belongs under.
 const HOME_MARKER: &str = ".home";
@@ -24,7 +27,9 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// Deletes an unlinked device's store: `path`, SQLite's side files and any
 /// home marker.
 pub(super) async fn remove_device_files(path: &Path) {
-    let all = std::iter::once("").chain(SIDE_FILES).chain([HOME_MARKER]);
+    let all = std::iter::once("")
+        .chain(SIDE_FILES)
+        .chain([HOME_MARKER, SNAPSHOT]);
     for suffix in all {
         let file = with_suffix(path, suffix);
         match tokio::fs::remove_file(&file).await {
@@ -38,6 +43,53 @@ pub(super) async fn remove_device_files(path: &Path) {
             ),
         }
     }
+}
+
+/// A consistent copy of the store at `path`, as the bytes of one SQLite
+/// file; `None` when there is no store.
+///
+/// Not the main file as it lies: the store is in WAL mode, so until its
+/// last connection closes, recent writes (the device itself, right after
+/// the link) are only in the `-wal` file and the main file can be little
+/// more than its header. `VACUUM INTO` writes what a reader sees at one
+/// instant, the log included, into a file of its own, without writing to
+/// the store.
+pub(super) async fn snapshot(path: &Path) -> Result<Option<Vec<u8>>, LinkError> {
+    if !tokio::fs::try_exists(path).await.unwrap_or(false) {
+        return Ok(None);
+    }
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || snapshot_blocking(&path))
+        .await
+        .map_err(|e| LinkError::Storage(format!("copying the device store: {e}")))?
+        .map(Some)
+}
+
+/// How long the copy waits for a writer's lock before giving up.
+const SNAPSHOT_BUSY_TIMEOUT_MS: u32 = 5_000;
+
+fn snapshot_blocking(path: &Path) -> Result<Vec<u8>, LinkError> {
+    use diesel::{Connection as _, RunQueryDsl as _, sql_types::Text};
+
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        LinkError::Storage(format!("copying the device store ({what}): {e}"))
+    };
+    let copy = with_suffix(path, SNAPSHOT);
+    let _ = std::fs::remove_file(&copy);
+    // Read-only: the copy must never create or change the store.
+    let url = format!("file:{}?mode=ro", path.display());
+    let mut connection =
+        diesel::SqliteConnection::establish(&url).map_err(|e| failed("opening", &e))?;
+    diesel::sql_query(format!("PRAGMA busy_timeout = {SNAPSHOT_BUSY_TIMEOUT_MS}"))
+        .execute(&mut connection)
+        .map_err(|e| failed("busy timeout", &e))?;
+    let copied = diesel::sql_query("VACUUM INTO ?")
+        .bind::<Text, _>(copy.to_string_lossy())
+        .execute(&mut connection)
+        .map_err(|e| failed("vacuum", &e))
+        .and_then(|_| std::fs::read(&copy).map_err(|e| failed("reading", &e)));
+    let _ = std::fs::remove_file(&copy);
+    copied
 }
 
 /// Moves `path` (and SQLite's side files) to `path.replaced-<unix time>`.
@@ -164,10 +216,66 @@ fn is_plain_file_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use diesel::{Connection as _, RunQueryDsl as _};
+
     use super::*;
 
     async fn touch(path: &Path, content: &str) {
         tokio::fs::write(path, content).await.unwrap();
+    }
+
+    fn open(path: &Path) -> diesel::SqliteConnection {
+        diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap()
+    }
+
+    /// How many rows `device` has in the database made of `bytes` alone.
+    fn devices_in(bytes: &[u8]) -> Result<i64, diesel::result::Error> {
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.db");
+        std::fs::write(&path, bytes).unwrap();
+        let counted: Vec<Count> =
+            diesel::sql_query("SELECT count(*) AS n FROM device").load(&mut open(&path))?;
+        Ok(counted[0].n)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_holds_what_is_still_in_the_write_ahead_log_and_leaves_no_file() {
+        // Arrange: a WAL store whose writer is still open, so its last
+        // writes are in the log, not the main file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("6281234567890.db");
+        let mut writer = open(&path);
+        for statement in [
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA wal_autocheckpoint = 0",
+            "CREATE TABLE device (id INTEGER PRIMARY KEY)",
+            "INSERT INTO device (id) VALUES (1)",
+        ] {
+            diesel::sql_query(statement).execute(&mut writer).unwrap();
+        }
+        let files_before = names(dir.path());
+
+        // Act
+        let copy = snapshot(&path).await.unwrap().expect("a store");
+        let missing = snapshot(&dir.path().join("6289999999999.db"))
+            .await
+            .unwrap();
+
+        // Assert
+        let main_file_alone = std::fs::read(&path).unwrap();
+        assert!(
+            devices_in(&main_file_alone).is_err(),
+            "the row is in the log"
+        );
+        assert_eq!(devices_in(&copy).unwrap(), 1);
+        assert!(missing.is_none());
+        assert_eq!(names(dir.path()), files_before, "no copy left behind");
+        drop(writer);
     }
 
     fn names(dir: &Path) -> Vec<String> {

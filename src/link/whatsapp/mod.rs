@@ -242,12 +242,7 @@ impl Linker for WhatsAppLinker {
     }
 
     async fn linked_device(&self, phone: &PhoneNumber) -> Result<Option<Vec<u8>>, LinkError> {
-        let path = Self::store_path(&self.factory.settings.data_dir, phone);
-        match tokio::fs::read(&path).await {
-            Ok(device) => Ok(Some(device)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(LinkError::Storage(format!("reading the device store: {e}"))),
-        }
+        files::snapshot(&Self::store_path(&self.factory.settings.data_dir, phone)).await
     }
 
     async fn open(&self, phone: &PhoneNumber) -> Result<OpenedLink, LinkError> {
