@@ -3,6 +3,8 @@
 //! next. Server callers only (an API key): the store holds the device's
 //! keys, which give full use of the WhatsApp account.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::header;
@@ -18,7 +20,7 @@ use super::extract::{PhoneParam, PhonePath};
 use super::{ApiError, AppState};
 
 /// The `/devices` route.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new().routes(routes!(fetch))
 }
 
@@ -56,7 +58,7 @@ pub struct DeviceAnswer {
     security(("bearer" = [])),
 )]
 async fn fetch(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<([(header::HeaderName, &'static str); 1], Json<DeviceAnswer>), ApiError> {

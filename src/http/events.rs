@@ -47,7 +47,7 @@ pub const AFTER_FINAL_RETRY: std::time::Duration = std::time::Duration::from_sec
 pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The event stream route.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new().routes(routes!(events))
 }
 
@@ -70,7 +70,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     security((), ("bearer" = [])),
 )]
 async fn events(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Response, ApiError> {

@@ -1,5 +1,6 @@
 //! Liveness and readiness.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -16,7 +17,7 @@ use crate::store;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /healthz` and `GET /readyz`.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -63,7 +64,7 @@ async fn healthz() -> Json<Health> {
         (status = 503, description = "`store_unavailable`", body = ErrorBody),
     ),
 )]
-async fn readyz(State(app): State<AppState>) -> Result<Json<Ready>, ApiError> {
+async fn readyz(State(app): State<Arc<AppState>>) -> Result<Json<Ready>, ApiError> {
     let store = app.sessions.store();
     if store::probe(store.as_ref(), READY_TIMEOUT).await {
         Ok(Json(Ready {

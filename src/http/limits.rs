@@ -13,14 +13,11 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
-use axum::middleware::Next;
-use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -155,23 +152,23 @@ impl CallerLimits {
     }
 }
 
-/// Middleware for the API routes, after the caller is known: answers 429
-/// `rate_limited` with `Retry-After` when the caller's bucket is empty.
-pub async fn enforce(
-    State(limits): State<Arc<CallerLimits>>,
-    mut request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let caller = request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .unwrap_or(Caller::Anonymous);
-    let client = limits.client_ip(request.headers(), peer_of(&request).map(|peer| peer.ip()));
-    let starts = request.method() == Method::POST;
-    if let Err(wait) = limits.check(&caller, client, starts) {
+/// Charges `caller`'s budget for `request`: the second step of admitting a
+/// request to the API routes (see `http::admit`), once the caller is known.
+/// Answers 429 `rate_limited` with `Retry-After` when the caller's bucket is
+/// empty; otherwise the client address it charged, if it knows one.
+pub fn charge(
+    limits: &CallerLimits,
+    caller: &Caller,
+    request: &Parts,
+) -> Result<Option<ClientIp>, ApiError> {
+    let client = limits.client_ip(
+        &request.headers,
+        peer_of(&request.extensions).map(|peer| peer.ip()),
+    );
+    let starts = request.method == Method::POST;
+    if let Err(wait) = limits.check(caller, client, starts) {
         tracing::warn!(
-            request_id = crate::http::request_id(&request),
+            request_id = crate::http::request_id(&request.headers),
             event = "rate_limited",
             starts,
             retry_after_ms = wait.as_millis() as u64,
@@ -184,13 +181,10 @@ pub async fn enforce(
                 .to_owned(),
         });
     }
-    if let Some(ip) = client {
-        request.extensions_mut().insert(ClientIp(ip));
-    }
-    Ok(next.run(request).await)
+    Ok(client.map(ClientIp))
 }
 
-/// The client address [`enforce`] charged, for handlers that count
+/// The client address [`charge`] charged, for handlers that count
 /// anonymous callers apart.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub IpAddr);

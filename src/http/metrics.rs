@@ -3,6 +3,8 @@
 //! configured, only server callers may read it (a signed-in user gets
 //! 403); with none (loopback), it is open.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -14,7 +16,7 @@ use super::error::ErrorBody;
 use super::{ApiError, AppState};
 
 /// The `/metrics` route.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new().routes(routes!(scrape))
 }
 
@@ -29,7 +31,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     ),
     security((), ("bearer" = [])),
 )]
-async fn scrape(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+async fn scrape(State(app): State<Arc<AppState>>, caller: Caller) -> Result<Response, ApiError> {
     if matches!(caller, Caller::User { .. }) {
         return Err(ApiError::ServerCallersOnly);
     }

@@ -1,11 +1,12 @@
 //! The HTTP edge: `router(state)` assembles the routes each module
-//! contributes, plus request ids, one log line per request and JSON for every
-//! error (including axum's own rejections and unknown routes).
+//! contributes, puts [`edge`] (request ids, deadlines, one log line per
+//! request) in front of each, and answers JSON for every error (including
+//! axum's own rejections and unknown routes).
 
 pub mod auth;
 mod cors;
-mod deadline;
 mod devices;
+mod edge;
 mod error;
 mod events;
 mod extract;
@@ -25,12 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::HeaderName;
-use axum::response::Response;
-use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tracing::Instrument;
+use axum::extract::{DefaultBodyLimit, Request};
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -47,8 +43,8 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// of the request.
 pub const MAX_REQUEST_ID_LEN: usize = 64;
 
-/// What the handlers share.
-#[derive(Clone)]
+/// What the handlers share. The router holds it in an `Arc`, so a handler
+/// call clones one pointer rather than each field.
 pub struct AppState {
     /// Every pairing session of the process.
     pub sessions: Arc<Sessions>,
@@ -77,12 +73,14 @@ pub struct AppState {
 /// The whole API as a router over `state`, serving at `/openapi.json` the
 /// OpenAPI document of exactly the routes it has.
 pub fn router(state: AppState) -> Router {
-    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
-    let cors = cors::layer(&state.cors_allowed_origins);
+    let cors = match state.cors_allowed_origins.is_empty() {
+        // No origin allowed: no CORS headers to send, so no layer to pay
+        // for on every request.
+        true => None,
+        false => Some(cors::layer(&state.cors_allowed_origins)),
+    };
     // Only the API routes need a caller: health checks stay open, and an
     // unknown route is a 404 whoever asks.
-    // Layers run outside in: the caller is known before its budget is
-    // charged.
     let api = pair::routes()
         .merge(qr::routes())
         .merge(passkey::routes())
@@ -90,17 +88,18 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::routes())
         .merge(devices::routes())
         .route_layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state.limits),
-            limits::enforce,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.callers.clone(),
-            auth::require_caller,
+            Arc::new(Gate {
+                callers: state.callers.clone(),
+                limits: Arc::clone(&state.limits),
+            }),
+            admit,
         ));
+    // Filled in below, once the document of all the routes is known.
+    let rendered = Arc::new(std::sync::OnceLock::new());
     let routes = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(api)
         .merge(health::routes())
-        .routes(utoipa_axum::routes!(openapi::document));
+        .merge(openapi::routes(Arc::clone(&rendered)));
     #[cfg(feature = "sandbox")]
     let routes = match state.sandbox.is_some() {
         true => routes.merge(sandbox::routes()),
@@ -112,92 +111,59 @@ pub fn router(state: AppState) -> Router {
     };
     let (routes, mut document) = routes.split_for_parts();
     openapi::add_shared_answers(&mut document);
-    let rendered = match document.to_json() {
-        Ok(json) => bytes::Bytes::from(json),
-        // The document is built from our own types; if it ever fails to
-        // serialize, the route still answers rather than the service
-        // refusing to start.
-        Err(e) => {
-            tracing::error!(error = %e, "the OpenAPI document does not serialize");
-            bytes::Bytes::from_static(b"{}")
-        }
-    };
-    let deadlines = deadline::Deadlines::for_code_wait(state.code_wait);
+    // The document is built from our own types; if it ever fails to
+    // serialize, the route still answers rather than the service refusing
+    // to start.
+    let json = document.to_json().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the OpenAPI document does not serialize");
+        "{}".to_owned()
+    });
+    let _ = rendered.set(bytes::Bytes::from(json));
+    let deadlines = edge::Deadlines::for_code_wait(state.code_wait);
     routes
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::Extension(openapi::Rendered(rendered)))
-        .layer(axum::middleware::from_fn_with_state(
-            deadlines,
-            deadline::enforce,
-        ))
-        .with_state(state)
-        .layer(
-            ServiceBuilder::new()
-                .map_request(drop_unfit_request_id)
-                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-                .layer(axum::middleware::from_fn(log_request))
-                .layer(PropagateRequestIdLayer::new(request_id)),
-        )
-        .layer(cors)
+        .with_state(Arc::new(state))
+        .layer(edge::EdgeLayer::new(deadlines))
+        .layer(tower::util::option_layer(cors))
 }
 
-/// Removes a client's request id that is too long or has characters other
-/// than letters, digits and `-_.:`, so a fresh one is generated instead.
-fn drop_unfit_request_id(mut request: Request) -> Request {
-    let fit = request.headers().get(REQUEST_ID_HEADER).is_none_or(|id| {
-        let id = id.as_bytes();
-        !id.is_empty()
-            && id.len() <= MAX_REQUEST_ID_LEN
-            && id
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
-    });
-    if !fit {
-        request.headers_mut().remove(REQUEST_ID_HEADER);
-    }
-    request
-}
-
-/// The request id a request carries (set or checked by the request-id
-/// layer before anything else runs), for log lines about it.
-pub fn request_id(request: &Request) -> &str {
-    request
-        .headers()
+/// The request id in a request's headers (set or checked by [`edge`]
+/// before anything else runs), for log lines about it.
+pub fn request_id(headers: &axum::http::HeaderMap) -> &str {
+    headers
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
 }
 
-/// One line per request, written when the answer is ready: `request_id`,
-/// `method`, the *matched* route (never the raw path: `/pair/{phone}` must
-/// not put a phone number in the logs), `status` and `latency_ms`.
-///
-/// No span per request at the default level: creating, entering and
-/// leaving one on every poll cost more than the line itself. With
-/// `RUST_LOG=wa_pair=debug` a `request` span with the same fields wraps the
-/// request, so debug lines carry them; the few warnings about a request
-/// (refused, over budget, too slow) name its `request_id` themselves.
-async fn log_request(request: Request, next: axum::middleware::Next) -> Response {
-    let started = std::time::Instant::now();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let request_id = request_id(&request).to_owned();
-    let span = tracing::debug_span!("request", request_id, method = %method, route);
-    let response = next.run(request).instrument(span).await;
-    tracing::info!(
-        request_id,
-        method = %method,
-        route,
-        status = response.status().as_u16(),
-        latency_ms = started.elapsed().as_millis() as u64,
-        "request completed"
-    );
-    response
+/// What [`admit`] needs.
+struct Gate {
+    callers: auth::Callers,
+    limits: Arc<limits::CallerLimits>,
+}
+
+/// Middleware for the API routes: who is calling (or 401), then its budget
+/// (or 429), in that order, so a refused caller spends no one's budget. The
+/// request goes on with its [`auth::Caller`] (and the client address
+/// charged, [`limits::ClientIp`]) in the extensions. One middleware, not
+/// two: each `from_fn` layer clones a boxed service and boxes a future per
+/// request.
+async fn admit(
+    axum::extract::State(gate): axum::extract::State<Arc<Gate>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    // The parts alone, since a body cannot be shared across an await.
+    let (mut parts, body) = request.into_parts();
+    let caller = auth::identify(&gate.callers, &parts).await?;
+    let client_ip = limits::charge(&gate.limits, &caller, &parts)?;
+    parts.extensions.insert(caller);
+    if let Some(client_ip) = client_ip {
+        parts.extensions.insert(client_ip);
+    }
+    Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
 async fn route_not_found() -> ApiError {

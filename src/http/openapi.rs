@@ -7,6 +7,8 @@
 //! (a timeout, an internal error, and for the API routes a refused caller
 //! or an exhausted budget) is added here once, by [`add_shared_answers`].
 
+use std::sync::{Arc, OnceLock};
+
 use axum::Extension;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -15,6 +17,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+use utoipa_axum::router::OpenApiRouter;
 
 use super::error::ErrorBody;
 use crate::session::{PairState, Reason, Status};
@@ -121,9 +124,20 @@ fn add_answer(operation: &mut Operation, status: &str, description: &str) {
         });
 }
 
-/// The document as JSON, rendered once when the router is built.
+/// The document as JSON, rendered once when the router is built (after the
+/// routes, this one included, are known).
 #[derive(Clone)]
-pub struct Rendered(pub Bytes);
+struct Rendered(Arc<OnceLock<Bytes>>);
+
+/// The route serving the document `rendered` will hold.
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    rendered: Arc<OnceLock<Bytes>>,
+) -> OpenApiRouter<S> {
+    // On this route only, so other requests do not carry it.
+    OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(document))
+        .route_layer(Extension(Rendered(rendered)))
+}
 
 /// The OpenAPI 3.1 document of this API.
 #[utoipa::path(
@@ -132,6 +146,10 @@ pub struct Rendered(pub Bytes);
     tag = "operations",
     responses((status = 200, description = "This document", content_type = "application/json", body = Object)),
 )]
-pub async fn document(Extension(Rendered(json)): Extension<Rendered>) -> impl IntoResponse {
+async fn document(Extension(Rendered(json)): Extension<Rendered>) -> impl IntoResponse {
+    let json = json
+        .get()
+        .cloned()
+        .unwrap_or_else(|| Bytes::from_static(b"{}"));
     ([(header::CONTENT_TYPE, "application/json")], json)
 }

@@ -1,6 +1,7 @@
 //! `/pair`: start or join a pairing session, read it, refresh its code,
 //! cancel it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
@@ -25,7 +26,7 @@ use crate::session::{Actor, Joined, Owner, PairState, Reason, Status};
 pub const STARTING_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// The `/pair` routes, each with its description.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(create))
         .routes(routes!(show, cancel))
@@ -128,7 +129,7 @@ pub(super) fn actor(app: &AppState, caller: &Caller, client: Option<ClientIp>) -
     security((), ("bearer" = [])),
 )]
 async fn create(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     client: Option<Extension<ClientIp>>,
     ApiJson(request): ApiJson<PairRequest>,
@@ -185,7 +186,7 @@ async fn create(
     security((), ("bearer" = [])),
 )]
 async fn show(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PairState>, ApiError> {
@@ -215,7 +216,7 @@ async fn show(
     security((), ("bearer" = [])),
 )]
 async fn refresh(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Response, ApiError> {
@@ -243,7 +244,7 @@ async fn refresh(
     security((), ("bearer" = [])),
 )]
 async fn cancel(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PairState>, ApiError> {

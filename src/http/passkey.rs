@@ -3,6 +3,8 @@
 //! (see `link::passkey` for what a page on another origin can and cannot
 //! do).
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
@@ -23,7 +25,7 @@ use crate::session::{PairState, Reason};
 pub const PASSKEY_MAX_BODY_BYTES: usize = 8 * 1024;
 
 /// The passkey routes, each with its description.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(send_passkey))
         .routes(routes!(confirm_passkey))
@@ -54,7 +56,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     security((), ("bearer" = [])),
 )]
 async fn send_passkey(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
     body: Result<ApiJson<AuthenticationResponseJson>, ApiError>,
@@ -92,7 +94,7 @@ async fn send_passkey(
     security((), ("bearer" = [])),
 )]
 async fn confirm_passkey(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<(StatusCode, Json<PairState>), ApiError> {

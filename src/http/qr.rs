@@ -4,6 +4,8 @@
 //! The picture encodes the state's `qr` string exactly; it changes every time
 //! WhatsApp rotates the QR (20 to 60 s), so it is never cached.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -30,7 +32,7 @@ pub const QUIET_ZONE_MODULES: usize = 4;
 pub const SVG_MIN_PX: u32 = 264;
 
 /// The QR picture routes.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(qr_svg))
         .routes(routes!(qr_png))
@@ -51,7 +53,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     security((), ("bearer" = [])),
 )]
 async fn qr_svg(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Response, ApiError> {
@@ -79,7 +81,7 @@ async fn qr_svg(
     security((), ("bearer" = [])),
 )]
 async fn qr_png(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     caller: Caller,
     PhonePath(phone): PhonePath,
 ) -> Result<Response, ApiError> {

@@ -1,6 +1,7 @@
 //! Sandbox only (`--features sandbox`, `WA_SANDBOX=1`): the phone's side of
 //! the in-process fake WhatsApp, so the whole flow runs with no phone.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -24,7 +25,7 @@ use crate::phone::PhoneNumber;
 pub const ENTER_CODE_WAIT: Duration = Duration::from_secs(10);
 
 /// The `/sandbox` routes.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(show))
         .routes(routes!(enter_code))
@@ -47,7 +48,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     ),
 )]
 async fn create_passkey(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     PhonePath(phone): PhonePath,
 ) -> Result<StatusCode, ApiError> {
     let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;
@@ -70,7 +71,7 @@ async fn create_passkey(
     ),
 )]
 async fn answer_passkey(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;
@@ -113,7 +114,7 @@ struct ScanQr {
     ),
 )]
 async fn scan_qr(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     PhonePath(phone): PhonePath,
     ApiJson(body): ApiJson<ScanQr>,
 ) -> Result<Json<Entered>, ApiError> {
@@ -162,7 +163,7 @@ struct Entered {
     ),
 )]
 async fn enter_code(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     PhonePath(phone): PhonePath,
     ApiJson(body): ApiJson<EnterCode>,
 ) -> Result<Json<Entered>, ApiError> {
@@ -220,7 +221,7 @@ async fn play(
     ),
 )]
 async fn show(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     PhonePath(phone): PhonePath,
 ) -> Result<Json<PhoneRecord>, ApiError> {
     let fake = app.sandbox.as_ref().ok_or(ApiError::RouteNotFound)?;

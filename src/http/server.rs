@@ -22,6 +22,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::extract::Request;
+use axum::http::Extensions;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -121,11 +122,11 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// The peer address of a request served by [`serve`]; `None` for requests
-/// that did not come through it (router tests with `oneshot`).
-pub fn peer_of(request: &Request) -> Option<SocketAddr> {
-    request
-        .extensions()
+/// The peer address of a request served by [`serve`], from its
+/// extensions; `None` for requests that did not come through it (router
+/// tests with `oneshot`).
+pub fn peer_of(extensions: &Extensions) -> Option<SocketAddr> {
+    extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| *addr)
 }

@@ -183,6 +183,32 @@ async fn with_no_origin_configured_no_origin_is_allowed() {
     );
 }
 
+#[tokio::test]
+async fn with_no_origin_configured_answers_carry_no_cors_headers_and_preflights_are_not_answered() {
+    // Arrange
+    let app = app_with_key().await;
+
+    // Act
+    let plain = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .expect("sent");
+    let preflight = preflight(&app, FRONTEND).send().await.expect("sent");
+
+    // Assert
+    for answer in [&plain, &preflight] {
+        let cors: Vec<_> = answer
+            .headers()
+            .keys()
+            .filter(|name| name.as_str().starts_with("access-control-") || *name == "vary")
+            .collect();
+        assert!(cors.is_empty(), "{cors:?}");
+    }
+    assert_eq!(preflight.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
 async fn pair_from(app: &TestApp, client_ip: &str, phone: &str) -> reqwest::Response {
     app.http
         .post(format!("{}/pair", app.base))

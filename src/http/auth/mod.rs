@@ -20,10 +20,8 @@ pub mod supabase;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -175,15 +173,15 @@ pub const QUERY_TOKEN: &str = "access_token";
 const QUERY_TOKEN_PATHS: [&str; 3] = ["/events", "/qr.svg", "/qr.png"];
 
 /// The token in `?access_token=`, on a `GET` of a path that takes one.
-fn query_token(request: &Request) -> Option<String> {
-    if request.method() != axum::http::Method::GET
+fn query_token(request: &Parts) -> Option<String> {
+    if request.method != axum::http::Method::GET
         || !QUERY_TOKEN_PATHS
             .iter()
-            .any(|end| request.uri().path().ends_with(end))
+            .any(|end| request.uri.path().ends_with(end))
     {
         return None;
     }
-    form_urlencoded::parse(request.uri().query()?.as_bytes())
+    form_urlencoded::parse(request.uri.query()?.as_bytes())
         .find(|(name, _)| name == QUERY_TOKEN)
         .map(|(_, token)| token.into_owned())
         .filter(|token| !token.is_empty())
@@ -214,7 +212,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
         parts: &mut axum::http::request::Parts,
         _state: &S,
     ) -> Result<Self, Self::Rejection> {
-        // Put there by `require_caller`; a route without it is a bug.
+        // Put there by `http::admit`; a route without it is a bug.
         parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
             tracing::error!("route reached without the caller middleware");
             ApiError::Internal
@@ -222,37 +220,27 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
     }
 }
 
-/// Middleware for the API routes: lets a request in with its [`Caller`] in
-/// the extensions, or answers 401.
-pub async fn require_caller(
-    State(callers): State<Callers>,
-    mut request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let from_query = match request.headers().get(AUTHORIZATION) {
+/// Who is calling: the first step of admitting a request to the API routes
+/// (see `http::admit`). A refusal is logged here and answers 401.
+pub async fn identify(callers: &Callers, request: &Parts) -> Result<Caller, ApiError> {
+    let from_query = match request.headers.get(AUTHORIZATION) {
         Some(_) => None,
-        None => query_token(&request).map(|token| format!("Bearer {token}")),
+        None => query_token(request).map(|token| format!("Bearer {token}")),
     };
     let authorization = request
-        .headers()
+        .headers
         .get(AUTHORIZATION)
         .map(|v| v.as_bytes())
         .or(from_query.as_deref().map(str::as_bytes));
-    match callers.resolve(authorization).await {
-        Ok(caller) => {
-            request.extensions_mut().insert(caller);
-            Ok(next.run(request).await)
-        }
-        Err(refusal) => {
-            tracing::warn!(
-                request_id = crate::http::request_id(&request),
-                reason = refusal.as_str(),
-                event = "unauthorized",
-                "request refused"
-            );
-            Err(ApiError::Unauthorized)
-        }
-    }
+    callers.resolve(authorization).await.map_err(|refusal| {
+        tracing::warn!(
+            request_id = crate::http::request_id(&request.headers),
+            reason = refusal.as_str(),
+            event = "unauthorized",
+            "request refused"
+        );
+        ApiError::Unauthorized
+    })
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 
 mod strings;
 
+use std::sync::Arc;
+
 use axum::extract::Query;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -29,7 +31,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
     form-action 'self'; frame-ancestors 'none'";
 
 /// The page's routes.
-pub fn routes() -> OpenApiRouter<AppState> {
+pub fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::new()
         .routes(routes!(page))
         .routes(routes!(script))
