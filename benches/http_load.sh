@@ -2,7 +2,9 @@
 # GET /pair/{phone} throughput of the release binary under wrk (2 threads x
 # 64 connections, load generator on the same machine), once with the default
 # logging (one JSON line per request) and once with RUST_LOG=warn (no request
-# lines); prints both, each the median of RUNS runs, and their ratio.
+# lines); prints both, each the median of RUNS runs, and their ratio. The
+# two kinds of run alternate, so a machine that drifts (a shared host's
+# speed moves by 10% over minutes) skews both alike.
 #
 #   benches/http_load.sh            # needs wrk: apt-get install wrk
 #
@@ -12,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 1; }
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 DURATION=${DURATION:-10s}
 KEY=bench-key-0123456789abcdef0123456789abcdef
 cargo build --release --quiet --bin wa-pair
@@ -40,13 +42,21 @@ one_run() {
   echo "$rate"
 }
 
-median_of_runs() {
-  for _ in $(seq "$RUNS"); do one_run "$1"; done | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+median() {
+  sort -n | awk '{ v[NR] = $1 } END { printf "%s (runs %s to %s)", v[int((NR + 1) / 2)], v[1], v[NR] }'
 }
 
-logged=$(median_of_runs "")
-quiet=$(median_of_runs "warn")
+logged_runs=()
+quiet_runs=()
+for _ in $(seq "$RUNS"); do
+  logged_runs+=("$(one_run "")")
+  quiet_runs+=("$(one_run "warn")")
+done
+logged_line=$(printf '%s\n' "${logged_runs[@]}" | median)
+quiet_line=$(printf '%s\n' "${quiet_runs[@]}" | median)
+logged=${logged_line%% *}
+quiet=${quiet_line%% *}
 echo "GET /pair/{phone}, wrk 2 threads x 64 connections, median of $RUNS x $DURATION:"
-echo "  default logging (one line per request): $logged req/s (target >= 80000)"
-echo "  RUST_LOG=warn (no request lines):        $quiet req/s"
+echo "  default logging (one line per request): $logged_line req/s (target >= 80000)"
+echo "  RUST_LOG=warn (no request lines):        $quiet_line req/s"
 awk -v a="$logged" -v b="$quiet" 'BEGIN { printf "  logging costs %.1f%% of throughput (target <= 10%%)\n", (1 - a / b) * 100 }'
