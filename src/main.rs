@@ -29,7 +29,8 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    telemetry::init(config.log_format, &config.rust_log);
+    // Dropped last, when `main` returns: what was logged gets written.
+    let _flusher = telemetry::init(config.log_format, &config.rust_log);
     // jemalloc returns freed pages to the system only when an allocation
     // comes by, or from its background threads: an idle service would keep
     // the memory of every session it ever ran.

@@ -12,6 +12,7 @@
 //!    covers span-scoped user directives such as `[pairing]=trace` that an
 //!    `EnvFilter` would otherwise let through.
 
+mod batched_stdout;
 mod flat_json;
 
 use std::io;
@@ -26,6 +27,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
 use crate::config::LogFormat;
+pub use batched_stdout::{Batched, BatchedStdout, Flusher, LINGER, MAX_BACKLOG_BYTES};
 
 pub use self::flat_json::{FlatJson, FlatJsonFields};
 pub use crate::phone::mask_phone;
@@ -75,27 +77,31 @@ pub fn build_filter(user: &str) -> EnvFilter {
 
 /// Installs the global subscriber: `filter` (usually `RUST_LOG`, see
 /// [`build_filter`]) plus [`SecretTargetFilter`], writing to stdout as JSON
-/// lines ([`FlatJson`]: Railway's shape) or in the pretty format.
-/// Also bridges the `log` crate into `tracing`.
+/// lines ([`FlatJson`]: Railway's shape) or in the pretty format, in
+/// batches ([`BatchedStdout`]). Also bridges the `log` crate into `tracing`.
+///
+/// Hold the returned [`Flusher`] until nothing is left to log: dropping it
+/// writes what is waiting, and lines logged after that are written as they
+/// come.
 ///
 /// Safe to call more than once: later calls leave the first subscriber and
 /// bridge in place and do nothing.
-pub fn init(format: LogFormat, filter: &str) {
+pub fn init(format: LogFormat, filter: &str) -> Flusher {
     install_log_bridge();
+    let (stdout, flusher) = BatchedStdout::start();
     let base = Registry::default()
         .with(SecretTargetFilter)
         .with(build_filter(filter));
     let installed = match format {
-        LogFormat::Json => {
-            tracing::subscriber::set_global_default(base.with(json_layer(io::stdout)))
-        }
+        LogFormat::Json => tracing::subscriber::set_global_default(base.with(json_layer(stdout))),
         LogFormat::Pretty => tracing::subscriber::set_global_default(
-            base.with(fmt::layer().pretty().with_writer(Redacting(io::stdout))),
+            base.with(fmt::layer().pretty().with_writer(Redacting(stdout))),
         ),
     };
     if installed.is_err() {
         tracing::debug!("telemetry already initialised; keeping the existing subscriber");
     }
+    flusher
 }
 
 /// A subscriber with the production filtering and redaction that writes JSON
@@ -546,8 +552,8 @@ mod tests {
         let filter = "info";
 
         // Act
-        init(LogFormat::Json, filter);
-        init(LogFormat::Pretty, filter);
+        drop(init(LogFormat::Json, filter));
+        drop(init(LogFormat::Pretty, filter));
 
         // Assert
         assert!(tracing::dispatcher::has_been_set());

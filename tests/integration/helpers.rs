@@ -19,7 +19,11 @@ pub const FLOW_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn init_logs() {
     // The service's own telemetry, so test output is redacted like production.
     if let Ok(filter) = std::env::var("RUST_LOG") {
-        wa_pair::telemetry::init(wa_pair::config::LogFormat::Pretty, &filter);
+        // Dropped at once: a test's lines are written as they are logged.
+        drop(wa_pair::telemetry::init(
+            wa_pair::config::LogFormat::Pretty,
+            &filter,
+        ));
     }
 }
 
