@@ -29,7 +29,8 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Dropped last, when `main` returns: what was logged gets written.
+    // Dropped when this body returns: what was logged is written; lines
+    // logged while the runtime then shuts down are written directly.
     let _flusher = telemetry::init(config.log_format, &config.rust_log);
     // jemalloc returns freed pages to the system only when an allocation
     // comes by, or from its background threads: an idle service would keep

@@ -62,7 +62,7 @@ struct Shared<W> {
     out: Mutex<W>,
     /// Signalled when a batch starts, or to stop.
     work: Condvar,
-    /// Signalled when the writer took the backlog.
+    /// Signalled when the writer took the backlog, or is gone.
     room: Condvar,
 }
 
@@ -72,8 +72,12 @@ struct Backlog {
     /// Whether the writer sleeps on `work` (only then is it woken: a wake-up
     /// is a system call too).
     writer_asleep: bool,
-    /// Set when the writer is gone or going: lines are written directly.
+    /// Set when the writer is told to stop: it writes what is there and
+    /// exits.
     stopping: bool,
+    /// Set when the writer has written its last batch (or never started, or
+    /// died): from then on lines are written by the threads that log them.
+    writer_gone: bool,
 }
 
 impl BatchedStdout {
@@ -99,7 +103,7 @@ impl<W: io::Write + Send + 'static> Batched<W> {
             .spawn(move || write_until_stopped(&writer))
             .ok();
         if thread.is_none() {
-            shared.lock().stopping = true;
+            shared.lock().writer_gone = true;
         }
         let stopped = Arc::clone(&shared);
         let flusher = Flusher {
@@ -132,14 +136,15 @@ impl<W: io::Write> Shared<W> {
 
     fn append(&self, line: &[u8]) {
         let mut backlog = self.lock();
-        while backlog.bytes.len() >= MAX_BACKLOG_BYTES && !backlog.stopping {
+        while backlog.bytes.len() >= MAX_BACKLOG_BYTES && !backlog.writer_gone {
             backlog = self
                 .room
                 .wait(backlog)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        if backlog.stopping {
-            // Written under the lock, so it cannot overtake the last batch.
+        if backlog.writer_gone {
+            // Under the lock, as the writer wrote its last batch: this line
+            // cannot overtake it.
             self.write(line);
             return;
         }
@@ -154,6 +159,18 @@ impl<W: io::Write> Shared<W> {
 /// The writer thread: waits for a batch to start, lets it gather for
 /// [`LINGER`], writes it; until told to stop, when it writes what is left.
 fn write_until_stopped<W: io::Write>(shared: &Shared<W>) {
+    /// Marks the writer gone however it leaves, a panic included, so no one
+    /// waits for it any more.
+    struct Gone<'a, W: io::Write>(&'a Shared<W>);
+
+    impl<W: io::Write> Drop for Gone<'_, W> {
+        fn drop(&mut self) {
+            self.0.lock().writer_gone = true;
+            self.0.room.notify_all();
+        }
+    }
+
+    let _gone = Gone(shared);
     let mut batch = Vec::new();
     loop {
         let mut backlog = shared.lock();
@@ -172,9 +189,11 @@ fn write_until_stopped<W: io::Write>(shared: &Shared<W>) {
         std::mem::swap(&mut backlog.bytes, &mut batch);
         shared.room.notify_all();
         if backlog.stopping {
-            // The last batch is written under the lock, so lines logged
-            // after it (written directly) stay behind it.
+            // The last batch is written under the lock, and the writer is
+            // marked gone in it, so lines logged after it (written
+            // directly) stay behind it.
             shared.write(&batch);
+            backlog.writer_gone = true;
             return;
         }
         drop(backlog);
@@ -283,6 +302,23 @@ mod tests {
             assert_eq!(own, expected, "each thread's lines, in order");
         }
         assert!(out.writes() < 8_001, "batched: {} writes", out.writes());
+    }
+
+    #[test]
+    fn a_line_logged_while_the_writer_stops_stays_behind_the_earlier_ones() {
+        // Arrange: "a" waits out the writer's linger.
+        let out = Kept::default();
+        let (batched, flusher) = Batched::start_to(out.clone());
+        batched.make_writer().write_all(b"a\n").unwrap();
+
+        // Act: told to stop within the linger, then a line, then joined.
+        (flusher.stop)();
+        batched.make_writer().write_all(b"b\n").unwrap();
+        drop(flusher);
+        batched.make_writer().write_all(b"c\n").unwrap();
+
+        // Assert
+        assert_eq!(out.text(), "a\nb\nc\n");
     }
 
     #[test]
