@@ -73,6 +73,7 @@ pub struct AppState {
 /// The whole API as a router over `state`, serving at `/openapi.json` the
 /// OpenAPI document of exactly the routes it has.
 pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
     let cors = match state.cors_allowed_origins.is_empty() {
         // No origin allowed: no CORS headers to send, so no layer to pay
         // for on every request.
@@ -88,10 +89,7 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::routes())
         .merge(devices::routes())
         .route_layer(axum::middleware::from_fn_with_state(
-            Arc::new(Gate {
-                callers: state.callers.clone(),
-                limits: Arc::clone(&state.limits),
-            }),
+            Arc::clone(&state),
             admit,
         ));
     // Filled in below, once the document of all the routes is known.
@@ -124,7 +122,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(Arc::new(state))
+        .with_state(state)
         .layer(edge::EdgeLayer::new(deadlines))
         .layer(tower::util::option_layer(cors))
 }
@@ -138,12 +136,6 @@ pub fn request_id(headers: &axum::http::HeaderMap) -> &str {
         .unwrap_or("")
 }
 
-/// What [`admit`] needs.
-struct Gate {
-    callers: auth::Callers,
-    limits: Arc<limits::CallerLimits>,
-}
-
 /// Middleware for the API routes: who is calling (or 401), then its budget
 /// (or 429), in that order, so a refused caller spends no one's budget. The
 /// request goes on with its [`auth::Caller`] (and the client address
@@ -151,14 +143,14 @@ struct Gate {
 /// two: each `from_fn` layer clones a boxed service and boxes a future per
 /// request.
 async fn admit(
-    axum::extract::State(gate): axum::extract::State<Arc<Gate>>,
+    axum::extract::State(app): axum::extract::State<Arc<AppState>>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
     // The parts alone, since a body cannot be shared across an await.
     let (mut parts, body) = request.into_parts();
-    let caller = auth::identify(&gate.callers, &parts).await?;
-    let client_ip = limits::charge(&gate.limits, &caller, &parts)?;
+    let caller = auth::identify(&app.callers, &parts).await?;
+    let client_ip = limits::charge(&app.limits, &caller, &parts)?;
     parts.extensions.insert(caller);
     if let Some(client_ip) = client_ip {
         parts.extensions.insert(client_ip);

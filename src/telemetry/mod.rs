@@ -27,8 +27,8 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
 use crate::config::LogFormat;
-pub use batched_stdout::{Batched, BatchedStdout, Flusher, LINGER, MAX_BACKLOG_BYTES};
 
+pub use self::batched_stdout::{Batched, BatchedStdout, Flusher};
 pub use self::flat_json::{FlatJson, FlatJsonFields};
 pub use crate::phone::mask_phone;
 
